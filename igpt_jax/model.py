@@ -59,7 +59,7 @@ class ModelConfig:
     if self.remat not in ("none", "full") and not hasattr(jax.checkpoint_policies, self.remat):
       raise ValueError(f"model.remat={self.remat!r} is neither 'none', 'full' nor a "
                        "jax.checkpoint_policies name.")
-    if self.mlp_dim != self.d_model * self.mlp_ratio:
+    if abs(self.mlp_dim - self.d_model * self.mlp_ratio) > 1e-6:
       raise ValueError(f"d_model * mlp_ratio = {self.d_model * self.mlp_ratio} is not an integer.")
 
   @property
@@ -345,3 +345,32 @@ def flops_per_token(cfg: ModelConfig) -> int:
   n_matmul = layers * (4 * d * d + 2 * d * cfg.mlp_dim) + cfg.vocab_size * d
   attn = (6 if cfg.causal else 12) * layers * d * t
   return 6 * n_matmul + attn
+
+
+def named_params(model: ImageGPT) -> dict[str, Any]:
+  """Parameters as {'blocks/q': array, ...}; the stacked layer axis stays leading."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return {"/".join(map(str, path)): var.get_value() for path, var in flat}
+
+
+def from_named_params(cfg: ModelConfig, arrays: dict[str, Any]) -> ImageGPT:
+  """Builds a model whose parameters are `arrays` (the names of `named_params`), checked whole.
+
+  Nothing is initialised first, so converting a large checkpoint allocates each array once.
+  """
+  graphdef, state = nnx.split(abstract_model(cfg))
+  flat = nnx.to_flat_state(state)
+  expected = {"/".join(map(str, path)): var for path, var in flat}
+  missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+  if missing or unexpected:
+    raise ValueError(f"Parameters do not match the model shape: missing {missing}, "
+                     f"unexpected {unexpected}.")
+  filled = []
+  for path, var in flat:
+    name = "/".join(map(str, path))
+    value = jnp.asarray(arrays[name], jnp.float32)
+    if value.shape != var.get_value().shape:
+      raise ValueError(f"Parameter {name} has shape {value.shape}; the model expects "
+                       f"{var.get_value().shape}.")
+    filled.append((path, var.replace(value)))
+  return nnx.merge(graphdef, nnx.from_flat_state(filled))
