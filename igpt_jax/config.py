@@ -20,10 +20,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ""  # local IDX files or image folder; '' = the usual places
   c.data.resolution = 32
   c.data.channels = 3
+  c.data.augment = True  # pretraining random crops (the paper); evaluation never augments
+  c.data.crop_min = 0.75  # smallest random crop side, as a fraction of the image side
 
   c.palette = ml_collections.ConfigDict()
   c.palette.k = 512
   c.palette.path = ""  # '' = <workdir>/palette.npz
+  c.palette.samples = 500_000  # pixels sampled from the pretraining split for k-means
+  c.palette.iters = 30  # Lloyd iterations
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 24

@@ -48,7 +48,7 @@ def tokens(cfg, batch=3, seed=1):
 def test_paper_sizes_exact(name, expected):
   config = load_config(name)
   config.stage = "plan"
-  assert main_lib.plan(config)["params"] == expected
+  assert main_lib.plan(config, "")["params"] == expected
 
 
 def test_plan_stage_cli_prints_json_last_line():

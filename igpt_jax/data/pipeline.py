@@ -1,0 +1,137 @@
+"""ImageSet -> palette-token batches with tf.data; the only module that imports TensorFlow.
+
+Determinism: the examples of step s are a pure function of (seed, s). Global example position
+p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its random crop is drawn
+from a generator seeded by (seed, p). So a run restarted at step s sees exactly the batches an
+uninterrupted run would have, without reading the data before s.
+
+Multi-host: each process takes its contiguous slice of every global batch (the slices of
+different processes are disjoint); `jax.make_array_from_process_local_data` reassembles them.
+
+Pretraining augmentation (as in the paper): a random square crop covering `crop_min`..1 of the
+side, resized to the input resolution. Evaluation: the whole (square) image, resized.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from igpt_jax import palette as palette_lib
+from igpt_jax.data.sources import ImageSet
+
+
+def _tf():
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # the accelerator belongs to JAX
+  return tf
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_positions(step: int, batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> np.ndarray:
+  """Global example positions this process reads at `step`."""
+  if batch_size % process_count:
+    raise ValueError(f"Global batch {batch_size} is not divisible by {process_count} processes.")
+  local = batch_size // process_count
+  return step * batch_size + process_index * local + np.arange(local)
+
+
+def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+  epochs = positions // num_examples
+  out = np.empty_like(positions)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = epoch_permutation(seed, int(epoch), num_examples)[positions[sel] % num_examples]
+  return out
+
+
+def crop_boxes(positions: np.ndarray, seed: int, crop_min: float) -> np.ndarray:
+  """Random square crops [b, 4] (y1, x1, y2, x2 normalised), one generator per example position."""
+  boxes = np.empty((len(positions), 4), np.float32)
+  for i, p in enumerate(positions):
+    rng = np.random.default_rng([seed, 1, int(p)])
+    side = rng.uniform(crop_min, 1.0)
+    y, x = rng.uniform(0.0, 1.0 - side, size=2)
+    boxes[i] = (y, x, y + side, x + side)
+  return boxes
+
+
+def _preprocess(images, boxes, centers, resolution: int):
+  """uint8 [b, H, W, C] + boxes -> tokens [b, resolution**2]: crop, resize, quantize."""
+  tf = _tf()
+  b = tf.shape(images)[0]
+  big = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(b),
+                                 (2 * resolution, 2 * resolution), method="bilinear")
+  # A 2x2 average halves to the input resolution: an antialiased downsample.
+  small = tf.nn.avg_pool2d(big, 2, 2, "VALID")
+  pixels = tf.clip_by_value(tf.round(small), 0.0, 255.0) / 127.5 - 1.0
+  tokens = palette_lib.quantize_tf(pixels, centers)
+  return tf.reshape(tokens, (b, resolution * resolution))
+
+
+def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
+                  seed: int, start_step: int = 0, num_steps: int | None = None,
+                  process_index: int = 0, process_count: int = 1, augment: bool = True,
+                  crop_min: float = 0.75, prefetch: int = 2, log=print):
+  """Iterator of {'tokens': int32 [b, N], 'labels': int32 [b], 'step': int64} from start_step."""
+  tf = _tf()
+  palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
+  n = len(data)
+  full = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (batch_size // process_count, 1))
+
+  def generate():
+    step, last_epoch = start_step, None
+    while num_steps is None or step < start_step + num_steps:
+      positions = step_positions(step, batch_size, process_index, process_count)
+      epoch = int(positions[0] // n)
+      if last_epoch is not None and epoch != last_epoch and data.skipped_files:
+        log(f"epoch {last_epoch} done; {len(data.skipped_files)} unreadable file(s) were skipped.")
+      last_epoch = epoch
+      idx = example_indices(positions, n, seed)
+      boxes = crop_boxes(positions, seed, crop_min) if augment else full
+      yield data.images[idx], data.labels[idx], boxes, np.int64(step)
+      step += 1
+
+  h, w, c = data.images.shape[1:]
+  local = batch_size // process_count
+  ds = tf.data.Dataset.from_generator(generate, output_signature=(
+      tf.TensorSpec((local, h, w, c), tf.uint8), tf.TensorSpec((local,), tf.int32),
+      tf.TensorSpec((local, 4), tf.float32), tf.TensorSpec((), tf.int64)))
+  ds = ds.map(lambda im, lab, box, step: {"tokens": _preprocess(im, box, centers, resolution),
+                                          "labels": lab, "step": step},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(prefetch).as_numpy_iterator()
+
+
+def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
+                 process_index: int = 0, process_count: int = 1):
+  """One pass over this process's contiguous shard, in order; the last batch is padded.
+
+  Yields {'tokens', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
+  """
+  tf = _tf()
+  palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
+  n = len(data)
+  lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
+  local = batch_size // process_count
+  boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (local, 1))
+  for start in range(lo, hi, local):
+    idx = np.arange(start, min(start + local, hi))
+    pad = local - len(idx)
+    images = data.images[np.concatenate([idx, np.full(pad, idx[0])])]
+    labels = data.labels[np.concatenate([idx, np.full(pad, idx[0])])]
+    tokens = _preprocess(tf.constant(images), boxes, centers, resolution).numpy()
+    mask = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
+    yield {"tokens": tokens, "labels": labels, "mask": mask}
+
+
+def tokens_of(data: ImageSet, centers: np.ndarray, resolution: int, batch_size: int = 512):
+  """All of a (small) ImageSet as evaluation tokens [N, resolution**2], in order."""
+  return np.concatenate([b["tokens"][b["mask"] > 0] for b in eval_batches(
+      data, centers, resolution=resolution, batch_size=batch_size)])

@@ -1,0 +1,163 @@
+"""Sources and the tf.data pipeline: bad files, determinism by step, host sharding, TFDS."""
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_jax import config as config_lib
+from igpt_jax import palette as P
+from igpt_jax.data import pipeline, sources
+
+GRAY16 = P.uniform_grid(16, 1)
+RGB8 = P.uniform_grid(8, 3)
+
+
+def small_set(n=50, channels=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return sources.from_arrays(rng.integers(0, 256, (n, 16, 16, channels), dtype=np.uint8),
+                             rng.integers(0, 4, n))
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_bad_files_in_a_folder(tmp_path):
+  (tmp_path / "cats").mkdir()
+  (tmp_path / "dogs").mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), "RGBA").save(tmp_path / "cats/rgba.png")
+  Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8), "L").save(tmp_path / "cats/gray.jpg")
+  Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / "dogs/tiny.png")
+  Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "P").save(tmp_path / "dogs/palette.png")
+  good = tmp_path / "dogs/good.png"
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+  (tmp_path / "dogs/corrupt.png").write_bytes(good.read_bytes()[:60])  # truncated
+  logs = []
+  data = sources.load_folder(str(tmp_path), "train", channels=3, resolution=8,
+                             eval_fraction=0.0, log=logs.append)
+  assert len(data) == 5 and data.images.shape[1:] == (16, 16, 3)
+  assert data.class_names == ["cats", "dogs"] and sorted(set(data.labels)) == [0, 1]
+  assert len(data.skipped_files) == 1 and data.skipped_files[0].endswith("corrupt.png")
+  assert sum("corrupt.png" in line for line in logs) == 1
+  batches = list(pipeline.eval_batches(data, RGB8, resolution=8, batch_size=2))
+  assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 5
+  assert batches[0]["tokens"].shape == (2, 64)
+
+
+def test_folder_errors_are_one_sentence(tmp_path):
+  with pytest.raises(sources.DataError, match="No images"):
+    sources.load_folder(str(tmp_path), "train", 3, 8)
+  with pytest.raises(sources.DataError, match="does not exist"):
+    sources.load_folder(str(tmp_path / "nope"), "train", 3, 8)
+
+
+def test_folder_split_is_a_stable_hash(tmp_path):
+  for i in range(40):
+    Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+  train = sources.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.25)
+  test = sources.load_folder(str(tmp_path), "test", 3, 8, eval_fraction=0.25)
+  assert len(train) + len(test) == 40 and 3 <= len(test) <= 20
+  assert not set(train.images[:, 0, 0, 0]) & set(test.images[:, 0, 0, 0])
+  assert (train.labels == -1).all()  # flat folder: unlabelled
+
+
+def test_iterator_started_at_step_s_continues_exactly():
+  data = small_set()
+  kw = dict(resolution=8, batch_size=8, seed=3)
+  from_zero = take(pipeline.train_batches(data, RGB8, **kw), 12)  # crosses epochs (50 examples)
+  from_seven = take(pipeline.train_batches(data, RGB8, start_step=7, **kw), 5)
+  for a, b in zip(from_zero[7:], from_seven):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert a["step"] == b["step"]
+  assert not np.array_equal(from_zero[0]["tokens"], from_zero[1]["tokens"])
+  other_seed = take(pipeline.train_batches(data, RGB8, resolution=8, batch_size=8, seed=4), 1)
+  assert not np.array_equal(other_seed[0]["tokens"], from_zero[0]["tokens"])
+
+
+def test_every_example_once_per_epoch_and_hosts_disjoint():
+  n, batch = 64, 16
+  steps = n // batch
+  seen = {}
+  for host in range(2):
+    pos = np.concatenate([pipeline.step_positions(s, batch, host, 2) for s in range(steps)])
+    seen[host] = set(pipeline.example_indices(pos, n, seed=0))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(n))
+  # The two hosts' local batches from the real pipeline are disjoint slices of the global one.
+  data = sources.from_arrays(np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2),
+                             np.arange(n))
+  full = next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0))
+  halves = [next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0,
+                                        process_index=h, process_count=2)) for h in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["labels"] for h in halves]), full["labels"])
+  assert not set(halves[0]["labels"]) & set(halves[1]["labels"])
+
+
+def test_eval_batches_cover_the_split_in_order_across_hosts():
+  data = small_set(n=23)
+  labels = [b["labels"][b["mask"] > 0] for h in range(2) for b in pipeline.eval_batches(
+      data, RGB8, resolution=8, batch_size=8, process_index=h, process_count=2)]
+  np.testing.assert_array_equal(np.concatenate(labels), data.labels)
+
+
+def test_palette_channel_mismatch_is_explained():
+  with pytest.raises(ValueError, match="fit a palette"):
+    next(pipeline.train_batches(small_set(channels=3), GRAY16, resolution=8, batch_size=4, seed=0))
+
+
+def test_channel_conversion():
+  rgb = np.array([[[[255, 0, 0]]]], np.uint8)
+  assert sources.to_channels(rgb, 1)[0, 0, 0, 0] == 76  # ITU-R 601 luma of pure red
+  assert sources.to_channels(np.zeros((1, 2, 2, 1), np.uint8), 3).shape == (1, 2, 2, 3)
+
+
+def test_fashion_mnist_from_local_idx_files():
+  directory = sources.fashion_mnist_dir()
+  if directory is None:
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  config = config_lib.base_config()
+  config.data.source, config.data.channels = "fashion_mnist", 1
+  train, test = sources.load(config, "pretrain"), sources.load(config, "test")
+  assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+  assert np.bincount(test.labels).tolist() == [1000] * 10
+  assert train.num_classes == 10
+
+
+def test_idx_files_found_through_igpt_data_dir(tmp_path, monkeypatch):
+  import gzip
+  import struct
+  images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+  for prefix in ("train", "t10k"):
+    with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+      f.write(struct.pack(">HBB3I", 0, 8, 3, 2, 28, 28) + images.tobytes())
+    with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+      f.write(struct.pack(">HBBI", 0, 8, 1, 2) + bytes([3, 7]))
+  monkeypatch.setenv("IGPT_DATA_DIR", str(tmp_path))
+  monkeypatch.setattr(sources, "FASHION_MNIST_DIRS", ())
+  data = sources.load_fashion_mnist(sources.fashion_mnist_dir(), "test", channels=1)
+  np.testing.assert_array_equal(data.images[..., 0], images)
+  assert data.labels.tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("name,role,split", [("cifar10", "train", "train"),
+                                             ("stl10", "pretrain", "unlabelled"),
+                                             ("imagenet_resized/32x32", "test", "validation")])
+def test_tfds_sources_with_mock_data(name, role, split):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  assert sources.tfds_split(name, role) == split
+  config = config_lib.base_config()
+  config.data.source, config.data.name, config.data.resolution = "tfds", name, 8
+  with tfds.testing.mock_data(num_examples=12):
+    data = sources.load(config, role)
+  assert len(data) == 12 and data.images.dtype == np.uint8 and data.images.shape[-1] == 3
+  batch = next(pipeline.train_batches(data, RGB8, resolution=8, batch_size=4, seed=0))
+  assert batch["tokens"].shape == (4, 64) and batch["tokens"].max() < 8
+
+
+def test_missing_tfds_dataset_is_explained(tmp_path):
+  config = config_lib.base_config()
+  config.data.source, config.data.name, config.data.path = "tfds", "not_a_dataset_xyz", str(tmp_path)
+  with pytest.raises(sources.DataError, match="not available"):
+    sources.load(config, "train")
