@@ -13,4 +13,7 @@ def get_config():
   c.train.lr = 5e-4
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
+  # ZeRO-3 over most devices plus 2-way tensor parallelism: batch 128 still splits evenly on a
+  # 256-chip slice (fsdp=128, tensor=2).
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2
   return c

@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.accum_steps = 1
   c.train.log_every = 100
   c.train.eval_every = 5_000
+  c.train.eval_batches = 0  # batches of the test split per evaluation; 0 = all of it
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5_000

@@ -9,7 +9,7 @@ import datetime
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpt_jax import config as config_lib
@@ -30,27 +30,23 @@ def palette_path(config, workdir: str) -> str:
 
 
 def fit_palette(config, workdir: str) -> dict:
-  """k-means palette on a pixel sample of the pretraining split -> <workdir>/palette.npz."""
   from igpt_jax import palette as palette_lib
-  from igpt_jax.data import sources
-  data = sources.load(config, "pretrain", log=log)
-  log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
-      f"{data.name} ({len(data)} images).")
-  pixels = palette_lib.sample_pixels(data.images, config.palette.samples, seed=config.seed)
-  centers = palette_lib.fit(pixels, config.palette.k, seed=config.seed,
-                            iters=config.palette.iters, log=log)
-  path = os.path.join(workdir, palette_lib.PALETTE_FILE)
-  palette_lib.Palette(centers, dataset=data.name, seed=config.seed).save(path)
-  log(f"Palette written to {path}")
-  return {"stage": "fit_palette", "palette": path, "k": config.palette.k,
-          "channels": int(centers.shape[1])}
+  return palette_lib.fit_stage(config, workdir, log=log)
 
 
 def plan(config, workdir: str) -> dict:
-  """Sizes the configured model without allocating it."""
+  """Sizes the model and compiles its train step for the configured mesh, allocating nothing.
+
+  With plan.num_devices > 0 the mesh is made of that many simulated CPU devices (set before JAX
+  starts, see main), so a laptop can plan a pod.
+  """
+  import jax
+
   from igpt_jax import model as model_lib
+  from igpt_jax import sharding as sharding_lib
+  from igpt_jax import train as train_lib
   cfg = model_lib.ModelConfig.from_config(config)
-  return {
+  out = {
       "stage": "plan",
       "params": model_lib.count_params(cfg),
       "flops_per_token": model_lib.flops_per_token(cfg),
@@ -60,10 +56,35 @@ def plan(config, workdir: str) -> dict:
       "seq_len": cfg.seq_len,
       "vocab_size": cfg.vocab_size,
       "objective": cfg.objective,
+      "batch_size": config.train.batch_size,
   }
+  devices = jax.devices()
+  if config.plan.num_devices:
+    devices = devices[:config.plan.num_devices]
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
+  log(f"Compiling the train step for mesh {dict(mesh.shape)} ({len(devices)} devices)...")
+  out["mesh"] = dict(mesh.shape)
+  out.update(train_lib.memory_report(trainer.compile_step()))
+  if config.plan.device_memory_gb and "per_device_bytes" in out:
+    out["device_memory_gb"] = config.plan.device_memory_gb
+    out["fits"] = out["per_device_bytes"] <= config.plan.device_memory_gb * 2**30
+  return out
 
 
-STAGES = {"fit_palette": fit_palette, "plan": plan}
+def pretrain(config, workdir: str) -> dict:
+  from igpt_jax import train as train_lib
+  return train_lib.pretrain(config, workdir, log=log)
+
+
+STAGES = {"fit_palette": fit_palette, "pretrain": pretrain, "plan": plan}
+
+
+def simulate_cpu_devices(n: int) -> None:
+  """Must run before JAX starts its backend: the plan stage then sees n CPU devices."""
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = (flags_now + f" --xla_force_host_platform_device_count={n}").strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def default_workdir(config_path: str) -> str:
@@ -88,8 +109,11 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # library chatter (Orbax saves) off; our lines stay
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  if _CONFIG.value.stage == "plan" and _CONFIG.value.plan.num_devices:
+    simulate_cpu_devices(_CONFIG.value.plan.num_devices)
   run(_CONFIG.value,
       _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
 

@@ -22,9 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from igpt_jax.sharding import constrain
+
 # Logical axis names used by parameters and activations; `sharding.py` maps them to mesh axes.
 LAYERS, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, POSITIONS, CLASSES = (
     "layers", "embed", "heads", "head_dim", "mlp", "vocab", "positions", "classes")
+BATCH = "batch"  # activations only
+RESIDUAL = (BATCH, None, None)  # [B, T, D]: split by batch, whole along the sequence and width
 
 ATTENTION_IMPLS = ("xla", "cudnn")
 OBJECTIVES = ("ar", "bert")
@@ -162,7 +166,9 @@ class Block(nnx.Module):
     """Projects the normed input to queries, keys and values, [B, T, H, K] each."""
     dt = self.cfg.compute_dtype
     y = rms_norm(x, self.ln_1[...], self.cfg.norm_eps).astype(dt)
-    proj = lambda w, b: jnp.einsum("btd,dhk->bthk", y, w[...].astype(dt)) + self._bias(b, dt)
+    def proj(w, b):
+      out = jnp.einsum("btd,dhk->bthk", y, w[...].astype(dt)) + self._bias(b, dt)
+      return constrain(out, (BATCH, None, HEADS, None))
     return proj(self.q, "q_bias"), proj(self.k, "k_bias"), proj(self.v, "v_bias")
 
   def finish(self, x, attended):
@@ -170,9 +176,11 @@ class Block(nnx.Module):
     dt = self.cfg.compute_dtype
     x = x + (jnp.einsum("bthk,hkd->btd", attended, self.attn_out[...].astype(dt))
              + self._bias("attn_out_bias", dt))
+    x = constrain(x, RESIDUAL)
     y = rms_norm(x, self.ln_2[...], self.cfg.norm_eps).astype(dt)
     y = quick_gelu(y @ self.fc[...].astype(dt) + self._bias("fc_bias", dt))
-    return x + (y @ self.fc_out[...].astype(dt) + self._bias("fc_out_bias", dt))
+    y = constrain(y, (BATCH, None, MLP))
+    return constrain(x + (y @ self.fc_out[...].astype(dt) + self._bias("fc_out_bias", dt)), RESIDUAL)
 
   def __call__(self, x):
     q, k, v = self.qkv(x)
@@ -247,6 +255,7 @@ class ImageGPT(nnx.Module):
     """Scans the stacked blocks; optionally also returns f_l for every layer, [L, B, D]."""
     graphdef, stacked = nnx.split(self.blocks)
     eps = self.cfg.norm_eps
+    h = constrain(h, RESIDUAL)
 
     def body(x, layer_state):
       x = nnx.merge(graphdef, layer_state)(x)

@@ -278,3 +278,18 @@ def uniform_grid(k: int, channels: int) -> np.ndarray:
   axis = np.linspace(-1.0, 1.0, per_axis, dtype=np.float32)
   grid = np.stack(np.meshgrid(*([axis] * channels), indexing="ij"), axis=-1)
   return grid.reshape(-1, channels)
+
+
+def fit_stage(config, workdir: str, log=print) -> dict:
+  """Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz."""
+  from igpt_jax.data import sources
+  data = sources.load(config, "pretrain", log=log)
+  log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
+      f"{data.name} ({len(data)} images).")
+  pixels = sample_pixels(data.images, config.palette.samples, seed=config.seed)
+  centers = fit(pixels, config.palette.k, seed=config.seed, iters=config.palette.iters, log=log)
+  path = os.path.join(workdir, PALETTE_FILE)
+  Palette(centers, dataset=data.name, seed=config.seed).save(path)
+  log(f"Palette written to {path}")
+  return {"stage": "fit_palette", "palette": path, "k": config.palette.k,
+          "channels": int(centers.shape[1])}

@@ -1,0 +1,103 @@
+"""Run metrics: metrics.jsonl, TensorBoard events, a progress display, throughput and MFU.
+
+TensorBoard events are written with tensorboard's own writer in its TensorFlow-free mode, so the
+train path never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+
+# Ask tensorboard for its bundled TF stub instead of importing TensorFlow (its documented switch
+# is the presence of this module).
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+# Dense bf16 peak FLOP/s per chip, by jax device_kind prefix. CPUs have no entry: no MFU.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, device_kind: str, num_devices: int):
+  peak = peak_flops(device_kind)
+  return None if peak is None else tokens_per_s * flops_per_token / (peak * num_devices)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines past `step`: a run resumed from a checkpoint rewrites them identically."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in scalars.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if v is not None]
+    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain log lines otherwise (CI logs, files)."""
+
+  def __init__(self, total: int, initial: int, log=print):
+    self.log, self.total = log, total
+    self.bar = None
+    if sys.stdout.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    self.last = initial
+
+  def update(self, step: int, scalars: dict) -> None:
+    shown = {k: v for k, v in scalars.items() if v is not None}
+    text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+    if self.bar is not None:
+      self.bar.update(step - self.last)
+      self.bar.set_postfix_str(text)
+    else:
+      self.log(f"step {step}/{self.total} {text}")
+    self.last = step
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,231 @@
+"""Sharded pretraining: mesh equivalence, bit-exact resume, kills, corrupt checkpoints, planning."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from igpt_jax import model as model_lib
+from igpt_jax import sharding as sharding_lib
+from igpt_jax import train as train_lib
+from igpt_jax.data import sources
+from test_model import load_config
+
+needs_fmnist = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
+                                  reason="Debian's dataset-fashion-mnist is not installed")
+
+# A tiny demo: 2 layers of width 32 on 14x14 Fashion-MNIST; every step logged.
+TINY_OVERRIDES = ["--config.model.num_layers=2", "--config.model.d_model=32",
+                  "--config.model.num_heads=4", "--config.train.batch_size=16",
+                  "--config.train.log_every=1", "--config.train.eval_every=0",
+                  "--config.palette.samples=20000", "--config.palette.iters=5"]
+
+
+def tiny_config(**train):
+  config = load_config("demo")
+  config.stage = "pretrain"
+  config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 32, 4
+  config.palette.samples, config.palette.iters = 20_000, 5
+  config.train.batch_size, config.train.log_every, config.train.eval_every = 16, 1, 0
+  for key, value in train.items():
+    setattr(config.train, key, value)
+  return config
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                  dict(data=1, fsdp=4, tensor=2)])
+def test_same_losses_on_one_device_and_on_a_mesh(mesh):
+  config = tiny_config(steps=5, batch_size=8, warmup_steps=2, lr=3e-3)
+  config.data.resolution, config.palette.k = 4, 16
+  cfg = model_lib.ModelConfig.from_config(config)
+  # One fixed batch, so that the loss also has to fall.
+  tokens = jnp.broadcast_to(jax.random.randint(jax.random.key(0), (8, cfg.seq_len), 0,
+                                               cfg.vocab_size), (5, 8, cfg.seq_len))
+
+  def losses(devices, mesh_sizes):
+    for axis, size in mesh_sizes.items():
+      setattr(config.mesh, axis, size)
+    trainer = train_lib.Trainer(cfg, config, sharding_lib.make_mesh(config.mesh, devices),
+                                sharding_lib.DEFAULT_RULES)
+    step, state, out = trainer.compile_step(), trainer.init_state(0), []
+    for i in range(5):
+      batch = {"tokens": jax.device_put(tokens[i], trainer.batch_sharding)}
+      state, metrics = step(state, batch)
+      out.append(float(metrics["loss"]))
+    return np.array(out), state
+
+  single, _ = losses(jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))
+  sharded, state = losses(jax.devices()[:8], mesh)
+  assert len(jax.devices()) == 8
+  if mesh["fsdp"] > 1:  # the weights really are split
+    assert not state["params"]["blocks"]["fc"].sharding.is_fully_replicated
+  np.testing.assert_allclose(sharded, single, rtol=1e-5)
+  assert single[-1] < single[0]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  config = tiny_config(steps=3, batch_size=8, warmup_steps=1)
+  config.data.resolution = 4
+  cfg = model_lib.ModelConfig.from_config(config)
+  tokens = jax.random.randint(jax.random.key(1), (8, cfg.seq_len), 0, cfg.vocab_size)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  results = []
+  for accum in (1, 4):
+    config.train.accum_steps = accum
+    trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.DEFAULT_RULES)
+    state, metrics = trainer.compile_step()(trainer.init_state(0), {"tokens": tokens})
+    results.append((float(metrics["loss"]), state["params"]["blocks"]["fc"]))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@needs_fmnist
+def test_resume_is_bit_exact(tmp_path):
+  config = tiny_config(steps=20, warmup_steps=5)
+  config.checkpoint.every = 7  # the interruption at 10 is not on a checkpoint interval
+  train_lib.pretrain(config, str(tmp_path / "straight"), log=lambda *_: None)
+  train_lib.pretrain(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=10)
+  logs = []
+  train_lib.pretrain(config, str(tmp_path / "resumed"), log=logs.append)
+  assert any("Resumed from checkpoint step 10" in line for line in logs)
+  a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+  assert [r["step"] for r in b] == list(range(1, 21))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+  def final_params(workdir):
+    trainer = train_lib.Trainer(model_lib.ModelConfig.from_config(config), config,
+                                sharding_lib.make_mesh(config.mesh), sharding_lib.DEFAULT_RULES)
+    ckpt = train_lib.checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", "pretrain"))
+    step, state, _ = ckpt.restore_latest(trainer.abstract_state)
+    ckpt.close()
+    assert step == 20
+    return state["params"]
+
+  for x, y in zip(jax.tree.leaves(final_params(tmp_path / "straight")),
+                  jax.tree.leaves(final_params(tmp_path / "resumed"))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def start_training(workdir, steps, every, extra=()):
+  cmd = [sys.executable, "-u", "-m", "igpt_jax.main", f"--config={REPO}/configs/demo.py",
+         "--config.stage=pretrain", f"--workdir={workdir}", f"--config.train.steps={steps}",
+         f"--config.checkpoint.every={every}", *TINY_OVERRIDES, *extra]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO, env=env)
+
+
+def wait_for_step(workdir, step, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path) and read_metrics(workdir) and read_metrics(workdir)[-1]["step"] >= step:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early:\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.2)
+  raise AssertionError("training did not reach the step in time")
+
+
+@needs_fmnist
+def test_sigkill_resumes_and_sigterm_saves_then_exits_cleanly(tmp_path):
+  workdir = str(tmp_path)
+  proc = start_training(workdir, steps=10_000, every=3)
+  wait_for_step(workdir, 7, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
+  saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert saved and saved[-1] >= 6
+
+  proc = start_training(workdir, steps=10_000, every=1000)
+  wait_for_step(workdir, saved[-1] + 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"Resumed from checkpoint step {saved[-1]}" in out
+  last_logged = read_metrics(workdir)[-1]["step"]
+  final = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert final == last_logged and final > saved[-1]
+  assert "Preemption signal: saved step" in out
+
+
+@needs_fmnist
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+  workdir = str(tmp_path)
+  proc = start_training(workdir, steps=6, every=3)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  newest = os.path.join(workdir, "checkpoints", "pretrain", "6")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(newest, "state")) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  proc = start_training(workdir, steps=6, every=3)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"checkpoint {newest} is unreadable" in out and "moved to" in out
+  assert "Resumed from checkpoint step 3" in out
+
+
+@needs_fmnist
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  config = tiny_config(steps=2)
+  train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
+  config = tiny_config(steps=4)
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match="different model: d_model saved 32 vs configured 64"):
+    train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(tmp_path):
+  if sources.fashion_mnist_dir() is None:
+    pytest.skip("needs Fashion-MNIST")
+  # A NaN learning rate: step 1's loss is still finite (computed before the update), step 2's
+  # is not.
+  config = tiny_config(steps=5, lr=float("nan"), warmup_steps=1)
+  config.checkpoint.every = 1
+  with pytest.raises(train_lib.NonFiniteLoss, match=r"last good checkpoint \(step 1\) is kept"):
+    train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["1"]
+
+
+def test_plan_xl_on_256_simulated_devices():
+  start = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "igpt_jax.main", f"--config={REPO}/configs/igpt_xl.py",
+       "--config.stage=plan", "--config.plan.num_devices=256", "--config.plan.device_memory_gb=16",
+       "--workdir=/tmp/igpt_plan_test"], capture_output=True, text=True, cwd=REPO, timeout=300,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(f"plan XL/256: {time.time() - start:.1f}s, {out['per_device_bytes'] / 2**30:.2f} GiB per device")
+  assert out["mesh"] == {"data": 1, "fsdp": 128, "tensor": 2}
+  assert out["per_device_bytes"] > 0 and out["params"] == 6_810_875_904
+  # 6.8B params + Adam state is ~82 GB; sharded 256 ways it must fit a 16 GB chip.
+  assert out["fits"] is True
+
+
+def test_launch_scripts_are_valid_and_tpu_dry_run_prints_gcloud():
+  for script in ("tpu_pod.sh", "gpu_slurm.sh"):
+    subprocess.run(["bash", "-n", f"{REPO}/launch/{script}"], check=True)
+  shellcheck = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+  subprocess.run([shellcheck, f"{REPO}/launch/tpu_pod.sh", f"{REPO}/launch/gpu_slurm.sh"], check=True)
+  out = subprocess.run(
+      ["bash", f"{REPO}/launch/tpu_pod.sh", "--name", "igpt-l", "--zone", "us-central2-b",
+       "--type", "v5litepod-64", "--config", "configs/igpt_l.py", "--workdir", "gs://b/runs/l",
+       "--dry-run", "--", "--config.train.steps=100"], capture_output=True, text=True, check=True).stdout
+  assert "gcloud compute tpus tpu-vm create igpt-l --zone=us-central2-b --accelerator-type=v5litepod-64" in out
+  assert "--worker=all" in out and "igpt_jax.main" in out and "--config.train.steps=100" in out
