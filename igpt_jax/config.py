@@ -58,6 +58,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5_000
   c.train.eval_batches = 0  # batches of the test split per evaluation; 0 = all of it
 
+  # Fine-tuning: these fields replace train's; the rest of train applies as it is.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.steps = 10_000
+  c.finetune.lr = 3e-4
+  c.finetune.warmup_steps = 500
+  c.finetune.eval_every = 1_000
+  c.finetune.gen_weight = 1.0  # L_GEN + L_CLF as in the paper; 0 = plain L_CLF
+
+  c.probe = ml_collections.ConfigDict()
+  c.probe.train_examples = 0  # 0 = the whole labelled train split
+  c.probe.test_examples = 0  # 0 = the whole test split
+  c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on 10% of train held out
+  c.probe.steps = 200  # L-BFGS iterations
+  c.probe.batch_size = 256  # feature extraction
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num = 16  # unconditional samples
+  c.sample.completions = 8  # test images whose bottom half is completed
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0  # 0 = sample from the full distribution
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5_000
   c.checkpoint.keep = 3

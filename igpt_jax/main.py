@@ -77,7 +77,73 @@ def pretrain(config, workdir: str) -> dict:
   return train_lib.pretrain(config, workdir, log=log)
 
 
-STAGES = {"fit_palette": fit_palette, "pretrain": pretrain, "plan": plan}
+def evaluate(config, workdir: str) -> dict:
+  from igpt_jax import train as train_lib
+  return train_lib.evaluate_stage(config, workdir, log=log)
+
+
+def probe(config, workdir: str) -> dict:
+  from igpt_jax import probe as probe_lib
+  return probe_lib.run(config, workdir, log=log)
+
+
+def finetune(config, workdir: str) -> dict:
+  from igpt_jax import train as train_lib
+  return train_lib.finetune(config, workdir, log=log)
+
+
+def sample(config, workdir: str) -> dict:
+  from igpt_jax import sample as sample_lib
+  return sample_lib.run(config, workdir, log=log)
+
+
+CHAIN = ("pretrain", "evaluate", "probe", "finetune", "sample")
+
+
+def run_all(config, workdir: str) -> dict:
+  """Stage all: fit_palette (unless there is one) -> pretrain -> evaluate -> probe -> finetune
+  -> sample, then a one-screen summary and report.md in the workdir."""
+  import time
+  from igpt_jax import palette as palette_lib
+  results, start = {}, time.time()
+  if not os.path.exists(config.palette.path or os.path.join(workdir, palette_lib.PALETTE_FILE)):
+    results["fit_palette"] = fit_palette(config, workdir)
+  for stage in CHAIN:
+    log(f"=== {stage} ===")
+    results[stage] = STAGES[stage](config, workdir)
+  results["minutes"] = (time.time() - start) / 60
+  report = summary(results, workdir)
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(report)
+  log(report)
+  return {"stage": "all", "report": os.path.join(workdir, "report.md"),
+          "eval_bits_per_dim": results["evaluate"]["eval_bits_per_dim"],
+          "best_layer": results["probe"]["best_layer"],
+          "best_accuracy": results["probe"]["best_accuracy"],
+          "random_init_accuracy": results["probe"]["random_init_accuracy"],
+          "raw_pixel_accuracy": results["probe"]["raw_pixel_accuracy"],
+          "finetune_accuracy": results["finetune"].get("eval_accuracy"),
+          "minutes": results["minutes"]}
+
+
+def summary(results: dict, workdir: str) -> str:
+  p, e, f, s = results["probe"], results["evaluate"], results["finetune"], results["sample"]
+  lines = [
+      "# igpt_jax run report", "",
+      f"Workdir: `{workdir}` ({results['minutes']:.1f} minutes)", "",
+      f"- Test bits/dim: **{e['eval_bits_per_dim']:.4f}** ({e['eval_loss']:.4f} nats/token)",
+      f"- Linear probe, best layer {p['best_layer']}: **{p['best_accuracy']:.4f}** "
+      f"(random-init model {p['random_init_accuracy']:.4f}, raw pixels {p['raw_pixel_accuracy']:.4f});"
+      f" by layer: `{os.path.join(workdir, 'probe', 'results.md')}`, plot "
+      f"`{os.path.join(workdir, 'probe', 'accuracy_by_layer.png')}`",
+      f"- Fine-tuned test accuracy: **{f.get('eval_accuracy', float('nan')):.4f}**",
+      f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+STAGES = {"fit_palette": fit_palette, "pretrain": pretrain, "evaluate": evaluate, "probe": probe,
+          "finetune": finetune, "sample": sample, "plan": plan, "all": run_all}
 
 
 def simulate_cpu_devices(n: int) -> None:

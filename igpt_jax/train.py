@@ -37,23 +37,36 @@ def _pure(state: nnx.State):
   return nnx.to_pure_dict(state)
 
 
+def train_section(config, stage: str = "pretrain"):
+  """config.train, with config.finetune's fields laid over it for the finetune stage."""
+  import ml_collections
+  section = ml_collections.ConfigDict(config.train.to_dict())
+  if stage == "finetune":
+    for key, value in config.finetune.items():
+      if key in section:
+        section[key] = value
+  return section
+
+
 @dataclasses.dataclass
 class Trainer:
-  """Everything compiled once for one model shape, optimiser and mesh."""
+  """Everything compiled once for one model shape, optimiser, mesh and stage."""
   cfg: model_lib.ModelConfig
   config: object
   mesh: jax.sharding.Mesh
   rules: tuple
+  stage: str = "pretrain"  # or 'finetune': class head, labels, L_GEN + L_CLF
   graphdef: object = None
   tx: object = None
   state_shardings: object = None
   abstract_state: object = None
 
   def __post_init__(self):
+    self.train_cfg = train_section(self.config, self.stage)
     abstract = model_lib.abstract_model(self.cfg)
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     param_shardings = _pure(sharding_lib.shardings_for(abstract_params, self.mesh, self.rules))
-    self.tx = optim.make_optimizer(self.config.train)
+    self.tx = optim.make_optimizer(self.train_cfg)
     self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
@@ -81,67 +94,96 @@ class Trainer:
 
   # -- step ----------------------------------------------------------------------------------
 
-  def loss_fn(self, params, tokens, rng):
+  def loss_fn(self, params, batch, rng):
+    """(loss, metrics): L_AR or L_BERT; for finetune, gen_weight * L_GEN + L_CLF."""
     model = nnx.merge(self.graphdef, params)
-    if self.cfg.causal:
-      return objectives.ar_loss(model(tokens), tokens)
-    mask = objectives.bert_mask(rng, tokens.shape)
-    return objectives.bert_loss(model(tokens, mask), tokens, mask)
+    tokens = batch["tokens"]
+    mask = None if self.cfg.causal else objectives.bert_mask(rng, tokens.shape)
+    if self.stage != "finetune":
+      logits = model(tokens, mask)
+      gen = (objectives.ar_loss(logits, tokens) if mask is None
+             else objectives.bert_loss(logits, tokens, mask))
+      return gen, {}
+    logits, class_logits = model.logits_and_class_logits(tokens, mask)
+    gen = (objectives.ar_loss(logits, tokens) if mask is None
+           else objectives.bert_loss(logits, tokens, mask))
+    clf = objectives.clf_loss(class_logits, batch["labels"])
+    loss = objectives.finetune_loss(gen, clf, self.config.finetune.gen_weight)
+    return loss, {"gen_loss": gen, "clf_loss": clf,
+                  "accuracy": objectives.accuracy(class_logits, batch["labels"])}
 
   def _step_fn(self, state, batch):
-    tokens = batch["tokens"]
     rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
-    accum = self.config.train.accum_steps
-    grad_fn = jax.value_and_grad(self.loss_fn)
+    accum = self.train_cfg.accum_steps
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
     if accum == 1:
-      loss, grads = grad_fn(state["params"], tokens, rng)
+      (loss, aux), grads = grad_fn(state["params"], batch, rng)
     else:
       # Micro-batch i is every accum-th example, so each device keeps its own rows.
-      micro = jnp.moveaxis(tokens.reshape(tokens.shape[0] // accum, accum, -1), 1, 0)
+      micro = jax.tree.map(
+          lambda x: jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0), batch)
 
       def body(carry, xs):
-        i, toks = xs
-        loss_i, grads_i = grad_fn(state["params"], toks, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+        i, mb = xs
+        (loss_i, aux_i), grads_i = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
 
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+      (loss_s, aux_s), grads_s = jax.eval_shape(
+          grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss_s, aux_s, grads_s))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-           "lr": optim.learning_rate(self.config.train)(state["step"])}
+           "lr": optim.learning_rate(self.train_cfg)(state["step"]), **aux}
     return new_state, out
 
+  def batch_keys(self):
+    return ("tokens", "labels") if self.stage == "finetune" else ("tokens",)
+
   def jit_step(self):
-    return jax.jit(self._step_fn, in_shardings=(self.state_shardings, {"tokens": self.batch_sharding}),
+    batch_shardings = {k: sharding_lib.batch_sharding(self.mesh, self.rules, 2 if k == "tokens" else 1)
+                       for k in self.batch_keys()}
+    return jax.jit(self._step_fn, in_shardings=(self.state_shardings, batch_shardings),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def abstract_batch(self):
-    shape = (self.config.train.batch_size, self.cfg.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)}
+    b = self.train_cfg.batch_size
+    out = {"tokens": jax.ShapeDtypeStruct((b, self.cfg.seq_len), jnp.int32,
+                                          sharding=self.batch_sharding)}
+    if self.stage == "finetune":
+      out["labels"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding_lib.batch_sharding(
+          self.mesh, self.rules, 1))
+    return out
 
   def compile_step(self):
     """Ahead-of-time compile; the plan stage and the loop share it."""
-    if self.config.train.batch_size % self.config.train.accum_steps:
-      raise ValueError(f"train.batch_size={self.config.train.batch_size} is not divisible by "
-                       f"train.accum_steps={self.config.train.accum_steps}.")
+    if self.train_cfg.batch_size % self.train_cfg.accum_steps:
+      raise ValueError(f"batch_size={self.train_cfg.batch_size} is not divisible by "
+                       f"accum_steps={self.train_cfg.accum_steps}.")
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       return self.jit_step().lower(self.abstract_state, self.abstract_batch()).compile()
 
   def eval_fn(self):
-    """Sum of per-token NLL and token count over a padded batch (mask weights examples)."""
-    def fn(params, tokens, mask):
+    """Sums over a padded batch (mask weights examples): NLL, tokens, and for a class head
+    correct predictions and examples."""
+    def fn(params, tokens, labels, mask):
       model = nnx.merge(self.graphdef, params)
-      if self.cfg.causal:
-        nll = objectives.token_nll(model(tokens), tokens)
-        weights = jnp.broadcast_to(mask[:, None], nll.shape)
+      bert = None if self.cfg.causal else objectives.bert_mask(
+          jax.random.key(self.config.seed + 1), tokens.shape)
+      out = {}
+      if self.cfg.num_classes:
+        logits, class_logits = model.logits_and_class_logits(tokens, bert)
+        out["correct"] = jnp.sum((jnp.argmax(class_logits, -1) == labels) * mask)
+        out["examples"] = jnp.sum(mask)
       else:
-        bert = objectives.bert_mask(jax.random.key(self.config.seed + 1), tokens.shape)
-        nll = objectives.token_nll(model(tokens, bert), tokens)
-        weights = bert * mask[:, None]
-      return jnp.sum(nll * weights), jnp.sum(weights)
+        logits = model(tokens, bert)
+      nll = objectives.token_nll(logits, tokens)
+      weights = mask[:, None] * (jnp.ones_like(nll) if bert is None else bert)
+      out["nll"], out["tokens"] = jnp.sum(nll * weights), jnp.sum(weights)
+      return out
 
     jitted = jax.jit(fn)
 
@@ -163,22 +205,26 @@ def memory_report(compiled) -> dict:
   return out
 
 
-def evaluate_bits(trainer: Trainer, params, eval_data, centers, config, max_batches: int = 0):
-  """Mean NLL (nats/token) and bits/dim on the held-out split."""
+def evaluate(trainer: Trainer, params, eval_data, centers, config, max_batches: int = 0):
+  """Held-out mean NLL (nats/token) and bits/dim; for a finetuning trainer also accuracy."""
   from igpt_jax.data import pipeline
   fn = trainer.eval_fn()
-  total, count = 0.0, 0.0
+  total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
   for i, batch in enumerate(pipeline.eval_batches(
-      eval_data, centers, resolution=config.data.resolution, batch_size=config.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())):
+      eval_data, centers, resolution=config.data.resolution,
+      batch_size=trainer.train_cfg.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())):
     if max_batches and i >= max_batches:
       break
-    g = sharding_lib.global_batch({"tokens": batch["tokens"], "mask": batch["mask"]},
+    g = sharding_lib.global_batch({k: batch[k] for k in ("tokens", "labels", "mask")},
                                   trainer.mesh, trainer.rules)
-    s, c = fn(params, g["tokens"], g["mask"])
-    total, count = total + float(s), count + float(c)
-  nats = total / max(count, 1.0)
-  return {"eval_loss": nats, "eval_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
+    for key, value in fn(params, g["tokens"], g["labels"], g["mask"]).items():
+      total[key] += float(value)
+  nats = total["nll"] / max(total["tokens"], 1.0)
+  out = {"eval_loss": nats, "eval_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
+  if trainer.stage == "finetune":
+    out["eval_accuracy"] = total["correct"] / max(total["examples"], 1.0)
+  return out
 
 
 def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
@@ -187,47 +233,70 @@ def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
 
 
 def pretrain(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
-  """The pretraining loop: resumes from the newest readable checkpoint in the workdir.
+  return fit(config, workdir, "pretrain", log=log, stop_after=stop_after)
 
-  `stop_after` ends this run at that step with a checkpoint, as a preemption would, without
-  changing the schedule (which depends on train.steps).
+
+def finetune(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
+  return fit(config, workdir, "finetune", log=log, stop_after=stop_after)
+
+
+def fit(config, workdir: str, stage: str, log=print, stop_after: int | None = None) -> dict:
+  """The training loop of both stages; resumes from the newest readable checkpoint.
+
+  Pretraining starts from a fresh init; fine-tuning from the pretraining checkpoint's
+  parameters plus a zero class head. `stop_after` ends this run at that step with a
+  checkpoint, as a preemption would, without changing the schedule (set by the step count).
   """
   from igpt_jax import palette as palette_lib
   from igpt_jax.data import pipeline, sources
 
   sharding_lib.maybe_initialize_distributed()
-  cfg = model_lib.ModelConfig.from_config(config)
-  if cfg.num_classes:
-    raise ValueError("Pretraining takes model.num_classes=0; the class head belongs to finetune.")
-  centers = _load_or_fit_palette(config, workdir, log)
-  data = sources.load(config, "pretrain", log=log)
+  if stage == "pretrain":
+    centers = _load_or_fit_palette(config, workdir, log)
+  else:
+    centers = load_palette(config, workdir)
+  data = sources.load(config, "pretrain" if stage == "pretrain" else "train", log=log)
   eval_data = sources.load(config, "test", log=log)
   palette_lib.Palette(centers).check_channels(data.images.shape[-1])
+  cfg = model_lib.ModelConfig.from_config(config)
+  if stage == "pretrain" and cfg.num_classes:
+    raise ValueError("Pretraining takes model.num_classes=0; the class head belongs to finetune.")
+  if stage == "finetune":
+    if data.num_classes < 2:
+      raise ValueError(f"Fine-tuning needs labelled data; {data.name} has no classes.")
+    cfg = dataclasses.replace(cfg, num_classes=data.num_classes)
 
   mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", "pretrain"),
+  trainer = Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config), stage=stage)
+  tcfg = trainer.train_cfg
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", stage),
                                      keep=config.checkpoint.keep)
   restored = ckpt.restore_latest(
       trainer.abstract_state, check_meta=lambda meta: _check_same_model(meta, cfg, ckpt.directory),
       log=log)
-  if restored is None:
-    state, start = trainer.init_state(config.seed), 0
-    log(f"Initialised {model_lib.count_params(cfg):,} parameters on mesh {dict(mesh.shape)}.")
-  else:
+  if restored is not None:
     start, state, _ = restored
     log(f"Resumed from checkpoint step {start} in {ckpt.directory}.")
+  else:
+    start, state = 0, trainer.init_state(config.seed)
+    if stage == "finetune":
+      _, pretrained, _, _ = load_pretrained(config, workdir, mesh, log=log)
+      pretrained["class_head"] = state["params"]["class_head"]  # zero-initialised, as released
+      state["params"] = jax.device_put(pretrained, trainer.state_shardings["params"])
+    log(f"{stage}: {model_lib.count_params(cfg):,} parameters on mesh {dict(mesh.shape)}.")
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  metrics_dir = workdir if stage == "pretrain" else os.path.join(workdir, stage)
+  os.makedirs(metrics_dir, exist_ok=True)
+  writer = metrics_lib.MetricsWriter(metrics_dir, enabled=jax.process_index() == 0)
   writer.truncate_after(start)
   step_fn = trainer.compile_step()
   mem = memory_report(step_fn)
   if mem:
     log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
 
-  total = config.train.steps
+  total = tcfg.steps
   batches = pipeline.train_batches(
-      data, centers, resolution=config.data.resolution, batch_size=config.train.batch_size,
+      data, centers, resolution=config.data.resolution, batch_size=tcfg.batch_size,
       seed=config.seed, start_step=start, num_steps=max(total - start, 0),
       process_index=jax.process_index(), process_count=jax.process_count(),
       augment=config.data.augment, crop_min=config.data.crop_min, log=log)
@@ -237,33 +306,33 @@ def pretrain(config, workdir: str, log=print, stop_after: int | None = None) -> 
   progress = metrics_lib.Progress(total, start, log=log)
   flops_per_token = model_lib.flops_per_token(cfg)
   device_kind = jax.devices()[0].device_kind
-  tokens_per_step = config.train.batch_size * cfg.seq_len
+  tokens_per_step = tcfg.batch_size * cfg.seq_len
   last_log_time, last_log_step = time.perf_counter(), start
-  step = start
-  summary = {}
+  step, summary = start, {}
   try:
     for step in range(start + 1, total + 1):
       local = next(batches)
-      state, out = step_fn(state, sharding_lib.global_batch({"tokens": local["tokens"]}, mesh,
-                                                            trainer.rules))
+      state, out = step_fn(state, sharding_lib.global_batch(
+          {k: local[k] for k in trainer.batch_keys()}, mesh, trainer.rules))
       is_last = step == total
-      if step % config.train.log_every == 0 or is_last:
+      if step % tcfg.log_every == 0 or is_last:
         loss = float(out["loss"])
         if not math.isfinite(loss):
           raise NonFiniteLoss(
               f"Loss became {loss} at step {step}; the last good checkpoint "
               f"(step {ckpt.all_steps()[-1] if ckpt.all_steps() else 'none'}) is kept. Lower "
-              "train.lr or raise train.warmup_steps, then rerun to resume from it.")
+              "the learning rate or lengthen the warmup, then rerun to resume from it.")
         now = time.perf_counter()
         tokens_per_s = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step
-        scalars = {"loss": loss, "bits_per_dim": objectives.bits_per_dim(loss, config.data.channels),
-                   "grad_norm": float(out["grad_norm"]), "lr": float(out["lr"]),
+        scalars = {"loss": loss, "bits_per_dim": objectives.bits_per_dim(
+                       float(out.get("gen_loss", loss)), config.data.channels),
+                   **{k: float(out[k]) for k in ("grad_norm", "lr", "clf_loss", "accuracy") if k in out},
                    "tokens_per_s": tokens_per_s,
                    "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, device_kind, len(jax.devices()))}
-        if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
-          scalars.update(evaluate_bits(trainer, state["params"], eval_data, centers, config,
-                                       config.train.eval_batches))
+        if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
+          scalars.update(evaluate(trainer, state["params"], eval_data, centers, config,
+                                  tcfg.eval_batches))
         writer.write(step, scalars)
         progress.update(step, scalars)
         summary = scalars
@@ -283,8 +352,77 @@ def pretrain(config, workdir: str, log=print, stop_after: int | None = None) -> 
     progress.close()
     writer.close()
     ckpt.close()
-  return {"stage": "pretrain", "step": step, "checkpoints": ckpt.directory,
-          "metrics": writer.path, **{k: v for k, v in summary.items() if v is not None}}
+  return {"stage": stage, "step": step, "checkpoints": ckpt.directory, "metrics": writer.path,
+          **{k: v for k, v in summary.items() if v is not None}}
+
+
+def load_palette(config, workdir: str) -> np.ndarray:
+  from igpt_jax import palette as palette_lib
+  return palette_lib.Palette.load(config.palette.path or
+                                  os.path.join(workdir, palette_lib.PALETTE_FILE)).centers
+
+
+def load_pretrained(config, workdir: str, mesh=None, log=print):
+  """Stage hand-off: (ModelConfig, params, centers, step) from the newest readable pretraining
+  step.
+
+  Refuses, in one sentence, a checkpoint whose model shape or palette differs from the config.
+  """
+  import ml_collections
+  directory = os.path.join(workdir, "checkpoints", "pretrain")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No pretraining checkpoint in {directory}: run the pretrain stage "
+                            "first (or point --workdir at a run that has one).")
+  cfg = model_lib.ModelConfig.from_config(config)
+  centers = load_palette(config, workdir)
+
+  def check(meta):
+    _check_same_model(meta, cfg, directory)
+    saved = np.asarray(meta["palette"], np.float32)
+    if saved.shape != centers.shape or not np.allclose(saved, centers, atol=1e-6):
+      raise ValueError(f"The checkpoint in {directory} was trained with a different palette "
+                       f"({saved.shape[0]} colours) than the configured one: use the palette.npz "
+                       "it was trained with.")
+
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No pretraining checkpoint in {directory}: run the pretrain stage first.")
+  saved_config = ml_collections.ConfigDict(ckpt.read_meta(steps[-1])["config"])
+  trainer = Trainer(cfg, saved_config, mesh, sharding_lib.rules_from_config(config))
+  restored = ckpt.restore_latest(trainer.abstract_state, check_meta=check, log=log)
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"No readable pretraining checkpoint in {directory}.")
+  step, state, _ = restored
+  log(f"Loaded pretrained parameters from step {step} of {directory}.")
+  return cfg, state["params"], centers, step
+
+
+def pretrained_model(config, workdir: str, log=print):
+  """(model, centers, step): the pretrained ImageGPT ready to call, for probe and sample."""
+  cfg, params, centers, step = load_pretrained(config, workdir, log=log)
+  graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
+  return nnx.merge(graphdef, params), centers, step
+
+
+def evaluate_stage(config, workdir: str, log=print) -> dict:
+  """Stage evaluate: bits/dim of the pretrained model on the whole test split."""
+  import json
+  from igpt_jax.data import sources
+  cfg, params, centers, step = load_pretrained(config, workdir, log=log)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  trainer = Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
+  test = sources.load(config, "test", log=log)
+  result = {"stage": "evaluate", "checkpoint_step": step, "examples": len(test),
+            **evaluate(trainer, params, test, centers, config)}
+  path = os.path.join(workdir, "evaluate.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  log(f"Test bits/dim {result['eval_bits_per_dim']:.4f} ({result['eval_loss']:.4f} nats/token); "
+      f"written to {path}")
+  return result
 
 
 def _reached_preemption(step: int) -> bool:

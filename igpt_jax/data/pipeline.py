@@ -62,17 +62,18 @@ def crop_boxes(positions: np.ndarray, seed: int, crop_min: float) -> np.ndarray:
   return boxes
 
 
-def _preprocess(images, boxes, centers, resolution: int):
-  """uint8 [b, H, W, C] + boxes -> tokens [b, resolution**2]: crop, resize, quantize."""
+def _preprocess(images, boxes, centers, resolution: int, with_pixels: bool = False):
+  """uint8 [b, H, W, C] + boxes -> tokens [b, resolution**2] (and the resized uint8 pixels)."""
   tf = _tf()
   b = tf.shape(images)[0]
   big = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(b),
                                  (2 * resolution, 2 * resolution), method="bilinear")
   # A 2x2 average halves to the input resolution: an antialiased downsample.
   small = tf.nn.avg_pool2d(big, 2, 2, "VALID")
-  pixels = tf.clip_by_value(tf.round(small), 0.0, 255.0) / 127.5 - 1.0
-  tokens = palette_lib.quantize_tf(pixels, centers)
-  return tf.reshape(tokens, (b, resolution * resolution))
+  levels = tf.clip_by_value(tf.round(small), 0.0, 255.0)
+  tokens = palette_lib.quantize_tf(levels / 127.5 - 1.0, centers)
+  tokens = tf.reshape(tokens, (b, resolution * resolution))
+  return (tokens, tf.cast(levels, tf.uint8)) if with_pixels else tokens
 
 
 def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
@@ -110,10 +111,11 @@ def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch
 
 
 def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, with_pixels: bool = False):
   """One pass over this process's contiguous shard, in order; the last batch is padded.
 
-  Yields {'tokens', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
+  Yields {'tokens', 'labels', 'mask'} (and 'pixels', uint8 [b, r, r, C], if asked); mask is
+  1.0 for real examples, 0.0 for padding.
   """
   tf = _tf()
   palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
@@ -126,12 +128,22 @@ def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_
     pad = local - len(idx)
     images = data.images[np.concatenate([idx, np.full(pad, idx[0])])]
     labels = data.labels[np.concatenate([idx, np.full(pad, idx[0])])]
-    tokens = _preprocess(tf.constant(images), boxes, centers, resolution).numpy()
+    out = _preprocess(tf.constant(images), boxes, centers, resolution, with_pixels)
     mask = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
-    yield {"tokens": tokens, "labels": labels, "mask": mask}
+    batch = {"labels": labels, "mask": mask}
+    if with_pixels:
+      batch["tokens"], batch["pixels"] = out[0].numpy(), out[1].numpy()
+    else:
+      batch["tokens"] = out.numpy()
+    yield batch
 
 
-def tokens_of(data: ImageSet, centers: np.ndarray, resolution: int, batch_size: int = 512):
-  """All of a (small) ImageSet as evaluation tokens [N, resolution**2], in order."""
-  return np.concatenate([b["tokens"][b["mask"] > 0] for b in eval_batches(
-      data, centers, resolution=resolution, batch_size=batch_size)])
+def tokens_of(data: ImageSet, centers: np.ndarray, resolution: int, batch_size: int = 512,
+              with_pixels: bool = False):
+  """All of a (small) ImageSet as evaluation tokens [N, resolution**2], in order (and pixels)."""
+  batches = list(eval_batches(data, centers, resolution=resolution, batch_size=batch_size,
+                              with_pixels=with_pixels))
+  tokens = np.concatenate([b["tokens"][b["mask"] > 0] for b in batches])
+  if not with_pixels:
+    return tokens
+  return tokens, np.concatenate([b["pixels"][b["mask"] > 0] for b in batches])
