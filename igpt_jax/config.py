@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.lr = 3e-4
   c.finetune.warmup_steps = 500
   c.finetune.eval_every = 1_000
+  c.finetune.eval_batches = 0  # test batches per evaluation; 0 = all of it
   c.finetune.gen_weight = 1.0  # L_GEN + L_CLF as in the paper; 0 = plain L_CLF
 
   c.probe = ml_collections.ConfigDict()

@@ -22,9 +22,22 @@ from igpt_jax import palette as palette_lib
 from igpt_jax.data.sources import ImageSet
 
 
+_TF_CONFIGURED = False
+
+
 def _tf():
+  """TensorFlow for the input pipeline only: no GPU, and few threads, so it does not fight
+  XLA for the host's cores (the per-batch work here is small)."""
+  global _TF_CONFIGURED
   import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # the accelerator belongs to JAX
+  if not _TF_CONFIGURED:
+    tf.config.set_visible_devices([], "GPU")  # the accelerator belongs to JAX
+    try:
+      tf.config.threading.set_inter_op_parallelism_threads(1)
+      tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised by the caller: keep its settings
+      pass
+    _TF_CONFIGURED = True
   return tf
 
 
@@ -106,8 +119,10 @@ def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch
       tf.TensorSpec((local, 4), tf.float32), tf.TensorSpec((), tf.int64)))
   ds = ds.map(lambda im, lab, box, step: {"tokens": _preprocess(im, box, centers, resolution),
                                           "labels": lab, "step": step},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.prefetch(prefetch).as_numpy_iterator()
+              num_parallel_calls=2, deterministic=True)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 2
+  return ds.with_options(options).prefetch(prefetch).as_numpy_iterator()
 
 
 def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,

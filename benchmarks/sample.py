@@ -1,0 +1,75 @@
+"""Cached sampling throughput: igpt_jax vs transformers' ImageGPTForCausalImageModeling.generate.
+
+Same weights (a random transformers model converted with igpt_jax.hf), same shape, batch and
+sampling (temperature 1, full distribution), full images from the start token, both with their
+key/value caches; alternating runs in one process, median of the repeats, compilation excluded.
+Prints one JSON line last; `ratio` = ours / transformers tokens/s (higher is better).
+
+  .venv/bin/python benchmarks/sample.py [--layers 4 --d_model 256 --heads 8 --resolution 32 --batch 8]
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--resolution", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=2)
+  args = parser.parse_args()
+  warnings.filterwarnings("ignore")
+  import jax
+  import torch
+  import transformers
+
+  from igpt_jax import hf, sample
+
+  seq = args.resolution ** 2
+  torch.manual_seed(0)
+  ref = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(
+      n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=seq,
+      vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+  with tempfile.TemporaryDirectory() as d:
+    ref.save_pretrained(d)
+    _, model = hf.from_pretrained(d)
+
+  def ours(seed):
+    return np.asarray(sample.generate(model, args.batch, jax.random.key(seed)))
+
+  def reference(seed):
+    torch.manual_seed(seed)
+    start = torch.full((args.batch, 1), 512)
+    with torch.no_grad():
+      out = ref.generate(input_ids=start, max_length=seq + 1, do_sample=True, top_k=0,
+                         temperature=1.0, use_cache=True, pad_token_id=512)
+    return out[:, 1:].numpy()
+
+  assert ours(0).shape == reference(0).shape == (args.batch, seq)  # warm-up, compilation
+  times = {"igpt_jax": [], "transformers": []}
+  for r in range(args.repeats):
+    for name, fn in (("igpt_jax", ours), ("transformers", reference)):
+      start = time.perf_counter()
+      fn(r + 1)
+      times[name].append(time.perf_counter() - start)
+  rate = {k: args.batch * seq / statistics.median(v) for k, v in times.items()}
+  for name, value in rate.items():
+    print(f"{name:>13}: {value:8.0f} tokens/s")
+  print(json.dumps({"benchmark": "sample", "layers": args.layers, "d_model": args.d_model,
+                    "heads": args.heads, "tokens_per_image": seq, "batch": args.batch,
+                    "device": jax.devices()[0].device_kind,
+                    "igpt_jax_tokens_per_s": round(rate["igpt_jax"], 1),
+                    "transformers_tokens_per_s": round(rate["transformers"], 1),
+                    "ratio": round(rate["igpt_jax"] / rate["transformers"], 2)}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+"""The downstream stages on a tiny pretrained Fashion-MNIST model, and their refusals."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from igpt_jax import main as main_lib
+from igpt_jax import palette as palette_lib
+from igpt_jax import probe, sample, train
+from igpt_jax.data import sources
+from test_train import tiny_config
+
+pytestmark = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
+                                reason="Debian's dataset-fashion-mnist is not installed")
+QUIET = lambda *_: None
+
+
+def stage_config(stage):
+  config = tiny_config(steps=8, warmup_steps=2)
+  config.stage = stage
+  config.finetune.steps, config.finetune.eval_every, config.finetune.eval_batches = 4, 4, 2
+  config.probe.train_examples, config.probe.test_examples, config.probe.steps = 300, 200, 50
+  config.sample.num, config.sample.completions = 3, 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stages"))
+  train.pretrain(stage_config("pretrain"), workdir, log=QUIET)
+  return workdir
+
+
+def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  ev = train.evaluate_stage(stage_config("evaluate"), workdir, log=QUIET)
+  assert ev["examples"] == 10_000 and 0 < ev["eval_bits_per_dim"] < 4
+  assert json.load(open(os.path.join(workdir, "evaluate.json")))["eval_loss"] == ev["eval_loss"]
+
+  pr = probe.run(stage_config("probe"), workdir, log=QUIET)
+  results = json.load(open(pr["results"]))
+  assert [r["layer"] for r in results["by_layer"]] == [1, 2]
+  for key in ("best_layer", "best_accuracy", "random_init_accuracy", "raw_pixel_accuracy"):
+    assert key in results
+  assert results["raw_pixel_accuracy"] > 0.5  # 10 classes: far above chance on real pixels
+  assert os.path.getsize(os.path.join(workdir, "probe", "accuracy_by_layer.png")) > 1000
+
+  ft = train.finetune(stage_config("finetune"), workdir, log=QUIET)
+  assert ft["step"] == 4 and "eval_accuracy" in ft and "clf_loss" in ft
+  assert os.listdir(os.path.join(workdir, "checkpoints", "finetune"))
+
+  sm = sample.run(stage_config("sample"), workdir, log=QUIET)
+  from PIL import Image
+  grid = np.asarray(Image.open(sm["completions"]))
+  assert grid.shape[0] > grid.shape[1] / 2  # three rows: originals, halves, completions
+
+
+def test_stages_refuse_another_model_or_palette(pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  wider = stage_config("probe")
+  wider.model.d_model = 64
+  for fn in (probe.run, sample.run, train.finetune):
+    with pytest.raises(ValueError, match="different model: d_model saved 32 vs configured 64"):
+      fn(wider, workdir, log=QUIET)
+  path = os.path.join(workdir, palette_lib.PALETTE_FILE)
+  pal = palette_lib.Palette.load(path)
+  palette_lib.Palette(np.clip(pal.centers + 0.05, -1, 1)).save(path)
+  for fn in (probe.run, sample.run, train.finetune):
+    with pytest.raises(ValueError, match="different palette"):
+      fn(stage_config("probe"), workdir, log=QUIET)
+
+
+def test_stage_without_pretraining_says_what_to_do(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
+    train.load_pretrained(stage_config("probe"), str(tmp_path))
+
+
+def test_unknown_stage_is_refused():
+  config = stage_config("pretrain")
+  config.stage = "pretrian"
+  with pytest.raises(Exception, match="Unknown stage 'pretrian'"):
+    main_lib.run(config, "/tmp/igpt_unknown_stage")
