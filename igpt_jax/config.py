@@ -38,8 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_bias = False  # True only for converted transformers checkpoints
   c.model.num_classes = 0  # > 0 adds the fine-tuning class head
   c.model.dtype = "float32"  # compute dtype; params stay float32
-  c.model.attention = "xla"  # xla | cudnn
+  c.model.attention = "xla"  # xla | blocked (causal, CPUs) | cudnn (flash, GPUs, bf16)
   c.model.remat = "none"  # none | full | a jax.checkpoint_policies name
+  c.model.fused_qkv = False  # one stacked QKV matmul; parameters and checkpoints unchanged
+  c.model.scan_layers = True  # False unrolls the layers (compile time grows with depth)
 
   # The paper: Adam(b1=0.9, b2=0.95), learning rate warmed up for one epoch, then cosine decay
   # to zero, no dropout; batch 128 for 1M steps (S/M/L). It swept the learning rate over

@@ -173,6 +173,49 @@ def test_remat_policies_change_nothing_numerically(remat):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("option", [dict(fused_qkv=True), dict(fused_qkv=True, use_bias=True),
+                                    dict(scan_layers=False),
+                                    dict(scan_layers=False, fused_qkv=True, remat="full")])
+def test_speed_options_change_nothing_numerically(option):
+  """Each switch in the speed work computes the same function as the default path."""
+  base = dataclasses.replace(TINY, use_bias=option.get("use_bias", False))
+  loss, grads = loss_and_grads(base)
+  loss_o, grads_o = loss_and_grads(dataclasses.replace(TINY, **option))
+  np.testing.assert_allclose(loss_o, loss, rtol=1e-6)
+  assert jax.tree.structure(grads_o) == jax.tree.structure(grads)  # same checkpoint layout
+  for a, b in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_blocked_causal_attention_equals_full_attention():
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 3, 8)) for i in range(3))
+  def loss(fn):
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))
+  full, grads = loss(lambda q, k, v: model_lib.attention(q, k, v, causal=True))(q, k, v)
+  blocked, grads_b = loss(lambda q, k, v: model_lib.blocked_causal_attention(q, k, v, 4))(q, k, v)
+  np.testing.assert_allclose(blocked, full, rtol=1e-5)
+  for a, b in zip(grads_b, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_blocked_attention_option_matches_default_model():
+  cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, vocab_size=16, seq_len=256)
+  loss, grads = loss_and_grads(cfg)  # 256 tokens: two blocks of 128
+  loss_b, grads_b = loss_and_grads(dataclasses.replace(cfg, attention="blocked"))
+  np.testing.assert_allclose(loss_b, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_unrolled_layers_give_the_same_probe_features():
+  model = randomise(ImageGPT(TINY, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  unrolled = nnx.merge(nnx.graphdef(ImageGPT(dataclasses.replace(TINY, scan_layers=False),
+                                             rngs=nnx.Rngs(0))), params)
+  x = tokens(TINY, batch=3)
+  np.testing.assert_allclose(unrolled.features(x), model.features(x), rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_close_loss():
   loss, _ = loss_and_grads(TINY)
   cfg16 = dataclasses.replace(TINY, dtype="bfloat16")
@@ -188,6 +231,8 @@ def test_bad_shapes_fail_clearly():
     ModelConfig(attention="flash")
   with pytest.raises(ValueError, match="remat"):
     ModelConfig(remat="sometimes")
+  with pytest.raises(ValueError, match="needs model.dtype='bfloat16'"):
+    ModelConfig(attention="cudnn")
 
 
 def test_scan_keeps_compile_time_flat_in_depth():

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from igpt_jax import probe, sample
@@ -11,13 +12,15 @@ from test_model import randomise
 CFG = ModelConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16, seq_len=36)
 
 
-def test_greedy_cached_sampling_equals_uncached_greedy_decoding():
+@pytest.mark.parametrize("chunks", [1, 4])  # a 10-token prefix ends inside chunk 2 of 4 (9 each)
+def test_greedy_cached_sampling_equals_uncached_greedy_decoding(chunks):
   model = randomise(ImageGPT(CFG, rngs=nnx.Rngs(0)), scale=0.5)
   prefix = np.random.default_rng(0).integers(0, 16, (3, 10)).astype(np.int32)
-  cached = sample.generate(model, 3, jax.random.key(0), prefix=prefix, temperature=0.0)
+  cached = sample.generate(model, 3, jax.random.key(0), prefix=prefix, temperature=0.0,
+                           cache_chunks=chunks)
   np.testing.assert_array_equal(np.asarray(cached), sample.greedy_uncached(model, prefix, CFG.seq_len))
   # Unconditional greedy too (the start token alone as context).
-  uncond = sample.generate(model, 2, jax.random.key(0), temperature=0.0)
+  uncond = sample.generate(model, 2, jax.random.key(0), temperature=0.0, cache_chunks=chunks)
   np.testing.assert_array_equal(np.asarray(uncond),
                                 sample.greedy_uncached(model, np.zeros((2, 0), np.int32), CFG.seq_len))
 

@@ -39,11 +39,14 @@ def tiny_config(**train):
   return config
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                                  dict(data=1, fsdp=4, tensor=2)])
-def test_same_losses_on_one_device_and_on_a_mesh(mesh):
+@pytest.mark.parametrize("mesh,model", [
+    (dict(data=8, fsdp=1, tensor=1), {}), (dict(data=1, fsdp=8, tensor=1), {}),
+    (dict(data=1, fsdp=4, tensor=2), {}),
+    (dict(data=1, fsdp=4, tensor=2), dict(fused_qkv=True, scan_layers=False))])
+def test_same_losses_on_one_device_and_on_a_mesh(mesh, model):
   config = tiny_config(steps=5, batch_size=8, warmup_steps=2, lr=3e-3)
   config.data.resolution, config.palette.k = 4, 16
+  config.model.update(model)
   cfg = model_lib.ModelConfig.from_config(config)
   # One fixed batch, so that the loss also has to fall.
   tokens = jnp.broadcast_to(jax.random.randint(jax.random.key(0), (8, cfg.seq_len), 0,

@@ -1,0 +1,123 @@
+"""Training throughput: igpt_jax vs transformers' ImageGPTForCausalImageModeling (PyTorch).
+
+The same training work on both sides: model shape, batch, 1024-token sequences, next-token loss,
+AdamW update. The reference uses transformers' defaults for this model (biases, no dropout) and
+PyTorch's threads = the machine's cores; igpt_jax runs its real train step (Trainer, jitted,
+donated state). Runs alternate in one process; each figure is the median step time over the
+repeats after a warm-up. Prints one JSON line last; `ratio` = ours / reference tokens/s.
+
+  .venv/bin/python benchmarks/compare_hf.py [--layers 4 --d_model 256 --heads 8 --resolution 32 --batch 8]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def reference_step_fn(args, seq):
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(
+      n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=seq,
+      vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+  def step(tokens):
+    # transformers shifts labels itself: inputs are [start] + pixels[:-1], labels the same ids.
+    ids = torch.from_numpy(np.concatenate([np.full((tokens.shape[0], 1), 512), tokens[:, :-1]], 1))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+  return step
+
+
+def ours_step_fn(args, seq):
+  import jax
+
+  from igpt_jax import sharding
+  from igpt_jax import model as model_lib
+  from igpt_jax import train
+  from igpt_jax.config import base_config
+
+  config = base_config()
+  config.data.resolution = args.resolution
+  config.model.num_layers, config.model.d_model, config.model.num_heads = (
+      args.layers, args.d_model, args.heads)
+  config.model.attention = args.attention
+  config.model.remat = args.remat
+  config.model.fused_qkv = args.fused_qkv
+  config.model.scan_layers = not args.unrolled
+  config.train.batch_size, config.train.lr, config.train.warmup_steps = args.batch, 1e-4, 1
+  config.mesh.data = 1
+  cfg = model_lib.ModelConfig.from_config(config)
+  assert cfg.seq_len == seq
+  trainer = train.Trainer(cfg, config, sharding.make_mesh(config.mesh, jax.devices()[:1]),
+                          sharding.rules_from_config(config))
+  compiled, state = trainer.compile_step(), [trainer.init_state(0)]
+
+  def step(tokens):
+    state[0], out = compiled(state[0], {"tokens": jax.device_put(tokens, trainer.batch_sharding)})
+    return float(out["loss"])
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--resolution", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--attention", default="blocked", choices=("xla", "blocked"),
+                      help="igpt_jax attention (blocked: causal blocks, the CPU choice)")
+  parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable",
+                      help="igpt_jax model.remat (recomputing the elementwise work is cheaper "
+                           "than storing and re-reading it on CPUs)")
+  parser.add_argument("--fused_qkv", action="store_true")
+  parser.add_argument("--unrolled", action="store_true")
+  args = parser.parse_args()
+  warnings.filterwarnings("ignore")
+  import torch
+
+  torch.set_num_threads(os.cpu_count())
+  seq = args.resolution ** 2
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, 512, (args.batch, seq)).astype(np.int32) for _ in range(2)]
+  steps = {"igpt_jax": ours_step_fn(args, seq), "transformers": reference_step_fn(args, seq)}
+  for fn in steps.values():
+    fn(batches[0])  # warm-up: compilation, allocator, thread pools
+  times = {name: [] for name in steps}
+  for _ in range(args.repeats):
+    for name, fn in steps.items():
+      for i in range(args.steps):
+        start = time.perf_counter()
+        fn(batches[i % 2])
+        times[name].append(time.perf_counter() - start)
+  rate = {k: args.batch * seq / statistics.median(v) for k, v in times.items()}
+  for name, value in rate.items():
+    print(f"{name:>13}: {value:8.0f} tokens/s  (median step {statistics.median(times[name]):.3f} s)")
+  import jax
+  print(json.dumps({"benchmark": "compare_hf", "layers": args.layers, "d_model": args.d_model,
+                    "heads": args.heads, "seq_len": seq, "batch": args.batch,
+                    "attention": args.attention, "remat": args.remat, "fused_qkv": args.fused_qkv, "unrolled": args.unrolled,
+                    "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+                    "igpt_jax_tokens_per_s": round(rate["igpt_jax"], 1),
+                    "transformers_tokens_per_s": round(rate["transformers"], 1),
+                    "ratio": round(rate["igpt_jax"] / rate["transformers"], 2)}))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main()
