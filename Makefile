@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test tensorboard clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir $(WORKDIR) --port $${PORT:-6006}
 
 clean:
 	rm -rf $(VENV) runs

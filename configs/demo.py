@@ -25,6 +25,7 @@ def get_config():
   c.train.warmup_steps = 20
   c.train.log_every = 10
   c.train.eval_every = 0  # the evaluate stage measures the whole test split afterwards
+  c.train.sample_every = 100  # sample grids in TensorBoard at steps 100 and 200
   c.checkpoint.every = 50
   c.finetune.steps = 50
   c.finetune.lr = 1e-3

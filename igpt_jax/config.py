@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 5_000
   c.train.eval_batches = 0  # batches of the test split per evaluation; 0 = all of it
+  c.train.sample_every = 10_000  # unconditional samples to TensorBoard every N steps; 0 = off
 
   # Fine-tuning: these fields replace train's; the rest of train applies as it is.
   c.finetune = ml_collections.ConfigDict()

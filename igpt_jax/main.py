@@ -1,8 +1,19 @@
-"""Command line: `python -m igpt_jax.main --config=configs/igpt_l.py [--config.FIELD=VALUE ...]`.
+"""igpt_jax: Image GPT pretraining, probes, fine-tuning and sampling.
 
-`config.stage` picks the job: fit_palette | pretrain | evaluate | probe | finetune | sample |
-plan | all. Every stage writes under --workdir (default: a timestamped folder under ./runs/)
-and prints one JSON object as its last stdout line.
+  python -m igpt_jax.main --config=configs/demo.py --config.stage=STAGE [--workdir=DIR]
+                          [--config.FIELD=VALUE ...]
+
+Stages (--config.stage): fit_palette, pretrain, evaluate, probe, finetune, sample, plan, all.
+Every stage writes under --workdir (default: runs/<config>-<timestamp>), says where its
+outputs went, and prints one JSON object as its last stdout line.
+
+Most used overrides:
+  --config.train.steps=N           --config.train.batch_size=N     --config.train.lr=X
+  --config.model.num_layers=N      --config.model.d_model=N        --config.model.dtype=bfloat16
+  --config.model.attention=cudnn   --config.model.remat=full       --config.model.objective=bert
+  --config.data.source=folder      --config.data.path=DIR          --config.data.name=cifar10
+  --config.mesh.fsdp=-1            --config.plan.num_devices=256   --config.checkpoint.every=N
+A misspelt field stops at once, naming the closest valid one.
 """
 
 import datetime
@@ -168,8 +179,44 @@ def run(config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
   result = STAGES[stage](config, workdir)
+  log(f"{stage} done; outputs in {os.path.abspath(workdir)}")
   print(json.dumps(result), flush=True)
   return result
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Fails on a `--config.a.b=...` whose key the config lacks, naming the closest valid key.
+
+  ml_collections would also refuse it, but with a traceback from inside flag parsing; this runs
+  first and says it in one line.
+  """
+  import difflib
+  import importlib.util
+
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if not path or not overrides or not os.path.isfile(path.split(":")[0]):
+    return
+  spec = importlib.util.spec_from_file_location("igpt_run_config", path.split(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  keys = _flat_keys(module.get_config())
+  for key in overrides:
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+      hint = f" Did you mean --config.{close[0]}?" if close else ""
+      raise SystemExit(f"error: --config.{key} is not a field of {path}.{hint}")
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for name, value in config.items():
+    keys.append(prefix + name)
+    if hasattr(value, "items"):
+      keys += _flat_keys(value, prefix + name + ".")
+  return keys
 
 
 def main(argv):
@@ -185,4 +232,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import sys
+  if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):  # absl would exit 1 on --help
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  check_overrides(sys.argv[1:])
   app.run(main)

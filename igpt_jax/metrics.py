@@ -72,6 +72,25 @@ class MetricsWriter:
     values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if v is not None]
     self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
 
+  def write_image(self, step: int, tag: str, image) -> None:
+    """A uint8 [H, W, C] image (a sample grid, a plot) into TensorBoard's Images tab."""
+    if not self.enabled:
+      return
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    image = np.asarray(image, np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
+    value = Summary.Value(tag=tag, image=Summary.Image(
+        height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
+        encoded_image_string=png.getvalue()))
+    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=[value])))
+    self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -112,6 +112,23 @@ def probe_layers(feats_train, y_train, feats_test, y_test, num_classes, probe_co
   return by_layer
 
 
+def write_tensorboard(results: dict, out_dir: str) -> None:
+  """Accuracy by layer as TensorBoard scalars (step = layer) and the plot as an image."""
+  from PIL import Image
+
+  from igpt_jax import metrics as metrics_lib
+  writer = metrics_lib.MetricsWriter(out_dir, enabled=jax.process_index() == 0)
+  writer.truncate_after(0)
+  rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
+  for r in results["by_layer"]:
+    writer.write(r["layer"], {"probe/accuracy": r["accuracy"],
+                              "probe/random_init_accuracy": rand.get(r["layer"]),
+                              "probe/raw_pixel_accuracy": results["raw_pixel_accuracy"]})
+  writer.write_image(results["checkpoint_step"], "probe/accuracy_by_layer", np.asarray(
+      Image.open(os.path.join(out_dir, "accuracy_by_layer.png")).convert("RGB")))
+  writer.close()
+
+
 def write_report(results: dict, out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
@@ -128,10 +145,9 @@ def write_report(results: dict, out_dir: str) -> dict:
   with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   plot_path = os.path.join(out_dir, "accuracy_by_layer.png")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   layers = [r["layer"] for r in results["by_layer"]]
   ax.plot(layers, [r["accuracy"] for r in results["by_layer"]], "o-", label="pretrained")
   if rand:
@@ -142,7 +158,6 @@ def write_report(results: dict, out_dir: str) -> dict:
   ax.legend()
   fig.tight_layout()
   fig.savefig(plot_path, dpi=100)
-  plt.close(fig)
   results["plot"] = plot_path
   return results
 
@@ -203,6 +218,7 @@ def run(config, workdir: str, log=print) -> dict:
       "raw_pixel_accuracy": raw["accuracy"],
   }
   results = write_report(results, out_dir)
+  write_tensorboard(results, out_dir)
   log(f"Probe: best layer {best['layer']} {best['accuracy']:.4f}; random init "
       f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}. Report in {out_dir}")
   return {"stage": "probe", "results": os.path.join(out_dir, "results.json"),

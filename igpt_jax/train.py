@@ -336,6 +336,10 @@ def fit(config, workdir: str, stage: str, log=print, stop_after: int | None = No
         writer.write(step, scalars)
         progress.update(step, scalars)
         summary = scalars
+      if (stage == "pretrain" and cfg.causal and tcfg.sample_every
+          and (step % tcfg.sample_every == 0 or is_last)):
+        writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers, config,
+                                                         step))
       preempted = (stop["signal"] is not None or step == stop_after
                    or _reached_preemption(step))
       if step % config.checkpoint.every == 0 or is_last or preempted:
@@ -354,6 +358,24 @@ def fit(config, workdir: str, stage: str, log=print, stop_after: int | None = No
     ckpt.close()
   return {"stage": stage, "step": step, "checkpoints": ckpt.directory, "metrics": writer.path,
           **{k: v for k, v in summary.items() if v is not None}}
+
+
+def _sample_grid(trainer: Trainer, params, centers, config, step: int) -> np.ndarray:
+  """8 unconditional samples from the current (sharded) parameters, as one uint8 image row.
+
+  Every process takes part (the sampling loop is one jitted program over the mesh)."""
+  from jax.experimental import multihost_utils
+
+  from igpt_jax import palette as palette_lib
+  from igpt_jax import sample as sample_lib
+  model = nnx.merge(trainer.graphdef, params)
+  with sharding_lib.activation_sharding(trainer.mesh, trainer.rules):
+    tokens = sample_lib.generate(model, 8, jax.random.fold_in(jax.random.key(config.seed), step))
+  tokens = multihost_utils.process_allgather(tokens, tiled=True)
+  res = config.data.resolution
+  images = palette_lib.dequantize(np.asarray(tokens), centers).reshape(-1, res, res,
+                                                                      centers.shape[1])
+  return sample_lib.image_grid([images])
 
 
 def load_palette(config, workdir: str) -> np.ndarray:

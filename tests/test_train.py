@@ -25,7 +25,8 @@ needs_fmnist = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
 TINY_OVERRIDES = ["--config.model.num_layers=2", "--config.model.d_model=32",
                   "--config.model.num_heads=4", "--config.train.batch_size=16",
                   "--config.train.log_every=1", "--config.train.eval_every=0",
-                  "--config.palette.samples=20000", "--config.palette.iters=5"]
+                  "--config.palette.samples=20000", "--config.palette.iters=5",
+                  "--config.train.sample_every=0"]
 
 
 def tiny_config(**train):
@@ -34,6 +35,7 @@ def tiny_config(**train):
   config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 32, 4
   config.palette.samples, config.palette.iters = 20_000, 5
   config.train.batch_size, config.train.log_every, config.train.eval_every = 16, 1, 0
+  config.train.sample_every = 0  # tests/test_metrics.py covers the sample grids
   for key, value in train.items():
     setattr(config.train, key, value)
   return config
