@@ -18,15 +18,13 @@ import warnings
 
 import numpy as np
 
+import reference as reference_lib  # benchmarks/reference.py
 
-def reference_step_fn(args, seq):
+
+def reference_step_fn(args):
   import torch
-  import transformers
 
-  torch.manual_seed(0)
-  model = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(
-      n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=seq,
-      vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+  model = reference_lib.transformers_model(args).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
   def step(tokens):
@@ -73,11 +71,7 @@ def ours_step_fn(args, seq):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--resolution", type=int, default=32)
-  parser.add_argument("--batch", type=int, default=8)
+  reference_lib.add_shape_args(parser)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--attention", default="blocked", choices=("xla", "blocked"),
@@ -95,7 +89,7 @@ def main():
   seq = args.resolution ** 2
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 512, (args.batch, seq)).astype(np.int32) for _ in range(2)]
-  steps = {"igpt_jax": ours_step_fn(args, seq), "transformers": reference_step_fn(args, seq)}
+  steps = {"igpt_jax": ours_step_fn(args, seq), "transformers": reference_step_fn(args)}
   for fn in steps.values():
     fn(batches[0])  # warm-up: compilation, allocator, thread pools
   times = {name: [] for name in steps}

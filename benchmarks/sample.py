@@ -16,28 +16,22 @@ import warnings
 
 import numpy as np
 
+import reference as reference_lib  # benchmarks/reference.py
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--resolution", type=int, default=32)
-  parser.add_argument("--batch", type=int, default=8)
+  reference_lib.add_shape_args(parser)
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
   warnings.filterwarnings("ignore")
   import jax
   import torch
-  import transformers
 
   from igpt_jax import hf, sample
 
   seq = args.resolution ** 2
-  torch.manual_seed(0)
-  ref = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(
-      n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=seq,
-      vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+  ref = reference_lib.transformers_model(args).eval()
   with tempfile.TemporaryDirectory() as d:
     ref.save_pretrained(d)
     _, model = hf.from_pretrained(d)
