@@ -393,20 +393,26 @@ class ImageGPT(nnx.Module):
       return [[x[l, :, :, c:c + chunk] for c in range(0, n, chunk)] for l in range(x.shape[0])]
     return {"k": split(cache["k"]), "v": split(cache["v"])}
 
-  def decode_step(self, input_ids, cache, index, upto: int):
+  def unstacked_blocks(self) -> list[Block]:
+    """The stacked blocks as one Block per layer (each a slice of the stacked parameters)."""
+    graphdef, stacked = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x: x[l], stacked))
+            for l in range(self.cfg.num_layers)]
+
+  def decode_step(self, input_ids, cache, index, upto: int, blocks: list[Block] | None = None):
     """One position ([B, 1] shifted inputs at scalar `index`) against a chunked cache.
 
     `upto` (static) is the chunk holding `index`: chunks 0..upto are read, chunk `upto` is
     written. Layers are unrolled so every buffer is its own loop variable, updated in place.
-    Returns (logits [B, 1, vocab] float32, updated cache).
+    `blocks` (from `unstacked_blocks`, made once outside the sampling loop) saves slicing the
+    parameters at every step. Returns (logits [B, 1, vocab] float32, updated cache).
     """
     chunk = self.cfg.seq_len // len(cache["k"][0])
     h = self.embed_inputs(input_ids, index + jnp.arange(1))
-    graphdef, stacked = nnx.split(self.blocks)
+    blocks = blocks or self.unstacked_blocks()
     key_pos = upto * chunk + jnp.arange(chunk)
     new_k, new_v = [], []
-    for layer, (k_chunks, v_chunks) in enumerate(zip(cache["k"], cache["v"])):
-      block = nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], stacked))
+    for block, k_chunks, v_chunks in zip(blocks, cache["k"], cache["v"]):
       q, k, v = block.qkv(h)
       offset = index - upto * chunk
       k_chunks, v_chunks = list(k_chunks), list(v_chunks)

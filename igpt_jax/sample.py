@@ -49,11 +49,12 @@ def _generate(graphdef, params, prefix, key, *, prefix_len: int, temperature: fl
 
   chunk = cfg.seq_len // chunks
   cache = model.chunk_cache(cache, chunk)
+  blocks = model.unstacked_blocks()  # sliced once, outside the loops
 
   def body(upto, i, carry):
     tokens, cache, key = carry
     inputs = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, 1)
-    logits, cache = model.decode_step(inputs, cache, i, upto)
+    logits, cache = model.decode_step(inputs, cache, i, upto, blocks)
     key, sub = jax.random.split(key)
     return tokens.at[:, i].set(_pick(logits[:, 0], sub, temperature, top_k)), cache, key
 
