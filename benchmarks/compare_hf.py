@@ -9,11 +9,8 @@ repeats after a warm-up. Prints one JSON line last; `ratio` = ours / reference t
   .venv/bin/python benchmarks/compare_hf.py [--layers 4 --d_model 256 --heads 8 --resolution 32 --batch 8]
 """
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -92,25 +89,15 @@ def main():
   steps = {"igpt_jax": ours_step_fn(args, seq), "transformers": reference_step_fn(args)}
   for fn in steps.values():
     fn(batches[0])  # warm-up: compilation, allocator, thread pools
-  times = {name: [] for name in steps}
-  for _ in range(args.repeats):
-    for name, fn in steps.items():
-      for i in range(args.steps):
-        start = time.perf_counter()
-        fn(batches[i % 2])
-        times[name].append(time.perf_counter() - start)
-  rate = {k: args.batch * seq / statistics.median(v) for k, v in times.items()}
-  for name, value in rate.items():
-    print(f"{name:>13}: {value:8.0f} tokens/s  (median step {statistics.median(times[name]):.3f} s)")
+  seconds = reference_lib.median_seconds(
+      {name: (lambda i, fn=fn: fn(batches[i % 2])) for name, fn in steps.items()},
+      args.repeats, args.steps)
   import jax
-  print(json.dumps({"benchmark": "compare_hf", "layers": args.layers, "d_model": args.d_model,
-                    "heads": args.heads, "seq_len": seq, "batch": args.batch,
-                    "attention": args.attention, "remat": args.remat, "fused_qkv": args.fused_qkv, "unrolled": args.unrolled,
-                    "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-                    "igpt_jax_tokens_per_s": round(rate["igpt_jax"], 1),
-                    "transformers_tokens_per_s": round(rate["transformers"], 1),
-                    "ratio": round(rate["igpt_jax"] / rate["transformers"], 2)}))
-
+  reference_lib.report(
+      "compare_hf", args.batch * seq, seconds, layers=args.layers, d_model=args.d_model,
+      heads=args.heads, seq_len=seq, batch=args.batch, attention=args.attention,
+      remat=args.remat, fused_qkv=args.fused_qkv, unrolled=args.unrolled,
+      device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

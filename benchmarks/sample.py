@@ -8,10 +8,7 @@ Prints one JSON line last; `ratio` = ours / transformers tokens/s (higher is bet
   .venv/bin/python benchmarks/sample.py [--layers 4 --d_model 256 --heads 8 --resolution 32 --batch 8]
 """
 import argparse
-import json
-import statistics
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -48,22 +45,12 @@ def main():
     return out[:, 1:].numpy()
 
   assert ours(0).shape == reference(0).shape == (args.batch, seq)  # warm-up, compilation
-  times = {"igpt_jax": [], "transformers": []}
-  for r in range(args.repeats):
-    for name, fn in (("igpt_jax", ours), ("transformers", reference)):
-      start = time.perf_counter()
-      fn(r + 1)
-      times[name].append(time.perf_counter() - start)
-  rate = {k: args.batch * seq / statistics.median(v) for k, v in times.items()}
-  for name, value in rate.items():
-    print(f"{name:>13}: {value:8.0f} tokens/s")
-  print(json.dumps({"benchmark": "sample", "layers": args.layers, "d_model": args.d_model,
-                    "heads": args.heads, "tokens_per_image": seq, "batch": args.batch,
-                    "device": jax.devices()[0].device_kind,
-                    "igpt_jax_tokens_per_s": round(rate["igpt_jax"], 1),
-                    "transformers_tokens_per_s": round(rate["transformers"], 1),
-                    "ratio": round(rate["igpt_jax"] / rate["transformers"], 2)}))
-
+  seconds = reference_lib.median_seconds(
+      {"igpt_jax": lambda i: ours(i + 1), "transformers": lambda i: reference(i + 1)}, args.repeats)
+  reference_lib.report(
+      "sample", args.batch * seq, seconds, layers=args.layers, d_model=args.d_model,
+      heads=args.heads, tokens_per_image=seq, batch=args.batch,
+      device=jax.devices()[0].device_kind)
 
 if __name__ == "__main__":
   main()
