@@ -13,7 +13,6 @@ convention (model.flops_per_token: 6 * matmul params + causal attention), so MFU
 training log agree. MFU is null on CPUs (no peak in metrics.PEAK_FLOPS).
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -51,10 +50,8 @@ SWEEP_BASE = {"gpu": ["model.dtype=bfloat16", "model.attention=cudnn",
 
 
 def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from igpt_jax.config import load_config_file
+  config = load_config_file(path)
   for item in overrides:
     key, _, text = item.partition("=")
     section, _, field = key.rpartition(".")

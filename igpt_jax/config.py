@@ -4,6 +4,9 @@ Configs are code: a config file calls `base_config()`, changes what it needs and
 ConfigDict. The dict is locked, so a misspelt override on the command line is an error.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 STAGES = ("fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
@@ -98,3 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs a configs/*.py file's `get_config()` (for code that has no absl flags to do it)."""
+  spec = importlib.util.spec_from_file_location(
+      "igpt_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

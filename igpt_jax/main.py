@@ -191,7 +191,6 @@ def check_overrides(argv: list[str]) -> None:
   first and says it in one line.
   """
   import difflib
-  import importlib.util
 
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None and "--config" in argv[:-1]:
@@ -199,10 +198,7 @@ def check_overrides(argv: list[str]) -> None:
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if not path or not overrides or not os.path.isfile(path.split(":")[0]):
     return
-  spec = importlib.util.spec_from_file_location("igpt_run_config", path.split(":")[0])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  keys = _flat_keys(module.get_config())
+  keys = _flat_keys(config_lib.load_config_file(path.split(":")[0]))
   for key in overrides:
     if key not in keys:
       close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)

@@ -1,6 +1,5 @@
 """The ImageGPT decoder: sizes, masking, one-pass features, cached decoding, numerics options."""
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from flax import nnx
 from conftest import REPO
 from igpt_jax import main as main_lib
 from igpt_jax import model as model_lib
+from igpt_jax.config import load_config_file
 from igpt_jax import objectives
 from igpt_jax.model import ImageGPT, ModelConfig
 
@@ -25,10 +25,7 @@ TINY = ModelConfig(num_layers=3, d_model=32, num_heads=4, vocab_size=16, seq_len
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def randomise(model, seed=0, scale=0.3):
