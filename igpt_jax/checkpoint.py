@@ -1,69 +1,187 @@
-"""Orbax checkpoints: train state + metadata (resolved config, palette), atomic and async.
+"""Orbax checkpoints: parameters, the rest of the train state and metadata, atomic and async.
 
-Layout: <workdir>/checkpoints/<stage>/<step>/{state, meta}. `restore_latest` takes the newest
-step that reads back whole and names each step it had to skip. Restores go onto an abstract
-target that carries shardings, so a checkpoint restores onto a different device count.
+Layout: <workdir>/checkpoints/<stage>/<step>/{params, train, meta}. `params` is its own item so
+the stages downstream of training (probe, sample, fine-tuning's start) read only it, not the
+Adam moments. Restores go onto an abstract target that carries shardings, so a checkpoint
+restores onto a different device count.
+
+A restore tells three failures apart, because they need opposite responses:
+- a damaged step (truncated, corrupt, half-deleted files) is moved aside with a warning and the
+  next older step is tried;
+- a step that does not match the config (model shape, palette, optimizer-state tree) stops the
+  run with one sentence and touches nothing: the user changed a setting, and the checkpoint is
+  still good for the old one;
+- anything else (out of memory, a storage or network error) stops the run and touches nothing.
+Every process takes part and all of them agree on the step they restore.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from igpt_jax import distributed
+from igpt_jax.config import UserError
+
+# Words in the errors Orbax / TensorStore / json raise for files that are cut short, corrupt or
+# missing inside a step that Orbax had committed.
+_DAMAGE_MARKERS = ("DATA_LOSS", "corrupt", "truncat", "unexpected end", "unexpected eof",
+                   "expecting value", "failed to decode", "error decoding", "not_found",
+                   "no such file", "checksum", "out_of_range", "unterminated string")
+_OK, _DAMAGED, _MISMATCH, _FAILED = 0, 1, 2, 3
+
+
+class CheckpointMismatch(UserError):
+  """The checkpoint is intact but was written for another config."""
+
+
+class RestoreFailed(RuntimeError):
+  """Reading a checkpoint failed for a reason that does not mean it is damaged."""
+
+
+def is_damage(error: BaseException) -> bool:
+  if isinstance(error, (json.JSONDecodeError, FileNotFoundError, EOFError)):
+    return True
+  text = f"{type(error).__name__}: {error}".lower()
+  return any(marker.lower() in text for marker in _DAMAGE_MARKERS)
+
+
+def _paths_and_shapes(tree) -> dict:
+  """{'a/b/c': shape} for an abstract pytree or Orbax's tree metadata."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+    out[key] = tuple(getattr(leaf, "shape", ()) or ())
+  return out
+
+
+def tree_difference(saved, wanted) -> str:
+  """'' when the two trees have the same paths and shapes, else a short description."""
+  a, b = _paths_and_shapes(saved), _paths_and_shapes(wanted)
+  only_saved, only_wanted = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+  shapes = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+  parts = []
+  if only_saved:
+    parts.append(f"only in the checkpoint: {', '.join(only_saved[:3])}")
+  if only_wanted:
+    parts.append(f"only in the config: {', '.join(only_wanted[:3])}")
+  if shapes:
+    parts.append(", ".join(f"{k} saved {a[k]} vs configured {b[k]}" for k in shapes[:3]))
+  return "; ".join(parts)
 
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "train": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: dict, meta: dict) -> None:
+    rest = {k: v for k, v in state.items() if k != "params"}
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(rest),
+        meta=ocp.args.JsonSave(meta)), force=True)
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_latest(self, abstract_state, check_meta=None, log=print):
-    """(step, state, meta) of the newest readable step, or None when there is none.
+  def restore_latest(self, abstract_state, check_meta=None, config: dict | None = None,
+                     log=print):
+    """(step, state, meta) of the newest intact step, or None when there is none.
 
-    `check_meta(meta)` runs before any array is read and may raise (a different model, say):
-    that is the user's mistake to fix, not a damaged checkpoint to skip.
+    `abstract_state` is {'params': ...} alone (hand-off: parameters only) or the whole train
+    state. `check_meta(meta)` runs first and raises CheckpointMismatch for another config;
+    `config` (the run's config as a dict) lets a mismatch name the setting that changed.
     """
     for step in reversed(self.all_steps()):
-      try:
-        meta = self.read_meta(step)
-      except Exception as e:  # noqa: BLE001
-        self._set_aside(step, e, log)
+      status, result, error = self._try_restore(step, abstract_state, check_meta, config)
+      statuses = distributed.allgather(np.int32(status))
+      worst = int(statuses.max())
+      if worst == _OK:
+        return step, result[0], result[1]
+      if worst == _DAMAGED:
+        self._set_aside(step, error, log)
         continue
-      if check_meta is not None:
-        check_meta(meta)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        jax.block_until_ready(restored["state"])
-        return step, restored["state"], meta
-      except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, loudly
-        self._set_aside(step, e, log)
+      where = self.directory / str(step)
+      if status == worst and error is not None:
+        if worst == _MISMATCH:
+          raise error
+        raise RestoreFailed(f"Could not read checkpoint {where} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:300]}); nothing was changed. Fix "
+                            "the cause and rerun to resume from it.") from error
+      raise RestoreFailed(f"Another process could not read checkpoint {where}; nothing was "
+                          "changed (see its error).")
     return None
 
-  def _set_aside(self, step: int, error: Exception, log) -> None:
-    """Moves an unreadable step out of the way, kept for inspection; it can be written again."""
-    path = os.path.join(self.directory, str(step))
-    aside = f"{path}.unreadable-{int(time.time())}"
-    log(f"warning: checkpoint {path} is unreadable ({type(error).__name__}: "
-        f"{str(error).splitlines()[0][:200]}); moved to {aside}, trying an older one.")
-    if jax.process_index() == 0:
-      os.rename(path, aside)
+  def _try_restore(self, step: int, abstract_state: dict, check_meta, config):
+    """(status, (state, meta) or None, error or None) of this process's attempt at `step`."""
+    try:
+      meta = self.read_meta(step)
+      saved = self.manager.item_metadata(step)
+    except Exception as e:  # noqa: BLE001 - sorted below
+      return (_DAMAGED if is_damage(e) else _FAILED), None, e
+    try:
+      if check_meta is not None:
+        check_meta(meta)
+      self._check_trees(step, saved, abstract_state, meta.get("config", {}), config or {})
+    except CheckpointMismatch as e:
+      return _MISMATCH, None, e
+    items = {"params": ocp.args.StandardRestore(abstract_state["params"])}
+    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    if rest:
+      items["train"] = ocp.args.StandardRestore(rest)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      state = {"params": restored["params"], **(restored["train"] if rest else {})}
+      jax.block_until_ready(state)
+      return _OK, (state, meta), None
+    except Exception as e:  # noqa: BLE001 - sorted by the caller
+      return (_DAMAGED if is_damage(e) else _FAILED), None, e
+
+  def _check_trees(self, step: int, saved, abstract_state: dict, saved_config: dict,
+                   config: dict) -> None:
+    where = self.directory / str(step)
+    for item, wanted in (("params", abstract_state["params"]),
+                         ("train", {k: v for k, v in abstract_state.items() if k != "params"})):
+      if item == "train" and not wanted:
+        continue
+      if saved.get(item) is None:
+        raise CheckpointMismatch(f"The checkpoint {where} has no {item!r} item: it was written "
+                                 "by another version of igpt_jax. Use a new --workdir.")
+      tree = getattr(saved[item], "tree", saved[item])
+      diff = tree_difference(tree, wanted)
+      if diff:
+        what = "model parameters" if item == "params" else "optimizer state"
+        raise CheckpointMismatch(
+            f"The checkpoint {where} holds a different {what} than the config makes "
+            f"({_config_difference(saved_config, config) or diff}): set it back to resume this run, or use a new "
+            "--workdir to start another.")
+
+  def _set_aside(self, step: int, error, log) -> None:
+    """Moves a damaged step out of the way, kept for inspection; it can be written again."""
+    path = self.directory / str(step)
+    aside = self.directory / f"{step}.unreadable-{int(time.time())}"
+    reason = (f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error is not None
+              else "damaged on another process")
+    log(f"warning: checkpoint {path} is unreadable ({reason}); moved to {aside}, trying an "
+        "older one.")
+    if distributed.is_chief():
+      path.rename(aside)
+    distributed.barrier(f"set_aside_{step}")
     self.manager.reload()
 
   def wait(self) -> None:
@@ -75,3 +193,18 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+# Settings whose change alters the optimizer-state tree: named in the mismatch message.
+_STATE_SHAPING = ("train.grad_clip", "train.weight_decay", "train.accum_steps", "train.b1",
+                  "train.b2")
+
+
+def _config_difference(saved: dict, now: dict) -> str:
+  diffs = []
+  for key in _STATE_SHAPING:
+    section, name = key.split(".")
+    a, b = saved.get(section, {}).get(name), now.get(section, {}).get(name)
+    if a is not None and b is not None and a != b:
+      diffs.append(f"{key} saved {a} vs configured {b}")
+  return ", ".join(diffs)

@@ -9,6 +9,11 @@ import os
 
 import ml_collections
 
+class UserError(ValueError):
+  """Something the user can fix (a path, a config value, a mismatched workdir). The CLI prints
+  it as one line `error: ...` and exits 2, without a traceback."""
+
+
 STAGES = ("fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
 
 
@@ -63,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5_000
   c.train.eval_batches = 0  # batches of the test split per evaluation; 0 = all of it
   c.train.sample_every = 10_000  # unconditional samples to TensorBoard every N steps; 0 = off
+  # A step whose gradients or updates are not finite is skipped (never applied, never saved);
+  # this many in a row stop the run, keeping the last good checkpoint.
+  c.train.max_nonfinite_steps = 10
 
   # Fine-tuning: these fields replace train's; the rest of train applies as it is.
   c.finetune = ml_collections.ConfigDict()
@@ -110,3 +118,56 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+CHOICES = {
+    "data.source": ("fashion_mnist", "tfds", "folder", "numpy"),
+    "model.objective": ("ar", "bert"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla", "blocked", "cudnn"),
+}
+POSITIVE = ("data.resolution", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
+            "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
+            "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
+            "probe.batch_size", "probe.steps")
+NON_NEGATIVE = ("train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
+                "train.grad_clip", "train.eval_every", "train.eval_batches", "train.sample_every",
+                "finetune.steps", "finetune.lr", "finetune.warmup_steps", "finetune.eval_every",
+                "finetune.eval_batches", "finetune.gen_weight", "palette.iters", "sample.num",
+                "sample.completions", "sample.temperature", "sample.top_k", "plan.num_devices",
+                "plan.device_memory_gb")
+
+
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config) -> None:
+  """Raises UserError, naming the field, for values no run could use."""
+  if config.stage not in STAGES:
+    raise UserError(f"Unknown stage {config.stage!r}; choose one of {', '.join(STAGES)}.")
+  for key, allowed in CHOICES.items():
+    if _get(config, key) not in allowed:
+      raise UserError(f"--config.{key}={_get(config, key)!r} is not one of {', '.join(allowed)}.")
+  for key in POSITIVE:
+    if not _get(config, key) > 0:
+      raise UserError(f"--config.{key}={_get(config, key)} must be positive.")
+  for key in NON_NEGATIVE:
+    if not _get(config, key) >= 0:  # also refuses NaN
+      raise UserError(f"--config.{key}={_get(config, key)} must be zero or positive.")
+  if config.data.channels not in (1, 3):
+    raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
+  if not 0 < config.data.crop_min <= 1:
+    raise UserError(f"--config.data.crop_min={config.data.crop_min} must be in (0, 1].")
+  if config.model.d_model % config.model.num_heads:
+    raise UserError(f"--config.model.d_model={config.model.d_model} is not divisible by "
+                    f"--config.model.num_heads={config.model.num_heads}.")
+  if config.train.batch_size % config.train.accum_steps:
+    raise UserError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
+                    f"--config.train.accum_steps={config.train.accum_steps}.")
+  for axis in ("data", "fsdp", "tensor"):
+    size = config.mesh[axis]
+    if size != -1 and size < 1:
+      raise UserError(f"--config.mesh.{axis}={size} must be a positive size or -1 (the rest).")

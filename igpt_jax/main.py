@@ -4,8 +4,12 @@
                           [--config.FIELD=VALUE ...]
 
 Stages (--config.stage): fit_palette, pretrain, evaluate, probe, finetune, sample, plan, all.
-Every stage writes under --workdir (default: runs/<config>-<timestamp>), says where its
-outputs went, and prints one JSON object as its last stdout line.
+Every stage writes under --workdir (default: runs/<config>-<timestamp>; gs://... works), says
+where its outputs went, and prints one JSON object as its last stdout line.
+
+Several processes (one per host, or per GPU): --coordinator_address=HOST:PORT --process_count=N
+--process_index=I, or nothing on TPU VMs, GKE and SLURM, where JAX finds its peers itself.
+launch/local.sh -n N runs N processes on this machine.
 
 Most used overrides:
   --config.train.steps=N           --config.train.batch_size=N     --config.train.lr=X
@@ -19,25 +23,26 @@ A misspelt field stops at once, naming the closest valid one.
 import datetime
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpt_jax import config as config_lib
+from igpt_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes its outputs "
-                               "(default: runs/<config>-<timestamp>).")
+                               "(default: runs/<config>-<timestamp>); local or gs://.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for a multi-process run.")
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Number of processes.")
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process's index, 0..N-1.")
 
 
 def log(msg: str) -> None:
   print(msg, flush=True)
-
-
-def palette_path(config, workdir: str) -> str:
-  from igpt_jax import palette as palette_lib
-  return config.palette.path or os.path.join(workdir, palette_lib.PALETTE_FILE)
 
 
 def fit_palette(config, workdir: str) -> dict:
@@ -49,7 +54,8 @@ def plan(config, workdir: str) -> dict:
   """Sizes the model and compiles its train step for the configured mesh, allocating nothing.
 
   With plan.num_devices > 0 the mesh is made of that many simulated CPU devices (set before JAX
-  starts, see main), so a laptop can plan a pod.
+  starts, see main), so a laptop can plan a pod; when the configured mesh needs more devices
+  than there are, main restarts the stage with that many simulated.
   """
   import jax
 
@@ -84,13 +90,13 @@ def plan(config, workdir: str) -> dict:
 
 
 def pretrain(config, workdir: str) -> dict:
-  from igpt_jax import train as train_lib
-  return train_lib.pretrain(config, workdir, log=log)
+  from igpt_jax import loop
+  return loop.pretrain(config, workdir, log=log)
 
 
 def evaluate(config, workdir: str) -> dict:
-  from igpt_jax import train as train_lib
-  return train_lib.evaluate_stage(config, workdir, log=log)
+  from igpt_jax import loop
+  return loop.evaluate_stage(config, workdir, log=log)
 
 
 def probe(config, workdir: str) -> dict:
@@ -99,8 +105,8 @@ def probe(config, workdir: str) -> dict:
 
 
 def finetune(config, workdir: str) -> dict:
-  from igpt_jax import train as train_lib
-  return train_lib.finetune(config, workdir, log=log)
+  from igpt_jax import loop
+  return loop.finetune(config, workdir, log=log)
 
 
 def sample(config, workdir: str) -> dict:
@@ -115,19 +121,18 @@ def run_all(config, workdir: str) -> dict:
   """Stage all: fit_palette (unless there is one) -> pretrain -> evaluate -> probe -> finetune
   -> sample, then a one-screen summary and report.md in the workdir."""
   import time
-  from igpt_jax import palette as palette_lib
   results, start = {}, time.time()
-  if not os.path.exists(config.palette.path or os.path.join(workdir, palette_lib.PALETTE_FILE)):
+  if not workdir_lib.palette_path(config, workdir).exists():
     results["fit_palette"] = fit_palette(config, workdir)
   for stage in CHAIN:
     log(f"=== {stage} ===")
     results[stage] = STAGES[stage](config, workdir)
   results["minutes"] = (time.time() - start) / 60
   report = summary(results, workdir)
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(report)
+  report_path = workdir_lib.path(workdir) / "report.md"
+  workdir_lib.write_text(report_path, report)
   log(report)
-  return {"stage": "all", "report": os.path.join(workdir, "report.md"),
+  return {"stage": "all", "report": str(report_path),
           "eval_bits_per_dim": results["evaluate"]["eval_bits_per_dim"],
           "best_layer": results["probe"]["best_layer"],
           "best_accuracy": results["probe"]["best_accuracy"],
@@ -139,14 +144,14 @@ def run_all(config, workdir: str) -> dict:
 
 def summary(results: dict, workdir: str) -> str:
   p, e, f, s = results["probe"], results["evaluate"], results["finetune"], results["sample"]
+  probe_dir = workdir_lib.path(workdir) / "probe"
   lines = [
       "# igpt_jax run report", "",
       f"Workdir: `{workdir}` ({results['minutes']:.1f} minutes)", "",
       f"- Test bits/dim: **{e['eval_bits_per_dim']:.4f}** ({e['eval_loss']:.4f} nats/token)",
       f"- Linear probe, best layer {p['best_layer']}: **{p['best_accuracy']:.4f}** "
       f"(random-init model {p['random_init_accuracy']:.4f}, raw pixels {p['raw_pixel_accuracy']:.4f});"
-      f" by layer: `{os.path.join(workdir, 'probe', 'results.md')}`, plot "
-      f"`{os.path.join(workdir, 'probe', 'accuracy_by_layer.png')}`",
+      f" by layer: `{probe_dir / 'results.md'}`, plot `{probe_dir / 'accuracy_by_layer.png'}`",
       f"- Fine-tuned test accuracy: **{f.get('eval_accuracy', float('nan')):.4f}**",
       f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
   ]
@@ -171,17 +176,21 @@ def default_workdir(config_path: str) -> str:
 
 def run(config, workdir: str) -> dict:
   stage = config.stage
-  if stage not in config_lib.STAGES:
-    raise app.UsageError(f"Unknown stage {stage!r}; choose one of {', '.join(config_lib.STAGES)}.")
+  config_lib.validate(config)
   if stage not in STAGES:
-    raise app.UsageError(f"Stage {stage!r} is not available in this version of igpt_jax yet.")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    raise config_lib.UserError(f"Stage {stage!r} is not available in this version of igpt_jax.")
+  workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
+                         config.to_json_best_effort(indent=2))
   result = STAGES[stage](config, workdir)
-  log(f"{stage} done; outputs in {os.path.abspath(workdir)}")
+  log(f"{stage} done; outputs in {workdir_lib.path(workdir)}")
   print(json.dumps(result), flush=True)
   return result
+
+
+def exit_with_error(message: str) -> None:
+  """One line on stderr, exit status 2: the CLI's answer to anything the user can fix."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -203,7 +212,7 @@ def check_overrides(argv: list[str]) -> None:
     if key not in keys:
       close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
       hint = f" Did you mean --config.{close[0]}?" if close else ""
-      raise SystemExit(f"error: --config.{key} is not a field of {path}.{hint}")
+      exit_with_error(f"--config.{key} is not a field of {path}.{hint}")
 
 
 def _flat_keys(config, prefix: str = "") -> list[str]:
@@ -215,20 +224,45 @@ def _flat_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
+def devices_needed(mesh_config) -> int:
+  """The fewest devices the configured mesh can run on (axes of -1 count as 1)."""
+  import math
+  return math.prod(max(1, int(mesh_config[axis])) for axis in ("data", "fsdp", "tensor"))
+
+
+def replan_with_simulated_devices(config, needed: int) -> None:
+  """plan on a machine with too few devices: run again with `needed` simulated CPU devices."""
+  log(f"plan: the mesh needs {needed} devices and {len(__import__('jax').devices())} are here; "
+      f"planning on {needed} simulated CPU devices.")
+  argv = [a for a in sys.argv[1:] if not a.startswith("--config.plan.num_devices")]
+  os.execv(sys.executable, [sys.executable, "-m", "igpt_jax.main", *argv,
+                            f"--config.plan.num_devices={needed}"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # library chatter (Orbax saves) off; our lines stay
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  if _CONFIG.value.stage == "plan" and _CONFIG.value.plan.num_devices:
-    simulate_cpu_devices(_CONFIG.value.plan.num_devices)
-  run(_CONFIG.value,
-      _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
+  config = _CONFIG.value
+  try:
+    if config.stage == "plan":
+      if config.plan.num_devices:
+        simulate_cpu_devices(config.plan.num_devices)
+      else:
+        import jax
+        if len(jax.devices()) < devices_needed(config.mesh):
+          replan_with_simulated_devices(config, devices_needed(config.mesh))
+    else:  # plan compiles on this process alone; every other stage joins its peers
+      from igpt_jax import distributed
+      distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value)
+    run(config, _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
+  except config_lib.UserError as e:  # includes data, palette and checkpoint mismatches
+    exit_with_error(str(e))
 
 
 if __name__ == "__main__":
-  import sys
   if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):  # absl would exit 1 on --help
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
   check_overrides(sys.argv[1:])

@@ -7,7 +7,6 @@ train path never imports TensorFlow.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import types
@@ -42,39 +41,50 @@ def mfu(tokens_per_s: float, flops_per_token: float, device_kind: str, num_devic
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `enabled=False` on every process but 0. The directory may be remote (`gs://`): object stores
+  cannot append, so there the whole file is rewritten at each logged step (a few MB at most).
+  """
+
+  def __init__(self, workdir, enabled: bool = True):
+    from etils import epath
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = "://" in str(self.path)
     self._tb = None
     if enabled:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._tb = _event_writer(str(self.path.parent / "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
     """Drops lines past `step`: a run resumed from a checkpoint rewrites them identically."""
-    if not (self.enabled and os.path.exists(self.path)):
+    if not (self.enabled and self.path.exists()):
       return
-    with open(self.path, encoding="utf-8") as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path, "w", encoding="utf-8") as f:
-      f.writelines(keep)
+    keep = [line for line in self.path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    self.path.write_text("".join(keep))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in scalars.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
+    else:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
+    if self._tb is None:
+      return
     values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if v is not None]
     self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
 
   def write_image(self, step: int, tag: str, image) -> None:
     """A uint8 [H, W, C] image (a sample grid, a plot) into TensorBoard's Images tab."""
-    if not self.enabled:
+    if self._tb is None:
       return
     import io
 
@@ -96,13 +106,26 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _event_writer(logdir: str):
+  """TensorBoard's event writer, or None (with a warning) where it cannot write: without
+  TensorFlow it reaches object stores through fsspec, so gs:// needs the gcsfs package."""
+  from tensorboard.summary.writer.event_file_writer import EventFileWriter
+  try:
+    return EventFileWriter(logdir)
+  except Exception as e:  # noqa: BLE001 - metrics.jsonl is still written
+    print(f"warning: no TensorBoard events in {logdir} ({type(e).__name__}: {e}); "
+          "metrics.jsonl has every logged value. For gs:// install gcsfs.", flush=True)
+    return None
+
+
 class Progress:
-  """A tqdm bar on a terminal, plain log lines otherwise (CI logs, files)."""
+  """A tqdm bar on a terminal, plain log lines otherwise (CI logs, files); silent with
+  log=None (processes other than 0)."""
 
   def __init__(self, total: int, initial: int, log=print):
     self.log, self.total = log, total
     self.bar = None
-    if sys.stdout.isatty():
+    if log is not None and sys.stdout.isatty():
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
     self.last = initial
@@ -113,7 +136,7 @@ class Progress:
     if self.bar is not None:
       self.bar.update(step - self.last)
       self.bar.set_postfix_str(text)
-    else:
+    elif self.log is not None:
       self.log(f"step {step}/{self.total} {text}")
     self.last = step
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,28 +33,41 @@ class Palette:
   def channels(self) -> int:
     return self.centers.shape[1]
 
-  def save(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, centers=self.centers.astype(np.float32), k=self.k, channels=self.channels,
+  def save(self, path) -> None:
+    """Written whole or not at all (a temporary file, then a rename): readers on other hosts
+    never see half a palette."""
+    import io
+
+    from etils import epath
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, centers=self.centers.astype(np.float32), k=self.k, channels=self.channels,
              dataset=self.dataset, seed=self.seed)
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
 
   @classmethod
-  def load(cls, path: str) -> "Palette":
+  def load(cls, path) -> "Palette":
     """Reads our palette.npz, OpenAI's released centres (.npy, [512, 3] in [-1, 1]) or a Hugging
     Face ImageGPTImageProcessor's preprocessor_config.json (its `clusters`)."""
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"No palette at {path}: run the fit_palette stage first or set "
-                              "--config.palette.path.")
-    if path.endswith(".json"):
+    import io
+
+    from etils import epath
+
+    from igpt_jax.config import UserError
+    path = epath.Path(path)
+    if not path.exists():
+      raise UserError(f"No palette at {path}: run the fit_palette stage first or set "
+                      "--config.palette.path.")
+    if path.name.endswith(".json"):
       import json
-      with open(path, encoding="utf-8") as f:
-        clusters = json.load(f).get("clusters")
+      clusters = json.loads(path.read_text()).get("clusters")
       if clusters is None:
-        raise ValueError(f"{path} has no `clusters`: not an ImageGPTImageProcessor config.")
+        raise UserError(f"{path} has no `clusters`: not an ImageGPTImageProcessor config.")
       return cls(_checked(np.asarray(clusters, np.float32), path), dataset="huggingface")
-    data = np.load(path, allow_pickle=False)
+    data = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     if isinstance(data, np.ndarray):  # OpenAI's kmeans_centers.npy
       return cls(_checked(data.astype(np.float32), path), dataset="openai")
     return cls(_checked(data["centers"].astype(np.float32), path),
@@ -63,17 +75,19 @@ class Palette:
                seed=int(data["seed"]) if "seed" in data else 0)
 
   def check_channels(self, channels: int) -> None:
+    from igpt_jax.config import UserError
     if channels != self.channels:
-      raise ValueError(f"The palette has {self.channels}-channel colours but the data has "
+      raise UserError(f"The palette has {self.channels}-channel colours but the data has "
                        f"{channels} channels: fit a palette on this data (stage fit_palette) "
                        "or set data.channels to match.")
 
 
-def _checked(centers: np.ndarray, path: str) -> np.ndarray:
+def _checked(centers: np.ndarray, path) -> np.ndarray:
+  from igpt_jax.config import UserError
   if centers.ndim != 2 or centers.shape[1] not in (1, 3):
-    raise ValueError(f"Palette in {path} has shape {centers.shape}; expected [k, 1] or [k, 3].")
+    raise UserError(f"Palette in {path} has shape {centers.shape}; expected [k, 1] or [k, 3].")
   if np.abs(centers).max() > 1.0 + 1e-6:
-    raise ValueError(f"Palette in {path} is outside [-1, 1]: expected OpenAI's pixel scale.")
+    raise UserError(f"Palette in {path} is outside [-1, 1]: expected OpenAI's pixel scale.")
   return centers
 
 
@@ -280,16 +294,23 @@ def uniform_grid(k: int, channels: int) -> np.ndarray:
   return grid.reshape(-1, channels)
 
 
-def fit_stage(config, workdir: str, log=print) -> dict:
-  """Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz."""
+def fit_stage(config, workdir, log=print) -> dict:
+  """Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz.
+
+  Process 0 fits and writes it; the other processes wait for it (shared workdir)."""
+  from igpt_jax import distributed
+  from igpt_jax import workdir as workdir_lib
   from igpt_jax.data import sources
-  data = sources.load(config, "pretrain", log=log)
-  log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
-      f"{data.name} ({len(data)} images).")
-  pixels = sample_pixels(data.images, config.palette.samples, seed=config.seed)
-  centers = fit(pixels, config.palette.k, seed=config.seed, iters=config.palette.iters, log=log)
-  path = os.path.join(workdir, PALETTE_FILE)
-  Palette(centers, dataset=data.name, seed=config.seed).save(path)
-  log(f"Palette written to {path}")
-  return {"stage": "fit_palette", "palette": path, "k": config.palette.k,
+  path = workdir_lib.path(workdir) / PALETTE_FILE
+  if distributed.is_chief():
+    data = sources.load(config, "pretrain", log=log)
+    log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
+        f"{data.name} ({len(data)} images).")
+    pixels = sample_pixels(data.images, config.palette.samples, seed=config.seed)
+    centers = fit(pixels, config.palette.k, seed=config.seed, iters=config.palette.iters, log=log)
+    Palette(centers, dataset=data.name, seed=config.seed).save(path)
+    log(f"Palette written to {path}")
+  distributed.barrier("fit_palette")
+  centers = Palette.load(path).centers
+  return {"stage": "fit_palette", "palette": str(path), "k": config.palette.k,
           "channels": int(centers.shape[1])}

@@ -10,8 +10,6 @@ adds the concatenation of the best layer with its neighbours (the paper's multi-
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -74,29 +72,53 @@ def logistic_regression(x_train, y_train, x_test, y_test, num_classes: int,
 
 # -- features ---------------------------------------------------------------------------------
 
-def extract_features(model, tokens: np.ndarray, batch_size: int = 256, log=None) -> np.ndarray:
-  """[N, seq] tokens -> [num_layers, N, d_model] float32, one forward pass per batch."""
+def extract_features(graphdef, params, tokens: np.ndarray, mesh, rules, batch_size: int = 256,
+                     log=None) -> np.ndarray:
+  """[N, seq] tokens (the same on every process) -> [num_layers, N, d_model] float32.
+
+  One forward pass per global batch, sharded over the mesh like training (each process feeds
+  the rows its devices hold); the features are gathered back whole on every process."""
   from flax import nnx
-  graphdef, params = nnx.split(model, nnx.Param)
-  fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).features(t))
+
+  from igpt_jax import distributed
+  from igpt_jax import sharding as sharding_lib
+  jitted = jax.jit(lambda p, t: nnx.merge(graphdef, p).features(t))
+  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
   out = []
   for start in range(0, len(tokens), batch_size):
     chunk = tokens[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    feats = fn(params, jnp.asarray(np.pad(chunk, ((0, pad), (0, 0)))))
-    out.append(np.asarray(feats)[:, :len(chunk)])
+    padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
+    batch = sharding_lib.global_batch({"tokens": padded[lo:hi]}, mesh, rules, batch_size)
+    with sharding_lib.activation_sharding(mesh, rules):
+      feats = jitted(params, batch["tokens"])
+    out.append(distributed.to_host(feats)[:, :len(chunk)])
     if log and (start // batch_size) % 20 == 0:
       log(f"features: {start + len(chunk)}/{len(tokens)}")
   return np.concatenate(out, axis=1)
 
 
-def cached_features(path: str, model, tokens, batch_size, log=print) -> np.ndarray:
-  if os.path.exists(path):
-    cached = np.load(path)["features"]
-    if cached.shape[1] == len(tokens):
-      return cached
-  feats = extract_features(model, tokens, batch_size, log)
-  np.savez(path, features=feats)
+def cached_features(path, extract, num_examples: int) -> np.ndarray:
+  """Features read from `path` when every process finds them there, else extracted (all
+  processes together) and written by process 0."""
+  import io
+
+  from etils import epath
+
+  from igpt_jax import distributed
+  path = epath.Path(path)
+  cached = None
+  if path.exists():
+    cached = np.load(io.BytesIO(path.read_bytes()))["features"]
+    if cached.shape[1] != num_examples:
+      cached = None
+  if distributed.allgather(np.int32(cached is not None)).all():
+    return cached
+  feats = extract()
+  if distributed.is_chief():
+    buffer = io.BytesIO()
+    np.savez(buffer, features=feats)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
   return feats
 
 
@@ -112,27 +134,42 @@ def probe_layers(feats_train, y_train, feats_test, y_test, num_classes, probe_co
   return by_layer
 
 
-def write_tensorboard(results: dict, out_dir: str) -> None:
+def write_tensorboard(results: dict, out_dir) -> None:
   """Accuracy by layer as TensorBoard scalars (step = layer) and the plot as an image."""
+  import io
+
   from PIL import Image
 
+  from igpt_jax import distributed
   from igpt_jax import metrics as metrics_lib
-  writer = metrics_lib.MetricsWriter(out_dir, enabled=jax.process_index() == 0)
+  if not distributed.is_chief():
+    return
+  writer = metrics_lib.MetricsWriter(out_dir)
   writer.truncate_after(0)
   rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
   for r in results["by_layer"]:
     writer.write(r["layer"], {"probe/accuracy": r["accuracy"],
                               "probe/random_init_accuracy": rand.get(r["layer"]),
                               "probe/raw_pixel_accuracy": results["raw_pixel_accuracy"]})
-  writer.write_image(results["checkpoint_step"], "probe/accuracy_by_layer", np.asarray(
-      Image.open(os.path.join(out_dir, "accuracy_by_layer.png")).convert("RGB")))
+  from etils import epath
+  plot = epath.Path(results["plot"]).read_bytes()
+  writer.write_image(results["checkpoint_step"], "probe/accuracy_by_layer",
+                     np.asarray(Image.open(io.BytesIO(plot)).convert("RGB")))
   writer.close()
 
 
-def write_report(results: dict, out_dir: str) -> dict:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+def write_report(results: dict, out_dir) -> dict:
+  """results.json, results.md and accuracy_by_layer.png in out_dir (process 0 writes)."""
+  import io
+
+  from igpt_jax import distributed
+  from igpt_jax import workdir as workdir_lib
+  out_dir = workdir_lib.path(out_dir)
+  plot_path = out_dir / "accuracy_by_layer.png"
+  results["plot"] = str(plot_path)
+  if not distributed.is_chief():
+    return results
+  workdir_lib.write_json(out_dir / "results.json", results)
   lines = ["| layer | accuracy | random init |", "|---|---|---|"]
   rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
   for r in results["by_layer"]:
@@ -142,9 +179,7 @@ def write_report(results: dict, out_dir: str) -> dict:
             f"{results['multi_layer']['accuracy']:.4f}; random init (best layer): "
             f"{results['random_init_accuracy']:.4f}; raw pixels: "
             f"{results['raw_pixel_accuracy']:.4f}."]
-  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  plot_path = os.path.join(out_dir, "accuracy_by_layer.png")
+  workdir_lib.write_text(out_dir / "results.md", "\n".join(lines) + "\n")
   from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
@@ -157,8 +192,9 @@ def write_report(results: dict, out_dir: str) -> dict:
   ax.set_ylabel("linear probe accuracy")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(plot_path, dpi=100)
-  results["plot"] = plot_path
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  plot_path.write_bytes(png.getvalue())
   return results
 
 
@@ -170,33 +206,44 @@ def _subset(data, n: int, seed: int):
   return dataclasses.replace(data, images=data.images[idx], labels=data.labels[idx])
 
 
-def run(config, workdir: str, log=print) -> dict:
-  """Stage probe: every layer of the pretrained model vs raw pixels and a random-init model."""
+def run(config, workdir, log=print) -> dict:
+  """Stage probe: every layer of the pretrained model vs raw pixels and a random-init model.
+
+  Feature extraction runs on every process over the mesh; every process then fits the same
+  (small) probes on the gathered features, and process 0 writes the report."""
   from flax import nnx
 
   from igpt_jax import model as model_lib
+  from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
+  from igpt_jax import workdir as workdir_lib
+  from igpt_jax.config import UserError
   from igpt_jax.data import pipeline, sources
-  model, centers, step = train_lib.pretrained_model(config, workdir, log=log)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config)
+  cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
   train = _subset(sources.load(config, "train", log=log), config.probe.train_examples, config.seed)
   test = _subset(sources.load(config, "test", log=log), config.probe.test_examples, config.seed)
   if train.num_classes < 2:
-    raise ValueError(f"The probe needs labelled data; {train.name} has no classes.")
+    raise UserError(f"The probe needs labelled data; {train.name} has no classes.")
   res = config.data.resolution
   tok_tr, pix_tr = pipeline.tokens_of(train, centers, res, with_pixels=True)
   tok_te, pix_te = pipeline.tokens_of(test, centers, res, with_pixels=True)
-  out_dir = os.path.join(workdir, "probe")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = workdir_lib.path(workdir) / "probe"
   bs, p = config.probe.batch_size, config.probe
+  graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
   feats = {}
-  random_model = model_lib.ImageGPT(model.cfg, rngs=nnx.Rngs(config.seed + 1))
-  for tag, m in (("pretrained", model), ("random_init", random_model)):
+  random_params = train_lib.init_params(cfg, mesh, rules, config.seed + 1)
+  for tag, prm in (("pretrained", params), ("random_init", random_params)):
     suffix = f"{tag}_step{step}" if tag == "pretrained" else f"{tag}_seed{config.seed + 1}"
     log(f"Extracting {tag} features of {len(tok_tr)} train and {len(tok_te)} test images...")
-    feats[tag] = (cached_features(os.path.join(out_dir, f"features_{suffix}_train.npz"), m, tok_tr, bs, log),
-                  cached_features(os.path.join(out_dir, f"features_{suffix}_test.npz"), m, tok_te, bs, log))
+    feats[tag] = tuple(
+        cached_features(out_dir / f"features_{suffix}_{split}.npz",
+                        lambda t=tokens, prm=prm: extract_features(graphdef, prm, t, mesh, rules,
+                                                                  bs, log), len(tokens))
+        for split, tokens in (("train", tok_tr), ("test", tok_te)))
   k = train.num_classes
-  by_layer = probe_layers(*feats["pretrained"][:1], train.labels, feats["pretrained"][1], test.labels,
+  by_layer = probe_layers(feats["pretrained"][0], train.labels, feats["pretrained"][1], test.labels,
                           k, p, log)
   random_by_layer = probe_layers(feats["random_init"][0], train.labels, feats["random_init"][1],
                                  test.labels, k, p, lambda *_: None)
@@ -221,6 +268,6 @@ def run(config, workdir: str, log=print) -> dict:
   write_tensorboard(results, out_dir)
   log(f"Probe: best layer {best['layer']} {best['accuracy']:.4f}; random init "
       f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}. Report in {out_dir}")
-  return {"stage": "probe", "results": os.path.join(out_dir, "results.json"),
+  return {"stage": "probe", "results": str(out_dir / "results.json"),
           **{k: results[k] for k in ("best_layer", "best_accuracy", "random_init_accuracy",
                                      "raw_pixel_accuracy")}}

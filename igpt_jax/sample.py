@@ -9,7 +9,6 @@ temperature == 0 is greedy decoding.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -108,30 +107,44 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
   return grid
 
 
-def save_png(image: np.ndarray, path: str, scale: int = 4) -> str:
+def save_png(image: np.ndarray, path, scale: int = 4) -> str:
+  """Process 0 writes the PNG (local or remote path); every process gets the path back."""
+  import io
+
   from PIL import Image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img = image[..., 0] if image.shape[-1] == 1 else image
-  pil = Image.fromarray(img)
-  pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
-  return path
+
+  from igpt_jax import distributed
+  from etils import epath
+  path = epath.Path(path)
+  if distributed.is_chief():
+    img = image[..., 0] if image.shape[-1] == 1 else image
+    pil = Image.fromarray(img)
+    png = io.BytesIO()
+    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(png, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png.getvalue())
+  return str(path)
 
 
-def run(config, workdir: str, log=print) -> dict:
-  """Stage sample: unconditional samples and completions of test images' bottom halves."""
+def run(config, workdir, log=print) -> dict:
+  """Stage sample: unconditional samples and completions of test images' bottom halves.
+
+  Every process runs the sampler (one program over the mesh); process 0 writes the PNGs."""
+  from igpt_jax import distributed
   from igpt_jax import palette as palette_lib
-  from igpt_jax import train as train_lib
+  from igpt_jax import workdir as workdir_lib
   from igpt_jax.data import pipeline, sources
-  model, centers, step = train_lib.pretrained_model(config, workdir, log=log)
+  cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, log=log)
+  model = nnx.merge(nnx.graphdef(model_lib.abstract_model(cfg)), params)
   res, sc = config.data.resolution, config.sample
-  out_dir = os.path.join(workdir, "samples")
+  out_dir = workdir_lib.path(workdir) / "samples"
   key = jax.random.key(config.seed)
   shape = (res, res, centers.shape[1])
   log(f"Sampling {sc.num} images (temperature {sc.temperature}, top_k {sc.top_k or 'off'})...")
   uncond = generate(model, sc.num, jax.random.fold_in(key, 0), temperature=sc.temperature,
                     top_k=sc.top_k)
-  uncond_imgs = palette_lib.dequantize(np.asarray(uncond), centers).reshape(-1, *shape)
-  paths = {"unconditional": save_png(image_grid([uncond_imgs]), os.path.join(out_dir, "unconditional.png"))}
+  uncond_imgs = palette_lib.dequantize(distributed.to_host(uncond), centers).reshape(-1, *shape)
+  paths = {"unconditional": save_png(image_grid([uncond_imgs]), out_dir / "unconditional.png")}
   test = sources.load(config, "test", log=log)
   test = dataclasses_replace(test, sc.completions)
   tokens, pixels = pipeline.tokens_of(test, centers, res, with_pixels=True)
@@ -140,8 +153,9 @@ def run(config, workdir: str, log=print) -> dict:
                        temperature=sc.temperature, top_k=sc.top_k)
   halves = palette_lib.dequantize(tokens, centers).reshape(-1, *shape).copy()
   halves[:, res // 2:] = 128
-  rows = [pixels, halves, palette_lib.dequantize(np.asarray(completed), centers).reshape(-1, *shape)]
-  paths["completions"] = save_png(image_grid(rows), os.path.join(out_dir, "completions.png"))
+  rows = [pixels, halves,
+          palette_lib.dequantize(distributed.to_host(completed), centers).reshape(-1, *shape)]
+  paths["completions"] = save_png(image_grid(rows), out_dir / "completions.png")
   log(f"Samples written to {out_dir} (rows of completions.png: originals, top halves, completions)")
   return {"stage": "sample", "checkpoint_step": step, **paths}
 

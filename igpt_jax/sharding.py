@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from igpt_jax.config import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,33 +37,20 @@ DEFAULT_RULES = (
 )
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when the launcher started several processes.
-
-  TPU pod slices, SLURM (`srun`) and explicit coordinator variables are detected by JAX itself;
-  we only decide whether to call it, so a single-process run never waits for peers.
-  """
-  several = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or "JAX_COORDINATOR_ADDRESS" in os.environ
-             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-             or os.environ.get("IGPT_DISTRIBUTED") == "1")
-  if several and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-
-
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   sizes = {axis: int(getattr(mesh_config, axis)) for axis in MESH_AXES}
   unknown = [a for a, s in sizes.items() if s == -1]
   if len(unknown) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got {sizes}.")
+    raise UserError(f"At most one mesh axis may be -1, got {sizes}.")
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot fill mesh {sizes}.")
+      raise UserError(f"{num_devices} devices cannot fill mesh {sizes}: set --config.mesh.* so "
+                      "that the sizes multiply to a divisor of the device count.")
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices; "
-                     f"{num_devices} are available.")
+    raise UserError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices; "
+                    f"{num_devices} are available: change --config.mesh.*.")
   return sizes
 
 
@@ -119,14 +107,40 @@ def batch_sharding(mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def global_batch(local: dict, mesh, rules=DEFAULT_RULES) -> dict:
-  """This process's slice of the batch -> global jax.Arrays sharded over the batch axes."""
+def host_rows(mesh, rules, global_rows: int) -> tuple[int, int]:
+  """[lo, hi): the rows of a global batch that this process's devices hold.
+
+  Derived from the batch sharding, not from the process index: processes whose devices hold
+  replicas of the same rows (tensor parallelism across hosts) get the same range.
+  """
+  sharding = batch_sharding(mesh, rules, 1)
+  spans = {(s[0].indices(global_rows)[:2])
+           for s in sharding.addressable_devices_indices_map((global_rows,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"This process's devices hold non-contiguous batch rows {sorted(spans)}; "
+                     "order the mesh so that each host's devices are adjacent.")
+  return lo, hi
+
+
+def global_batch(local: dict, mesh, rules=DEFAULT_RULES, global_rows: int | None = None) -> dict:
+  """Rows [lo, hi) of the batch held by this process (see `host_rows`) -> global jax.Arrays
+  sharded over the batch axes. `global_rows` is the global batch size (default: local rows x
+  processes, right only when every process holds distinct rows)."""
   out = {}
   for key, value in local.items():
     value = np.asarray(value)
     if value.ndim == 0:
       continue
-    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+    rows = global_rows or value.shape[0] * jax.process_count()
+    lo, hi = host_rows(mesh, rules, rows)
+    if value.shape[0] != hi - lo:
+      raise ValueError(f"{key}: this process feeds rows [{lo}, {hi}) of {rows}, got "
+                       f"{value.shape[0]} rows.")
+    out[key] = jax.make_array_from_callback(
+        (rows, *value.shape[1:]), batch_sharding(mesh, rules, value.ndim),
+        lambda index, v=value, lo=lo: v[(slice(index[0].indices(rows)[0] - lo,
+                                               index[0].indices(rows)[1] - lo),) + index[1:]])
   return out
 
 

@@ -20,7 +20,6 @@ shift 2
 
 # Latency-hiding scheduler and async collectives overlap communication with compute.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
-export IGPT_DISTRIBUTED=1
 PYTHON="${PYTHON:-python3}"
 
 srun --kill-on-bad-exit=1 "$PYTHON" -m igpt_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"

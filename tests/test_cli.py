@@ -37,3 +37,54 @@ def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path
   assert run.startswith("igpt_s-") and len(run) == len("igpt_s-20261122-120000")
   assert f"plan done; outputs in {tmp_path / 'runs' / run}" in out.stdout
   assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == 76_571_648
+
+
+def assert_one_line_error(out, expected):
+  assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+  assert expected in lines[0], lines[0]
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+  demo = f"--config={REPO}/configs/demo.py"
+  w = f"--workdir={tmp_path / 'w'}"
+  assert_one_line_error(cli(demo, "--config.stage=fit_palette", "--config.data.source=folder",
+                            f"--config.data.path={tmp_path / 'missing'}", w), "does not exist")
+  (tmp_path / "empty").mkdir()
+  assert_one_line_error(cli(demo, "--config.stage=fit_palette", "--config.data.source=folder",
+                            f"--config.data.path={tmp_path / 'empty'}", w), "No images")
+  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.data=3", w),
+                        "Mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices; 1 are available")
+  assert_one_line_error(cli(demo, "--config.train.batch_size=0", w),
+                        "--config.train.batch_size=0 must be positive")
+  assert_one_line_error(cli(demo, "--config.model.objective=gpt", w),
+                        "--config.model.objective='gpt' is not one of ar, bert")
+  assert_one_line_error(cli(demo, "--config.stage=sample", w), "run the pretrain stage first")
+  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--process_count=2", w),
+                        "go together")
+
+
+def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
+  from igpt_jax import loop
+  from test_train import tiny_config
+  loop.pretrain(tiny_config(steps=2), str(tmp_path), log=lambda *_: None)
+  tiny = ["--config.model.num_layers=2", "--config.model.num_heads=4", "--config.train.steps=4",
+          "--config.train.batch_size=16", "--config.palette.samples=20000"]
+  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
+            *tiny, "--config.model.d_model=64")
+  assert_one_line_error(out, "different model: d_model saved 32 vs configured 64")
+  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
+            *tiny, "--config.model.d_model=32", "--config.palette.k=32")
+  assert_one_line_error(out, "has k=16 but palette.k=32")
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
+
+
+def test_plan_simulates_the_devices_a_mesh_needs():
+  out = cli(f"--config={REPO}/configs/igpt_xl.py", "--config.stage=plan",
+            "--workdir=/tmp/igpt_plan_xl_laptop")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "planning on 2 simulated CPU devices" in out.stdout
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}

@@ -81,7 +81,8 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
   steps = n // batch
   seen = {}
   for host in range(2):
-    pos = np.concatenate([pipeline.step_positions(s, batch, host, 2) for s in range(steps)])
+    rows = (host * batch // 2, (host + 1) * batch // 2)
+    pos = np.concatenate([pipeline.step_positions(s, batch, rows) for s in range(steps)])
     seen[host] = set(pipeline.example_indices(pos, n, seed=0))
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(n))
@@ -90,16 +91,23 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
                              np.arange(n))
   full = next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0))
   halves = [next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0,
-                                        process_index=h, process_count=2)) for h in range(2)]
+                                        rows=(h * batch // 2, (h + 1) * batch // 2)))
+            for h in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["labels"] for h in halves]), full["labels"])
   assert not set(halves[0]["labels"]) & set(halves[1]["labels"])
 
 
 def test_eval_batches_cover_the_split_in_order_across_hosts():
   data = small_set(n=23)
-  labels = [b["labels"][b["mask"] > 0] for h in range(2) for b in pipeline.eval_batches(
-      data, RGB8, resolution=8, batch_size=8, process_index=h, process_count=2)]
+  per_host = [list(pipeline.eval_batches(data, RGB8, resolution=8, batch_size=8, rows=rows))
+              for rows in ((0, 4), (4, 8))]
+  # Uneven split: both hosts still run the same number of (padded) global batches.
+  assert [len(b) for b in per_host] == [3, 3]
+  labels = [b["labels"][b["mask"] > 0] for j in range(3) for h in range(2) for b in [per_host[h][j]]]
   np.testing.assert_array_equal(np.concatenate(labels), data.labels)
+  # The last global batch holds examples 16..22 and one pad: host 1's rows 20, 21, 22, pad.
+  assert per_host[0][-1]["mask"].tolist() == [1, 1, 1, 1]
+  assert per_host[1][-1]["mask"].tolist() == [1, 1, 1, 0]
 
 
 def test_palette_channel_mismatch_is_explained():

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from igpt_jax import probe, train
+from igpt_jax import loop, probe
 from igpt_jax.data import sources
 from test_stages import QUIET, stage_config
 
@@ -24,7 +24,7 @@ def test_tensorboard_gets_scalars_sample_grids_and_probe_accuracy(tmp_path):
   workdir = str(tmp_path)
   config = stage_config("pretrain")
   config.train.sample_every = 4
-  train.pretrain(config, workdir, log=QUIET)
+  loop.pretrain(config, workdir, log=QUIET)
   acc = read_events(os.path.join(workdir, "tensorboard"))
   for tag in ("loss", "bits_per_dim", "lr", "grad_norm", "tokens_per_s"):
     assert [e.step for e in acc.Scalars(tag)] == list(range(1, 9))

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from igpt_jax.config import UserError
+
 from igpt_jax import palette as P
 from igpt_jax.data import sources
 
@@ -94,12 +96,13 @@ def test_huggingface_processor_clusters_load():
 
 
 def test_bad_palettes_fail_clearly(tmp_path):
-  with pytest.raises(FileNotFoundError, match="fit_palette"):
+  # User errors: the command line prints them as one line `error: ...`.
+  with pytest.raises(UserError, match="fit_palette"):
     P.Palette.load(str(tmp_path / "missing.npz"))
   np.save(tmp_path / "wide.npy", np.zeros((4, 3)) + 5.0)
-  with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+  with pytest.raises(UserError, match=r"\[-1, 1\]"):
     P.Palette.load(str(tmp_path / "wide.npy"))
-  with pytest.raises(ValueError, match="channels"):
+  with pytest.raises(UserError, match="channels"):
     P.Palette(P.uniform_grid(8, 3)).check_channels(1)
 
 

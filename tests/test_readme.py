@@ -39,7 +39,8 @@ def test_readme_marks_the_stage_guide_runnable():
 def test_readme_block_runs(index, tmp_path):
   script = runnable_blocks()[index]
   script = script.replace(".venv/bin/python", sys.executable).replace("runs/", f"{tmp_path}/")
-  script = re.sub(r"(-m igpt_jax\.main --config=configs/demo\.py[^\n]*)", rf"\1 {TINY}", script)
+  script = re.sub(r"((?:-m igpt_jax\.main|launch/local\.sh [^\n]*--) --config=configs/demo\.py[^\n]*)",
+                  rf"\1 {TINY}", script)
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -8,7 +8,10 @@ import pytest
 
 from igpt_jax import main as main_lib
 from igpt_jax import palette as palette_lib
-from igpt_jax import probe, sample, train
+from igpt_jax import checkpoint as checkpoint_lib
+from igpt_jax import loop, probe, sample
+from igpt_jax import workdir as workdir_lib
+from igpt_jax.config import UserError
 from igpt_jax.data import sources
 from test_train import tiny_config
 
@@ -29,14 +32,14 @@ def stage_config(stage):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stages"))
-  train.pretrain(stage_config("pretrain"), workdir, log=QUIET)
+  loop.pretrain(stage_config("pretrain"), workdir, log=QUIET)
   return workdir
 
 
 def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(pretrained, workdir)
-  ev = train.evaluate_stage(stage_config("evaluate"), workdir, log=QUIET)
+  ev = loop.evaluate_stage(stage_config("evaluate"), workdir, log=QUIET)
   assert ev["examples"] == 10_000 and 0 < ev["eval_bits_per_dim"] < 4
   assert json.load(open(os.path.join(workdir, "evaluate.json")))["eval_loss"] == ev["eval_loss"]
 
@@ -48,7 +51,7 @@ def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   assert results["raw_pixel_accuracy"] > 0.5  # 10 classes: far above chance on real pixels
   assert os.path.getsize(os.path.join(workdir, "probe", "accuracy_by_layer.png")) > 1000
 
-  ft = train.finetune(stage_config("finetune"), workdir, log=QUIET)
+  ft = loop.finetune(stage_config("finetune"), workdir, log=QUIET)
   assert ft["step"] == 4 and "eval_accuracy" in ft and "clf_loss" in ft
   assert os.listdir(os.path.join(workdir, "checkpoints", "finetune"))
 
@@ -63,20 +66,21 @@ def test_stages_refuse_another_model_or_palette(pretrained, tmp_path):
   shutil.copytree(pretrained, workdir)
   wider = stage_config("probe")
   wider.model.d_model = 64
-  for fn in (probe.run, sample.run, train.finetune):
-    with pytest.raises(ValueError, match="different model: d_model saved 32 vs configured 64"):
+  for fn in (probe.run, sample.run, loop.finetune):
+    with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                       match="different model: d_model saved 32 vs configured 64"):
       fn(wider, workdir, log=QUIET)
   path = os.path.join(workdir, palette_lib.PALETTE_FILE)
   pal = palette_lib.Palette.load(path)
   palette_lib.Palette(np.clip(pal.centers + 0.05, -1, 1)).save(path)
-  for fn in (probe.run, sample.run, train.finetune):
-    with pytest.raises(ValueError, match="different palette"):
+  for fn in (probe.run, sample.run, loop.finetune):
+    with pytest.raises(checkpoint_lib.CheckpointMismatch, match="different palette"):
       fn(stage_config("probe"), workdir, log=QUIET)
 
 
 def test_stage_without_pretraining_says_what_to_do(tmp_path):
-  with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
-    train.load_pretrained(stage_config("probe"), str(tmp_path))
+  with pytest.raises(UserError, match="run the pretrain stage first"):
+    workdir_lib.load_pretrained(stage_config("probe"), str(tmp_path))
 
 
 def test_unknown_stage_is_refused():

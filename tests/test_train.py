@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from igpt_jax import checkpoint as checkpoint_lib
+from igpt_jax import loop
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
@@ -100,10 +102,10 @@ def read_metrics(workdir):
 def test_resume_is_bit_exact(tmp_path):
   config = tiny_config(steps=20, warmup_steps=5)
   config.checkpoint.every = 7  # the interruption at 10 is not on a checkpoint interval
-  train_lib.pretrain(config, str(tmp_path / "straight"), log=lambda *_: None)
-  train_lib.pretrain(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=10)
+  loop.pretrain(config, str(tmp_path / "straight"), log=lambda *_: None)
+  loop.pretrain(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=10)
   logs = []
-  train_lib.pretrain(config, str(tmp_path / "resumed"), log=logs.append)
+  loop.pretrain(config, str(tmp_path / "resumed"), log=logs.append)
   assert any("Resumed from checkpoint step 10" in line for line in logs)
   a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
   assert [r["step"] for r in b] == list(range(1, 21))
@@ -112,7 +114,7 @@ def test_resume_is_bit_exact(tmp_path):
   def final_params(workdir):
     trainer = train_lib.Trainer(model_lib.ModelConfig.from_config(config), config,
                                 sharding_lib.make_mesh(config.mesh), sharding_lib.DEFAULT_RULES)
-    ckpt = train_lib.checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", "pretrain"))
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", "pretrain"))
     step, state, _ = ckpt.restore_latest(trainer.abstract_state)
     ckpt.close()
     assert step == 20
@@ -174,7 +176,7 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   newest = os.path.join(workdir, "checkpoints", "pretrain", "6")
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(newest, "state")) for f in fs]
+  files = [os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
@@ -186,25 +188,94 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path):
 
 
 @needs_fmnist
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+def test_checkpoint_of_another_model_or_optimizer_is_refused_and_left_in_place(tmp_path):
   config = tiny_config(steps=2)
-  train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
-  config = tiny_config(steps=4)
-  config.model.d_model = 64
-  with pytest.raises(ValueError, match="different model: d_model saved 32 vs configured 64"):
-    train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
+  loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+  ckpt_dir = tmp_path / "checkpoints" / "pretrain"
+  before = sorted(os.listdir(ckpt_dir))
+  wider = tiny_config(steps=4)
+  wider.model.d_model = 64
+  with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                     match="different model: d_model saved 32 vs configured 64"):
+    loop.pretrain(wider, str(tmp_path), log=lambda *_: None)
+  # No clipping: optax's chain loses a state entry, so the optimizer-state tree differs.
+  unclipped = tiny_config(steps=4, grad_clip=0.0)
+  with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                     match=r"different optimizer state than the config makes \(train.grad_clip "
+                           r"saved 1.0 vs configured 0.0\): set it back to resume this run, or use "
+                           r"a new --workdir"):
+    loop.pretrain(unclipped, str(tmp_path), log=lambda *_: None)
+  assert sorted(os.listdir(ckpt_dir)) == before == ["2"]
 
 
-def test_nonfinite_loss_stops_with_a_clear_message(tmp_path):
-  if sources.fashion_mnist_dir() is None:
-    pytest.skip("needs Fashion-MNIST")
-  # A NaN learning rate: step 1's loss is still finite (computed before the update), step 2's
-  # is not.
-  config = tiny_config(steps=5, lr=float("nan"), warmup_steps=1)
+def test_restore_error_that_is_not_damage_stops_and_touches_nothing(tmp_path, monkeypatch):
+  config = tiny_config(steps=2)
+  config.data.resolution, config.palette.k = 4, 16
+  cfg = model_lib.ModelConfig.from_config(config)
+  trainer = train_lib.Trainer(cfg, config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                              sharding_lib.DEFAULT_RULES)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  ckpt.save(1, trainer.init_state(0), {"config": config.to_dict()})
+  ckpt.wait()
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.")
+  monkeypatch.setattr(ckpt.manager, "restore", out_of_memory)
+  with pytest.raises(checkpoint_lib.RestoreFailed, match="RESOURCE_EXHAUSTED.*nothing was changed"):
+    ckpt.restore_latest(trainer.abstract_state)
+  assert os.listdir(tmp_path) == ["1"]
+  assert checkpoint_lib.is_damage(ValueError("DATA_LOSS: Error reading chunk: unexpected end"))
+  assert not checkpoint_lib.is_damage(OSError("PERMISSION_DENIED: 403 from storage"))
+
+
+def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
+  config = tiny_config(steps=10, batch_size=8, warmup_steps=1)
+  config.data.resolution, config.palette.k = 4, 16
+  cfg = model_lib.ModelConfig.from_config(config)
+  poison = 7  # a batch whose first token is this gets a NaN loss, hence NaN gradients
+  real_loss = train_lib.objectives.ar_loss
+  monkeypatch.setattr(train_lib.objectives, "ar_loss", lambda logits, tokens: real_loss(
+      logits, tokens) * jnp.where(tokens[0, 0] == poison, jnp.nan, 1.0))
+  trainer = train_lib.Trainer(cfg, config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                              sharding_lib.DEFAULT_RULES)
+  step = trainer.compile_step()
+  good = jax.random.randint(jax.random.key(0), (8, cfg.seq_len), 0, poison)
+  state, out = step(trainer.init_state(0), {"tokens": good})
+  assert int(out["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
+  before = jax.tree.map(np.asarray, state)
+  state, out = step(state, {"tokens": good.at[0, 0].set(poison)})
+  assert int(out["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
+  assert int(state["step"]) == 2  # the data order moves on; the model does not
+  for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(state["opt_state"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  state, out = step(state, {"tokens": good})
+  assert int(out["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
+  assert not np.array_equal(np.asarray(state["params"]["head"]), before["params"]["head"])
+
+
+@needs_fmnist
+def test_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):
+  # A NaN learning rate: gradients are finite, every update is not. No step is applied; the
+  # third in a row stops the run.
+  config = tiny_config(steps=10, lr=float("nan"), warmup_steps=1, max_nonfinite_steps=3)
   config.checkpoint.every = 1
-  with pytest.raises(train_lib.NonFiniteLoss, match=r"last good checkpoint \(step 1\) is kept"):
-    train_lib.pretrain(config, str(tmp_path), log=lambda *_: None)
-  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["1"]
+  with pytest.raises(loop.NonFiniteLoss, match=r"3 steps in a row up to step 3 .* last good "
+                                               r"checkpoint \(step 2\) is kept"):
+    loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+  ckpt_dir = str(tmp_path / "checkpoints" / "pretrain")
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]
+  trainer = train_lib.Trainer(model_lib.ModelConfig.from_config(config), config,
+                              sharding_lib.make_mesh(config.mesh), sharding_lib.DEFAULT_RULES)
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir)
+  step, state, _ = ckpt.restore_latest(trainer.abstract_state)
+  ckpt.close()
+  init = trainer.init_state(config.seed)
+  assert step == 2
+  for saved, fresh in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init["params"])):
+    assert np.isfinite(np.asarray(saved)).all()
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(fresh))
 
 
 def test_plan_xl_on_256_simulated_devices():

@@ -5,8 +5,9 @@ p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its rando
 from a generator seeded by (seed, p). So a run restarted at step s sees exactly the batches an
 uninterrupted run would have, without reading the data before s.
 
-Multi-host: each process takes its contiguous slice of every global batch (the slices of
-different processes are disjoint); `jax.make_array_from_process_local_data` reassembles them.
+Multi-host: each process reads rows [lo, hi) of every global batch, the rows its devices hold
+(`sharding.host_rows`: disjoint for data parallelism, equal for processes that hold replicas);
+`sharding.global_batch` reassembles them into global arrays.
 
 Pretraining augmentation (as in the paper): a random square crop covering `crop_min`..1 of the
 side, resized to the input resolution. Evaluation: the whole (square) image, resized.
@@ -46,13 +47,12 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def step_positions(step: int, batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> np.ndarray:
-  """Global example positions this process reads at `step`."""
-  if batch_size % process_count:
-    raise ValueError(f"Global batch {batch_size} is not divisible by {process_count} processes.")
-  local = batch_size // process_count
-  return step * batch_size + process_index * local + np.arange(local)
+def step_positions(step: int, batch_size: int, rows: tuple[int, int] | None = None) -> np.ndarray:
+  """Global example positions of rows [lo, hi) (default: all) of the batch of `step`."""
+  lo, hi = rows or (0, batch_size)
+  if not 0 <= lo < hi <= batch_size:
+    raise ValueError(f"Rows {rows} are not inside a batch of {batch_size}.")
+  return step * batch_size + np.arange(lo, hi)
 
 
 def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
@@ -91,18 +91,21 @@ def _preprocess(images, boxes, centers, resolution: int, with_pixels: bool = Fal
 
 def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
                   seed: int, start_step: int = 0, num_steps: int | None = None,
-                  process_index: int = 0, process_count: int = 1, augment: bool = True,
+                  rows: tuple[int, int] | None = None, augment: bool = True,
                   crop_min: float = 0.75, prefetch: int = 2, log=print):
-  """Iterator of {'tokens': int32 [b, N], 'labels': int32 [b], 'step': int64} from start_step."""
+  """Iterator of {'tokens': int32 [b, N], 'labels': int32 [b], 'step': int64} from start_step;
+  b = hi - lo rows of each global batch (see `step_positions`)."""
   tf = _tf()
   palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
   n = len(data)
-  full = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (batch_size // process_count, 1))
+  lo, hi = rows or (0, batch_size)
+  local = hi - lo
+  full = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (local, 1))
 
   def generate():
     step, last_epoch = start_step, None
     while num_steps is None or step < start_step + num_steps:
-      positions = step_positions(step, batch_size, process_index, process_count)
+      positions = step_positions(step, batch_size, (lo, hi))
       epoch = int(positions[0] // n)
       if last_epoch is not None and epoch != last_epoch and data.skipped_files:
         log(f"epoch {last_epoch} done; {len(data.skipped_files)} unreadable file(s) were skipped.")
@@ -113,7 +116,6 @@ def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch
       step += 1
 
   h, w, c = data.images.shape[1:]
-  local = batch_size // process_count
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
       tf.TensorSpec((local, h, w, c), tf.uint8), tf.TensorSpec((local,), tf.int32),
       tf.TensorSpec((local, 4), tf.float32), tf.TensorSpec((), tf.int64)))
@@ -126,8 +128,10 @@ def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch
 
 
 def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1, with_pixels: bool = False):
-  """One pass over this process's contiguous shard, in order; the last batch is padded.
+                 rows: tuple[int, int] | None = None, with_pixels: bool = False):
+  """One pass in order: global batch j covers examples [j * batch_size, (j + 1) * batch_size),
+  the last one padded, and this process yields its rows [lo, hi) of each. Every process yields
+  the same number of batches (ceil(N / batch_size)), so collective steps stay in lockstep.
 
   Yields {'tokens', 'labels', 'mask'} (and 'pixels', uint8 [b, r, r, C], if asked); mask is
   1.0 for real examples, 0.0 for padding.
@@ -135,17 +139,14 @@ def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_
   tf = _tf()
   palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
   n = len(data)
-  lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
-  local = batch_size // process_count
-  boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (local, 1))
-  for start in range(lo, hi, local):
-    idx = np.arange(start, min(start + local, hi))
-    pad = local - len(idx)
-    images = data.images[np.concatenate([idx, np.full(pad, idx[0])])]
-    labels = data.labels[np.concatenate([idx, np.full(pad, idx[0])])]
-    out = _preprocess(tf.constant(images), boxes, centers, resolution, with_pixels)
-    mask = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
-    batch = {"labels": labels, "mask": mask}
+  lo, hi = rows or (0, batch_size)
+  boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (hi - lo, 1))
+  for start in range(0, n, batch_size):
+    positions = start + np.arange(lo, hi)
+    real = positions < n
+    idx = np.where(real, positions, n - 1)
+    out = _preprocess(tf.constant(data.images[idx]), boxes, centers, resolution, with_pixels)
+    batch = {"labels": data.labels[idx], "mask": real.astype(np.float32)}
     if with_pixels:
       batch["tokens"], batch["pixels"] = out[0].numpy(), out[1].numpy()
     else:

@@ -18,6 +18,8 @@ from concurrent import futures
 
 import numpy as np
 
+from igpt_jax.config import UserError
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ROLES = ("pretrain", "train", "test")
@@ -35,7 +37,7 @@ TFDS_SPLITS = {
 }
 
 
-class DataError(Exception):
+class DataError(UserError):
   """A problem with the user's data, explained in one sentence of what to do."""
 
 

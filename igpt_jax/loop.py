@@ -1,0 +1,228 @@
+"""The training loop of pretrain and finetune, and evaluation: data in, checkpoints and metrics
+out, resumption, preemption and the stop on non-finite steps.
+
+Every process runs the same loop: it feeds the rows of each global batch that its devices hold
+(sharding.host_rows), saves checkpoints together with the others (Orbax), and stops at the same
+step as the others on preemption (distributed.PreemptionWatch). Only process 0 writes metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from igpt_jax import checkpoint as checkpoint_lib
+from igpt_jax import distributed
+from igpt_jax import metrics as metrics_lib
+from igpt_jax import model as model_lib
+from igpt_jax import objectives
+from igpt_jax import sharding as sharding_lib
+from igpt_jax import train as train_lib
+from igpt_jax import workdir as workdir_lib
+from igpt_jax.config import UserError
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def evaluate(trainer: train_lib.Trainer, params, eval_data, centers, config,
+             max_batches: int = 0) -> dict:
+  """Held-out mean NLL (nats/token) and bits/dim; for a finetuning trainer also accuracy.
+
+  Every process runs the same number of padded global batches (its rows of each)."""
+  from igpt_jax.data import pipeline
+  batch_size = trainer.train_cfg.batch_size
+  rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
+  total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
+  for i, batch in enumerate(pipeline.eval_batches(eval_data, centers,
+                                                  resolution=config.data.resolution,
+                                                  batch_size=batch_size, rows=rows)):
+    if max_batches and i >= max_batches:
+      break
+    g = sharding_lib.global_batch({k: batch[k] for k in ("tokens", "labels", "mask")},
+                                  trainer.mesh, trainer.rules, batch_size)
+    for key, value in trainer.eval_fn(params, g["tokens"], g["labels"], g["mask"]).items():
+      total[key] += float(value)  # replicated scalars: every process holds them whole
+  nats = total["nll"] / max(total["tokens"], 1.0)
+  out = {"eval_loss": nats, "eval_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
+  if trainer.stage == "finetune":
+    out["eval_accuracy"] = total["correct"] / max(total["examples"], 1.0)
+  return out
+
+
+def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
+  return {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
+          "palette": np.asarray(centers).tolist()}
+
+
+def pretrain(config, workdir, log=print, stop_after: int | None = None) -> dict:
+  return fit(config, workdir, "pretrain", log=log, stop_after=stop_after)
+
+
+def finetune(config, workdir, log=print, stop_after: int | None = None) -> dict:
+  return fit(config, workdir, "finetune", log=log, stop_after=stop_after)
+
+
+def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -> dict:
+  """The training loop of both stages; resumes from the newest intact checkpoint.
+
+  Pretraining starts from a fresh init; fine-tuning from the pretraining checkpoint's
+  parameters plus a zero class head. `stop_after` ends this run at that step with a
+  checkpoint, as a preemption would, without changing the schedule (set by the step count).
+  """
+  from igpt_jax import palette as palette_lib
+  from igpt_jax.data import pipeline, sources
+
+  mesh = sharding_lib.make_mesh(config.mesh)  # first: a mesh that does not fit fails at once
+  rules = sharding_lib.rules_from_config(config)
+  if stage == "pretrain":
+    centers = workdir_lib.load_or_fit_palette(config, workdir, log)
+  else:
+    centers = workdir_lib.load_palette(config, workdir)
+  data = sources.load(config, "pretrain" if stage == "pretrain" else "train", log=log)
+  eval_data = sources.load(config, "test", log=log)
+  palette_lib.Palette(centers).check_channels(data.images.shape[-1])
+  cfg = model_lib.ModelConfig.from_config(config)
+  if stage == "pretrain" and cfg.num_classes:
+    raise UserError("Pretraining takes model.num_classes=0; the class head belongs to finetune.")
+  if stage == "finetune":
+    if data.num_classes < 2:
+      raise UserError(f"Fine-tuning needs labelled data; {data.name} has no classes.")
+    cfg = dataclasses.replace(cfg, num_classes=data.num_classes)
+
+  trainer = train_lib.Trainer(cfg, config, mesh, rules, stage=stage)
+  tcfg = trainer.train_cfg
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, stage),
+                                     keep=config.checkpoint.keep)
+  restored = ckpt.restore_latest(
+      trainer.abstract_state, config=config.to_dict(), log=log,
+      check_meta=lambda meta: workdir_lib.check_same_model(meta, cfg, ckpt.directory))
+  if restored is not None:
+    start, state, _ = restored
+    log(f"Resumed from checkpoint step {start} in {ckpt.directory}.")
+  else:
+    start, state = 0, trainer.init_state(config.seed)
+    if stage == "finetune":
+      _, pretrained, _, _ = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
+      pretrained["class_head"] = state["params"]["class_head"]  # zero-initialised, as released
+      state["params"] = pretrained
+    log(f"{stage}: {model_lib.count_params(cfg):,} parameters on mesh {dict(mesh.shape)}"
+        f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}.")
+
+  metrics_dir = workdir_lib.stage_dir(workdir, stage)
+  writer = metrics_lib.MetricsWriter(metrics_dir, enabled=distributed.is_chief())
+  writer.truncate_after(start)
+  step_fn = trainer.compile_step()
+  mem = train_lib.memory_report(step_fn)
+  if mem:
+    log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
+
+  total = tcfg.steps
+  rows = sharding_lib.host_rows(mesh, rules, tcfg.batch_size)
+  batches = pipeline.train_batches(
+      data, centers, resolution=config.data.resolution, batch_size=tcfg.batch_size,
+      seed=config.seed, start_step=start, num_steps=max(total - start, 0), rows=rows,
+      augment=config.data.augment, crop_min=config.data.crop_min, log=log)
+
+  progress = metrics_lib.Progress(total, start, log=log if distributed.is_chief() else None)
+  flops_per_token = model_lib.flops_per_token(cfg)
+  device_kind = jax.devices()[0].device_kind
+  tokens_per_step = tcfg.batch_size * cfg.seq_len
+  last_log_time, last_log_step = time.perf_counter(), start
+  step, summary = start, {}
+  preemption = distributed.PreemptionWatch()
+  try:
+    with preemption:
+      for step in range(start + 1, total + 1):
+        local = next(batches)
+        state, out = step_fn(state, sharding_lib.global_batch(
+            {k: local[k] for k in trainer.batch_keys()}, mesh, rules, tcfg.batch_size))
+        is_last = step == total
+        preempted = step == stop_after or preemption.should_stop(step)
+        save = step % config.checkpoint.every == 0 or is_last or preempted
+        if step % tcfg.log_every == 0 or is_last or save:
+          _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
+        if step % tcfg.log_every == 0 or is_last:
+          now = time.perf_counter()
+          tokens_per_s = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
+          last_log_time, last_log_step = now, step
+          loss = float(out["loss"])
+          scalars = {"loss": loss, "bits_per_dim": objectives.bits_per_dim(
+                         float(out.get("gen_loss", loss)), config.data.channels),
+                     **{k: float(out[k]) for k in ("grad_norm", "lr", "clf_loss", "accuracy",
+                                                   "skipped") if k in out},
+                     "tokens_per_s": tokens_per_s,
+                     "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, device_kind,
+                                            len(jax.devices()))}
+          if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
+            scalars.update(evaluate(trainer, state["params"], eval_data, centers, config,
+                                    tcfg.eval_batches))
+          writer.write(step, scalars)
+          progress.update(step, scalars)
+          summary = scalars
+        if (stage == "pretrain" and cfg.causal and tcfg.sample_every
+            and (step % tcfg.sample_every == 0 or is_last)):
+          writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers,
+                                                           config, step))
+        if save:
+          ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
+        if preempted:
+          log(f"Stopping early: saved step {step}, exiting cleanly." if step == stop_after else
+              f"Preemption signal: saved step {step}, exiting cleanly.")
+          break
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  return {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
+          "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
+
+
+def _stop_if_nonfinite(out: dict, step: int, limit: int, ckpt) -> None:
+  """Raises after `limit` non-finite steps in a row. Those steps were never applied, so the
+  state (and any checkpoint) is still the last good one."""
+  streak = int(out["nonfinite_streak"])
+  if streak >= limit:
+    ckpt.wait()
+    steps = ckpt.all_steps()
+    raise NonFiniteLoss(
+        f"{streak} steps in a row up to step {step} had non-finite gradients or updates and "
+        f"were skipped; the last good checkpoint (step {steps[-1] if steps else 'none'}) is "
+        "kept. Lower the learning rate or lengthen the warmup, then rerun to resume from it.")
+
+
+def _sample_grid(trainer: train_lib.Trainer, params, centers, config, step: int) -> np.ndarray:
+  """8 unconditional samples from the current (sharded) parameters, as one uint8 image row.
+
+  Every process takes part (the sampling loop is one jitted program over the mesh)."""
+  from igpt_jax import palette as palette_lib
+  from igpt_jax import sample as sample_lib
+  model = nnx.merge(trainer.graphdef, params)
+  with sharding_lib.activation_sharding(trainer.mesh, trainer.rules):
+    tokens = sample_lib.generate(model, 8, jax.random.fold_in(jax.random.key(config.seed), step))
+  res = config.data.resolution
+  images = palette_lib.dequantize(distributed.to_host(tokens), centers).reshape(
+      -1, res, res, centers.shape[1])
+  return sample_lib.image_grid([images])
+
+
+def evaluate_stage(config, workdir, log=print) -> dict:
+  """Stage evaluate: bits/dim of the pretrained model on the whole test split."""
+  from igpt_jax.data import sources
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config)
+  cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
+  trainer = train_lib.Trainer(cfg, config, mesh, rules)
+  test = sources.load(config, "test", log=log)
+  result = {"stage": "evaluate", "checkpoint_step": step, "examples": len(test),
+            **evaluate(trainer, params, test, centers, config)}
+  path = workdir_lib.path(workdir) / "evaluate.json"
+  workdir_lib.write_json(path, result)
+  log(f"Test bits/dim {result['eval_bits_per_dim']:.4f} ({result['eval_loss']:.4f} nats/token); "
+      f"written to {path}")
+  return result

@@ -1,0 +1,131 @@
+"""The workdir: where each stage's outputs live, and the hand-off between stages.
+
+One place for the layout (palette, checkpoints/<stage>/, metrics, reports) so that every stage
+and every process agrees on it. Paths are `etils.epath` paths, so a `gs://` workdir works like a
+local one (Orbax uses the same library). Files other than checkpoints are written by process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from etils import epath
+
+from igpt_jax import distributed
+from igpt_jax.config import UserError
+
+
+def path(p) -> epath.Path:
+  """A workdir path: local paths made absolute, `gs://...` kept as it is."""
+  text = os.fspath(p)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def palette_path(config, workdir) -> epath.Path:
+  from igpt_jax import palette as palette_lib
+  return path(config.palette.path) if config.palette.path else path(workdir) / palette_lib.PALETTE_FILE
+
+
+def checkpoint_dir(workdir, stage: str) -> epath.Path:
+  return path(workdir) / "checkpoints" / stage
+
+
+def stage_dir(workdir, stage: str) -> epath.Path:
+  """Where a stage's metrics.jsonl and TensorBoard events go: pretraining's at the top."""
+  return path(workdir) if stage == "pretrain" else path(workdir) / stage
+
+
+def write_text(target, text: str) -> None:
+  """Process 0 writes; atomically (temporary file, then rename), so readers never see half."""
+  if not distributed.is_chief():
+    return
+  target = epath.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp"
+  tmp.write_text(text)
+  tmp.replace(target)
+
+
+def write_json(target, obj) -> None:
+  write_text(target, json.dumps(obj, indent=2))
+
+
+# -- palette ----------------------------------------------------------------------------------
+
+def load_palette(config, workdir) -> np.ndarray:
+  from igpt_jax import palette as palette_lib
+  palette = palette_lib.Palette.load(palette_path(config, workdir))
+  if palette.k != config.palette.k:
+    raise UserError(f"The palette at {palette_path(config, workdir)} has k={palette.k} but "
+                    f"palette.k={config.palette.k}: refit it or set palette.k to match.")
+  return palette.centers
+
+
+def load_or_fit_palette(config, workdir, log=print) -> np.ndarray:
+  """The configured palette; fitted first (by process 0, the others wait) when the default
+  one is missing."""
+  from igpt_jax import palette as palette_lib
+  where = palette_path(config, workdir)
+  if not config.palette.path and not where.exists():
+    log(f"No palette at {where}; fitting one first (stage fit_palette).")
+    palette_lib.fit_stage(config, workdir, log=log)
+  return load_palette(config, workdir)
+
+
+# -- stage hand-off ---------------------------------------------------------------------------
+
+def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
+  """(ModelConfig, params, centers, step): the newest intact pretraining step's parameters,
+  sharded over the mesh; the optimizer state is not read.
+
+  Refuses, in one sentence, a checkpoint whose model shape or palette differs from the config.
+  """
+  from igpt_jax import checkpoint as checkpoint_lib
+  from igpt_jax import model as model_lib
+  from igpt_jax import sharding as sharding_lib
+  from igpt_jax import train as train_lib
+  directory = checkpoint_dir(workdir, "pretrain")
+  if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise UserError(f"No pretraining checkpoint in {directory}: run the pretrain stage first "
+                    "(or point --workdir at a run that has one).")
+  cfg = model_lib.ModelConfig.from_config(config)
+  centers = load_palette(config, workdir)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  rules = rules or sharding_lib.rules_from_config(config)
+
+  def check(meta):
+    check_same_model(meta, cfg, directory)
+    saved = np.asarray(meta["palette"], np.float32)
+    if saved.shape != centers.shape or not np.allclose(saved, centers, atol=1e-6):
+      raise checkpoint_lib.CheckpointMismatch(
+          f"The checkpoint in {directory} was trained with a different palette "
+          f"({saved.shape[0]} colours) than the configured one: use the palette.npz it was "
+          "trained with.")
+
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  try:
+    restored = ckpt.restore_latest({"params": train_lib.abstract_params(cfg, mesh, rules)},
+                                   check_meta=check, log=log)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise UserError(f"No readable pretraining checkpoint in {directory}: run the pretrain stage "
+                    "again.")
+  step, state, _ = restored
+  log(f"Loaded pretrained parameters from step {step} of {directory}.")
+  return cfg, state["params"], centers, step
+
+
+def check_same_model(meta: dict, cfg, where) -> None:
+  from igpt_jax import checkpoint as checkpoint_lib
+  saved = meta.get("model", {})
+  shape_keys = ("num_layers", "d_model", "num_heads", "mlp_ratio", "vocab_size", "seq_len",
+                "objective", "use_bias")
+  diff = {k: (saved.get(k), getattr(cfg, k)) for k in shape_keys if saved.get(k) != getattr(cfg, k)}
+  if diff:
+    raise checkpoint_lib.CheckpointMismatch(
+        f"The checkpoint in {where} is a different model: "
+        + ", ".join(f"{k} saved {a} vs configured {b}" for k, (a, b) in diff.items())
+        + ". Use another --workdir or match the config.")

@@ -1,0 +1,185 @@
+"""Several processes on this machine (launch/local.sh: jax.distributed, gloo collectives over
+127.0.0.1, simulated CPU devices): every stage, mesh equivalence, preemption, a dead host."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from igpt_jax.data import sources
+
+pytestmark = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
+                                reason="Debian's dataset-fashion-mnist is not installed")
+
+# 2 layers of width 32 on 14x14 Fashion-MNIST, batch 16, every step logged.
+TINY = ["--config=configs/demo.py", "--config.model.num_layers=2", "--config.model.d_model=32",
+        "--config.model.num_heads=4", "--config.train.batch_size=16", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.train.sample_every=0",
+        "--config.train.warmup_steps=5", "--config.palette.samples=20000",
+        "--config.palette.iters=5", "--config.checkpoint.every=1000"]
+STEPS = 300  # long enough (~10 s) for a SIGTERM to land mid-run
+
+
+def env(devices):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def local(n, d, *args, timeout=600):
+  """launch/local.sh -n n -d d -- args; returns (returncode, output)."""
+  proc = subprocess.run(["bash", f"{REPO}/launch/local.sh", "-n", str(n), "-d", str(d), "--",
+                         *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def single(devices, *args, timeout=600):
+  proc = subprocess.run([sys.executable, "-m", "igpt_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env=env(devices))
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def losses(workdir, name="metrics.jsonl"):
+  with open(os.path.join(workdir, name)) as f:
+    return np.array([json.loads(line)["loss"] for line in f if line.strip()])
+
+
+def last_json(output, prefix=""):
+  lines = [l[len(prefix):] for l in output.splitlines() if l.startswith(prefix + "{")]
+  return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def palette_and_reference(tmp_path_factory):
+  """A fitted palette, and one process x 4 devices pretraining STEPS steps (data mesh)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  code, out = single(4, *TINY, "--config.stage=pretrain", f"--workdir={workdir}",
+                     f"--config.train.steps={STEPS}")
+  assert code == 0, out[-3000:]
+  return os.path.join(workdir, "palette.npz"), losses(workdir)
+
+
+@pytest.mark.parametrize("devices,mesh", [
+    (2, ["--config.mesh.data=-1"]),
+    (2, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
+    (2, ["--config.mesh.data=2", "--config.mesh.tensor=2"]),
+    (1, ["--config.mesh.data=1", "--config.mesh.tensor=2"]),  # tensor parallel across processes
+], ids=["data", "fsdp", "tensor", "tensor_across_processes"])
+def test_two_processes_train_like_one(palette_and_reference, tmp_path, devices, mesh):
+  palette, reference = palette_and_reference
+  shutil.copy(palette, tmp_path / "palette.npz")
+  steps = STEPS if mesh == ["--config.mesh.data=-1"] else 20
+  code, out = local(2, devices, *TINY, *mesh, "--config.stage=pretrain", f"--workdir={tmp_path}",
+                    f"--config.train.steps={steps}")
+  assert code == 0, out[-3000:]
+  assert "over 2 processes" in out
+  np.testing.assert_allclose(losses(tmp_path), reference[:steps], rtol=1e-5)
+  assert '[1] {"stage": "pretrain", "step": %d' % steps in out  # both processes finished
+  assert not os.path.exists(tmp_path / "metrics.jsonl.1")
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exactly(
+    palette_and_reference, tmp_path):
+  palette, reference = palette_and_reference
+  shutil.copy(palette, tmp_path / "palette.npz")
+  args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}"]
+  launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--", *args],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  pids = {}
+  while len(pids) < 2:
+    line = launcher.stdout.readline()
+    if line.startswith("[local] process"):
+      pids[int(line.split()[2])] = int(line.split()[4])
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    path = tmp_path / "metrics.jsonl"
+    if path.exists() and len(path.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.1)
+  os.kill(pids[1], signal.SIGTERM)
+  out, _ = launcher.communicate(timeout=240)
+  assert launcher.returncode == 0, out[-3000:]
+  saved = [int(l.split("saved step ")[1].split(",")[0]) for l in out.splitlines()
+           if "Preemption signal: saved step" in l]
+  assert len(saved) == 2 and saved[0] == saved[1] < STEPS, out[-3000:]
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == [str(saved[0])]
+
+  code, out = local(2, 2, *args)
+  assert code == 0, out[-3000:]
+  assert f"Resumed from checkpoint step {saved[0]}" in out
+  resumed = losses(tmp_path)
+  assert len(resumed) == STEPS
+  # Bit-exact: the interrupted-and-resumed run logs the losses of the uninterrupted one.
+  np.testing.assert_allclose(resumed, reference, rtol=1e-5)
+  code, straight = local(2, 2, *TINY, "--config.stage=pretrain", f"--workdir={tmp_path}/straight",
+                         f"--config.train.steps={STEPS}", f"--config.palette.path={palette}")
+  assert code == 0, straight[-3000:]
+  assert resumed.tolist() == losses(tmp_path / "straight").tolist()
+
+
+def test_a_killed_process_makes_the_other_exit_nonzero_quickly(palette_and_reference, tmp_path):
+  palette, _ = palette_and_reference
+  shutil.copy(palette, tmp_path / "palette.npz")
+  port = 20000 + os.getpid() % 20000
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "igpt_jax.main", *TINY, "--config.stage=pretrain",
+       f"--workdir={tmp_path}", "--config.train.steps=100000",
+       f"--coordinator_address=127.0.0.1:{port}", "--process_count=2", f"--process_index={i}"],
+      cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  deadline = time.time() + 240
+  while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  try:
+    procs[0].wait(timeout=120)
+  finally:
+    procs[0].kill()
+  print(f"survivor exited {time.time() - killed:.0f} s after its peer was killed")
+  assert procs[0].returncode != 0
+  assert "another task died" in procs[0].stderr.read()
+
+
+def make_uneven_numpy_source(path):
+  """256 Fashion-MNIST train images and 9 test images: 9 does not split over 2 hosts."""
+  directory = sources.fashion_mnist_dir()
+  train = sources.load_fashion_mnist(directory, "train", 1)
+  test = sources.load_fashion_mnist(directory, "test", 1)
+  np.savez(path, train_images=train.images[:256, ..., 0], train_labels=train.labels[:256],
+           test_images=test.images[:9, ..., 0], test_labels=test.labels[:9])
+
+
+def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
+  make_uneven_numpy_source(tmp_path / "data.npz")
+  args = [*TINY, "--config.stage=all", "--config.data.source=numpy",
+          f"--config.data.path={tmp_path / 'data.npz'}", "--config.train.steps=8",
+          "--config.train.eval_every=4", "--config.train.sample_every=8",
+          "--config.train.batch_size=4", "--config.finetune.steps=4",
+          "--config.finetune.eval_every=4", "--config.probe.steps=20", "--config.sample.num=2",
+          "--config.sample.completions=2", "--config.palette.samples=5000"]
+  code, one = single(4, *args, f"--workdir={tmp_path / 'one'}")
+  assert code == 0, one[-3000:]
+  code, two = local(2, 2, *args, f"--workdir={tmp_path / 'two'}")
+  assert code == 0, two[-3000:]
+  a, b = last_json(one), last_json(two, "[0] ")
+  assert last_json(two, "[1] ")["eval_bits_per_dim"] == b["eval_bits_per_dim"]
+  for key in ("eval_bits_per_dim", "best_accuracy", "random_init_accuracy", "raw_pixel_accuracy",
+              "finetune_accuracy"):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+  assert a["best_layer"] == b["best_layer"]
+  np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+  rows = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]  # the 9-image split, twice
+  for name in ("report.md", "evaluate.json", "probe/results.json", "samples/completions.png",
+               "finetune/metrics.jsonl", "palette.npz"):
+    assert os.path.exists(tmp_path / "two" / name), name
+  # Only process 0 writes metrics and TensorBoard events: one events file per directory.
+  assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
