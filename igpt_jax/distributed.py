@@ -22,7 +22,8 @@ HEARTBEAT_TIMEOUT_S = 60
 
 
 def initialize(coordinator_address: str | None = None, process_count: int | None = None,
-               process_index: int | None = None) -> None:
+               process_index: int | None = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
   """jax.distributed.initialize, explicitly (all three given) or by JAX's own cluster detection.
 
   Without arguments JAX looks for a TPU VM, GKE, SLURM or Open MPI environment; where it finds
@@ -43,10 +44,10 @@ def initialize(coordinator_address: str | None = None, process_count: int | None
     if process_count == 1:
       return
     jax.distributed.initialize(coordinator_address, process_count, process_index,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
     return
   try:
-    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   except ValueError as e:
     if "coordinator_address" not in str(e):  # a cluster was found but is misconfigured
       raise

@@ -39,6 +39,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for a multi-process run.")
 _PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Number of processes.")
 _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process's index, 0..N-1.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
+                                  "A process silent this long is declared dead and the others "
+                                  "stop with an error (multi-process runs).")
 
 
 def log(msg: str) -> None:
@@ -256,7 +259,8 @@ def main(argv):
           replan_with_simulated_devices(config, devices_needed(config.mesh))
     else:  # plan compiles on this process alone; every other stage joins its peers
       from igpt_jax import distributed
-      distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value)
+      distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
+                             _HEARTBEAT.value)
     run(config, _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
   except config_lib.UserError as e:  # includes data, palette and checkpoint mismatches
     exit_with_error(str(e))

@@ -39,10 +39,8 @@ if [[ -z "$PORT" ]]; then
 fi
 
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-}
-trap 'stop_all' TERM INT
+# A signal to the launcher goes to every process (SIGTERM: they all save and exit).
+trap 'for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done' TERM INT
 
 for ((i = 0; i < NUM; i++)); do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu \

@@ -23,7 +23,7 @@ TINY = ["--config=configs/demo.py", "--config.model.num_layers=2", "--config.mod
         "--config.train.eval_every=0", "--config.train.sample_every=0",
         "--config.train.warmup_steps=5", "--config.palette.samples=20000",
         "--config.palette.iters=5", "--config.checkpoint.every=1000"]
-STEPS = 300  # long enough (~10 s) for a SIGTERM to land mid-run
+STEPS = 30  # the learning-rate schedule depends on it: every run here uses the same
 
 
 def env(devices):
@@ -65,27 +65,42 @@ def palette_and_reference(tmp_path_factory):
   return os.path.join(workdir, "palette.npz"), losses(workdir)
 
 
+@pytest.fixture(scope="module")
+def two_process_data_run(palette_and_reference, tmp_path_factory):
+  """2 processes x 2 devices, data mesh, STEPS steps: (workdir, launcher output)."""
+  workdir = tmp_path_factory.mktemp("two_data")
+  shutil.copy(palette_and_reference[0], workdir / "palette.npz")
+  code, out = local(2, 2, *TINY, "--config.stage=pretrain", f"--workdir={workdir}",
+                    f"--config.train.steps={STEPS}")
+  assert code == 0, out[-3000:]
+  return workdir, out
+
+
+def test_two_processes_train_like_one_on_a_data_mesh(palette_and_reference, two_process_data_run):
+  workdir, out = two_process_data_run
+  assert "over 2 processes" in out
+  assert '[1] {"stage": "pretrain", "step": %d' % STEPS in out  # both processes finished
+  np.testing.assert_allclose(losses(workdir), palette_and_reference[1], rtol=1e-5)
+  # Only process 0 writes metrics and TensorBoard events.
+  assert len(os.listdir(workdir / "tensorboard")) == 1
+
+
 @pytest.mark.parametrize("devices,mesh", [
-    (2, ["--config.mesh.data=-1"]),
-    (2, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
-    (2, ["--config.mesh.data=2", "--config.mesh.tensor=2"]),
+    (2, ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]),
     (1, ["--config.mesh.data=1", "--config.mesh.tensor=2"]),  # tensor parallel across processes
-], ids=["data", "fsdp", "tensor", "tensor_across_processes"])
+], ids=["fsdp_tensor", "tensor_across_processes"])
 def test_two_processes_train_like_one(palette_and_reference, tmp_path, devices, mesh):
   palette, reference = palette_and_reference
   shutil.copy(palette, tmp_path / "palette.npz")
-  steps = STEPS if mesh == ["--config.mesh.data=-1"] else 20
   code, out = local(2, devices, *TINY, *mesh, "--config.stage=pretrain", f"--workdir={tmp_path}",
-                    f"--config.train.steps={steps}")
+                    f"--config.train.steps={STEPS}")
   assert code == 0, out[-3000:]
   assert "over 2 processes" in out
-  np.testing.assert_allclose(losses(tmp_path), reference[:steps], rtol=1e-5)
-  assert '[1] {"stage": "pretrain", "step": %d' % steps in out  # both processes finished
-  assert not os.path.exists(tmp_path / "metrics.jsonl.1")
+  np.testing.assert_allclose(losses(tmp_path), reference, rtol=1e-5)
 
 
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exactly(
-    palette_and_reference, tmp_path):
+    palette_and_reference, two_process_data_run, tmp_path):
   palette, reference = palette_and_reference
   shutil.copy(palette, tmp_path / "palette.npz")
   args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}"]
@@ -100,7 +115,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exac
   deadline = time.time() + 240
   while time.time() < deadline:
     path = tmp_path / "metrics.jsonl"
-    if path.exists() and len(path.read_text().splitlines()) >= 5:
+    if path.exists() and len(path.read_text().splitlines()) >= 3:
       break
     time.sleep(0.1)
   os.kill(pids[1], signal.SIGTERM)
@@ -118,10 +133,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exac
   assert len(resumed) == STEPS
   # Bit-exact: the interrupted-and-resumed run logs the losses of the uninterrupted one.
   np.testing.assert_allclose(resumed, reference, rtol=1e-5)
-  code, straight = local(2, 2, *TINY, "--config.stage=pretrain", f"--workdir={tmp_path}/straight",
-                         f"--config.train.steps={STEPS}", f"--config.palette.path={palette}")
-  assert code == 0, straight[-3000:]
-  assert resumed.tolist() == losses(tmp_path / "straight").tolist()
+  assert resumed.tolist() == losses(two_process_data_run[0]).tolist()
 
 
 def test_a_killed_process_makes_the_other_exit_nonzero_quickly(palette_and_reference, tmp_path):
@@ -131,7 +143,8 @@ def test_a_killed_process_makes_the_other_exit_nonzero_quickly(palette_and_refer
   procs = [subprocess.Popen(
       [sys.executable, "-m", "igpt_jax.main", *TINY, "--config.stage=pretrain",
        f"--workdir={tmp_path}", "--config.train.steps=100000",
-       f"--coordinator_address=127.0.0.1:{port}", "--process_count=2", f"--process_index={i}"],
+       f"--coordinator_address=127.0.0.1:{port}", "--process_count=2", f"--process_index={i}",
+       "--heartbeat_timeout_seconds=20"],
       cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   deadline = time.time() + 240
@@ -181,5 +194,3 @@ def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
   for name in ("report.md", "evaluate.json", "probe/results.json", "samples/completions.png",
                "finetune/metrics.jsonl", "palette.npz"):
     assert os.path.exists(tmp_path / "two" / name), name
-  # Only process 0 writes metrics and TensorBoard events: one events file per directory.
-  assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1

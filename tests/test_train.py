@@ -295,10 +295,14 @@ def test_plan_xl_on_256_simulated_devices():
 
 
 def test_launch_scripts_are_valid_and_tpu_dry_run_prints_gcloud():
-  for script in ("tpu_pod.sh", "gpu_slurm.sh"):
-    subprocess.run(["bash", "-n", f"{REPO}/launch/{script}"], check=True)
+  scripts = [f"{REPO}/launch/{s}" for s in ("tpu_pod.sh", "gpu_slurm.sh", "local.sh")]
+  for script in scripts:
+    subprocess.run(["bash", "-n", script], check=True)
   shellcheck = os.path.join(os.path.dirname(sys.executable), "shellcheck")
-  subprocess.run([shellcheck, f"{REPO}/launch/tpu_pod.sh", f"{REPO}/launch/gpu_slurm.sh"], check=True)
+  subprocess.run([shellcheck, *scripts], check=True)
+  bad = subprocess.run(["bash", f"{REPO}/launch/local.sh", "-n", "zero"], capture_output=True,
+                       text=True)
+  assert bad.returncode == 2 and bad.stderr.strip() == "error: -n and -d take positive integers"
   out = subprocess.run(
       ["bash", f"{REPO}/launch/tpu_pod.sh", "--name", "igpt-l", "--zone", "us-central2-b",
        "--type", "v5litepod-64", "--config", "configs/igpt_l.py", "--workdir", "gs://b/runs/l",
