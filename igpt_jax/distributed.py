@@ -74,6 +74,12 @@ def allgather(values) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(values))
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any: for decisions that start collective
+  work (a file one process sees and another does not yet must not split them)."""
+  return bool(allgather(np.int32(bool(flag))).max())
+
+
 def to_host(array) -> np.ndarray:
   """A global jax.Array, whole, as numpy on every process (never np.asarray on a global array
   that this process only holds part of)."""

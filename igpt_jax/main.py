@@ -125,7 +125,8 @@ def run_all(config, workdir: str) -> dict:
   -> sample, then a one-screen summary and report.md in the workdir."""
   import time
   results, start = {}, time.time()
-  if not workdir_lib.palette_path(config, workdir).exists():
+  from igpt_jax import distributed
+  if distributed.any_process(not workdir_lib.palette_path(config, workdir).exists()):
     results["fit_palette"] = fit_palette(config, workdir)
   for stage in CHAIN:
     log(f"=== {stage} ===")

@@ -111,7 +111,7 @@ def cached_features(path, extract, num_examples: int) -> np.ndarray:
     cached = np.load(io.BytesIO(path.read_bytes()))["features"]
     if cached.shape[1] != num_examples:
       cached = None
-  if distributed.allgather(np.int32(cached is not None)).all():
+  if not distributed.any_process(cached is None):
     return cached
   feats = extract()
   if distributed.is_chief():

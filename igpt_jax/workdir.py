@@ -68,7 +68,7 @@ def load_or_fit_palette(config, workdir, log=print) -> np.ndarray:
   one is missing."""
   from igpt_jax import palette as palette_lib
   where = palette_path(config, workdir)
-  if not config.palette.path and not where.exists():
+  if not config.palette.path and distributed.any_process(not where.exists()):
     log(f"No palette at {where}; fitting one first (stage fit_palette).")
     palette_lib.fit_stage(config, workdir, log=log)
   return load_palette(config, workdir)
