@@ -75,6 +75,11 @@ def tree_difference(saved, wanted) -> str:
   return "; ".join(parts)
 
 
+def _without_params(state: dict) -> dict:
+  """The `train` item: everything in the train state but the parameters."""
+  return {k: v for k, v in state.items() if k != "params"}
+
+
 class Checkpointer:
 
   def __init__(self, directory, keep: int = 3, async_save: bool = True):
@@ -91,9 +96,9 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: dict, meta: dict) -> None:
-    rest = {k: v for k, v in state.items() if k != "params"}
     self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(rest),
+        params=ocp.args.StandardSave(state["params"]),
+        train=ocp.args.StandardSave(_without_params(state)),
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def read_meta(self, step: int) -> dict:
@@ -141,7 +146,7 @@ class Checkpointer:
     except CheckpointMismatch as e:
       return _MISMATCH, None, e
     items = {"params": ocp.args.StandardRestore(abstract_state["params"])}
-    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    rest = _without_params(abstract_state)
     if rest:
       items["train"] = ocp.args.StandardRestore(rest)
     try:
@@ -156,7 +161,7 @@ class Checkpointer:
                    config: dict) -> None:
     where = self.directory / str(step)
     for item, wanted in (("params", abstract_state["params"]),
-                         ("train", {k: v for k, v in abstract_state.items() if k != "params"})):
+                         ("train", _without_params(abstract_state))):
       if item == "train" and not wanted:
         continue
       if saved.get(item) is None:

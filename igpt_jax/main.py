@@ -236,7 +236,8 @@ def devices_needed(mesh_config) -> int:
 
 def replan_with_simulated_devices(config, needed: int) -> None:
   """plan on a machine with too few devices: run again with `needed` simulated CPU devices."""
-  log(f"plan: the mesh needs {needed} devices and {len(__import__('jax').devices())} are here; "
+  import jax
+  log(f"plan: the mesh needs {needed} devices and {len(jax.devices())} are here; "
       f"planning on {needed} simulated CPU devices.")
   argv = [a for a in sys.argv[1:] if not a.startswith("--config.plan.num_devices")]
   os.execv(sys.executable, [sys.executable, "-m", "igpt_jax.main", *argv,

@@ -34,19 +34,15 @@ class Palette:
     return self.centers.shape[1]
 
   def save(self, path) -> None:
-    """Written whole or not at all (a temporary file, then a rename): readers on other hosts
-    never see half a palette."""
+    """Written by process 0, whole or not at all: readers on other hosts never see half a
+    palette."""
     import io
 
-    from etils import epath
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from igpt_jax import workdir as workdir_lib
     buffer = io.BytesIO()
     np.savez(buffer, centers=self.centers.astype(np.float32), k=self.k, channels=self.channels,
              dataset=self.dataset, seed=self.seed)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    workdir_lib.write_bytes(path, buffer.getvalue())
 
   @classmethod
   def load(cls, path) -> "Palette":

@@ -115,10 +115,10 @@ def cached_features(path, extract, num_examples: int) -> np.ndarray:
     return cached
   feats = extract()
   if distributed.is_chief():
+    from igpt_jax import workdir as workdir_lib
     buffer = io.BytesIO()
     np.savez(buffer, features=feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    workdir_lib.write_bytes(path, buffer.getvalue())
   return feats
 
 
@@ -194,7 +194,7 @@ def write_report(results: dict, out_dir) -> dict:
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=100)
-  plot_path.write_bytes(png.getvalue())
+  workdir_lib.write_bytes(plot_path, png.getvalue())
   return results
 
 

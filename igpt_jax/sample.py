@@ -114,15 +114,13 @@ def save_png(image: np.ndarray, path, scale: int = 4) -> str:
   from PIL import Image
 
   from igpt_jax import distributed
-  from etils import epath
-  path = epath.Path(path)
+  from igpt_jax import workdir as workdir_lib
   if distributed.is_chief():
     img = image[..., 0] if image.shape[-1] == 1 else image
     pil = Image.fromarray(img)
     png = io.BytesIO()
     pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(png, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png.getvalue())
+    workdir_lib.write_bytes(path, png.getvalue())
   return str(path)
 
 

@@ -37,15 +37,19 @@ def stage_dir(workdir, stage: str) -> epath.Path:
   return path(workdir) if stage == "pretrain" else path(workdir) / stage
 
 
-def write_text(target, text: str) -> None:
+def write_bytes(target, data: bytes) -> None:
   """Process 0 writes; atomically (temporary file, then rename), so readers never see half."""
   if not distributed.is_chief():
     return
   target = epath.Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp"
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(target)
+
+
+def write_text(target, text: str) -> None:
+  write_bytes(target, text.encode("utf-8"))
 
 
 def write_json(target, obj) -> None:
