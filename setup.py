@@ -16,6 +16,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.7",
+        "importlib_resources>=6",  # TFDS download-and-prepare imports it (through etils)
         "ml-collections>=1.0",
         "einops>=0.8",
         "numpy>=1.26",

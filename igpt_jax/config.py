@@ -14,7 +14,7 @@ class UserError(ValueError):
   it as one line `error: ...` and exits 2, without a traceback."""
 
 
-STAGES = ("fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
+STAGES = ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,13 +23,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"  # fashion_mnist | tfds | folder | numpy
+  c.data.source = "tfds"  # prepared | fashion_mnist | tfds | folder | numpy
   c.data.name = "imagenet_resized/32x32"  # TFDS name when source == 'tfds'
-  c.data.path = ""  # local IDX files or image folder; '' = the usual places
+  c.data.path = ""  # IDX files, image folder, .npz or TFDS data_dir; '' = the usual places
+  c.data.prepared = ""  # a prepared data set (stage prepare writes it, source 'prepared' reads)
   c.data.resolution = 32
   c.data.channels = 3
-  c.data.augment = True  # pretraining random crops (the paper); evaluation never augments
-  c.data.crop_min = 0.75  # smallest random crop side, as a fraction of the image side
+  # Pretraining crops: 'paper' (short side 256..384, random 224 crop; evaluation: centre
+  # 224/256), 'crop' (random square of crop_min..1 of the side), 'none'; 'auto' = paper for
+  # full-size images (folders, imagenet2012), none for data already at low resolution.
+  c.data.augment = "auto"
+  c.data.crop_min = 0.75  # smallest side of the 'crop' augmentation, as a fraction
+  c.data.validation_fraction = -1.0  # held out of train; -1 = the paper's (ImageNet 4%, else 10%)
+  c.data.shard_size = 10_000  # examples per prepared shard (the unit prepare resumes by)
+  c.data.workers = 0  # prepare's decoding processes; 0 = all cores
+  c.data.prefetch = 2  # batches read ahead by the input thread
 
   c.palette = ml_collections.ConfigDict()
   c.palette.k = 512
@@ -66,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.accum_steps = 1
   c.train.log_every = 100
   c.train.eval_every = 5_000
-  c.train.eval_batches = 0  # batches of the test split per evaluation; 0 = all of it
+  c.train.eval_batches = 0  # validation batches per evaluation; 0 = all of it
   c.train.sample_every = 10_000  # unconditional samples to TensorBoard every N steps; 0 = off
   # A step whose gradients or updates are not finite is skipped (never applied, never saved);
   # this many in a row stop the run, keeping the last good checkpoint.
@@ -78,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.lr = 3e-4
   c.finetune.warmup_steps = 500
   c.finetune.eval_every = 1_000
-  c.finetune.eval_batches = 0  # test batches per evaluation; 0 = all of it
+  c.finetune.eval_batches = 0  # validation batches per evaluation; 0 = all of it
   c.finetune.gen_weight = 1.0  # L_GEN + L_CLF as in the paper; 0 = plain L_CLF
 
   c.probe = ml_collections.ConfigDict()
@@ -121,16 +129,17 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "data.source": ("fashion_mnist", "tfds", "folder", "numpy"),
+    "data.source": ("prepared", "fashion_mnist", "tfds", "folder", "numpy"),
+    "data.augment": ("auto", "paper", "crop", "none"),
     "model.objective": ("ar", "bert"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("xla", "blocked", "cudnn"),
 }
-POSITIVE = ("data.resolution", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
+POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
             "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
             "probe.batch_size", "probe.steps")
-NON_NEGATIVE = ("train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
+NON_NEGATIVE = ("data.workers", "data.prefetch", "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "train.eval_every", "train.eval_batches", "train.sample_every",
                 "finetune.steps", "finetune.lr", "finetune.warmup_steps", "finetune.eval_every",
                 "finetune.eval_batches", "finetune.gen_weight", "palette.iters", "sample.num",
@@ -159,6 +168,9 @@ def validate(config) -> None:
       raise UserError(f"--config.{key}={_get(config, key)} must be zero or positive.")
   if config.data.channels not in (1, 3):
     raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
+  if not (config.data.validation_fraction == -1 or 0 <= config.data.validation_fraction < 1):
+    raise UserError(f"--config.data.validation_fraction={config.data.validation_fraction} must "
+                    "be in [0, 1), or -1 for the paper's per data set.")
   if not 0 < config.data.crop_min <= 1:
     raise UserError(f"--config.data.crop_min={config.data.crop_min} must be in (0, 1].")
   if config.model.d_model % config.model.num_heads:

@@ -30,29 +30,41 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
-def evaluate(trainer: train_lib.Trainer, params, eval_data, centers, config,
-             max_batches: int = 0) -> dict:
+def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
+             max_batches: int = 0, prefix: str = "eval") -> dict:
   """Held-out mean NLL (nats/token) and bits/dim; for a finetuning trainer also accuracy.
+  Keys are `{prefix}_loss`, `{prefix}_bits_per_dim`, `{prefix}_accuracy`.
 
   Every process runs the same number of padded global batches (its rows of each)."""
   from igpt_jax.data import pipeline
   batch_size = trainer.train_cfg.batch_size
   rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
   total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
-  for i, batch in enumerate(pipeline.eval_batches(eval_data, centers,
-                                                  resolution=config.data.resolution,
-                                                  batch_size=batch_size, rows=rows)):
+  for i, batch in enumerate(pipeline.eval_batches(eval_data, batch_size=batch_size, rows=rows,
+                                                  augment=config.data.augment)):
     if max_batches and i >= max_batches:
       break
-    g = sharding_lib.global_batch({k: batch[k] for k in ("tokens", "labels", "mask")},
+    g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes", "labels", "mask")},
                                   trainer.mesh, trainer.rules, batch_size)
-    for key, value in trainer.eval_fn(params, g["tokens"], g["labels"], g["mask"]).items():
+    tokens = tokenizer(g["images"], g["boxes"])
+    for key, value in trainer.eval_fn(params, tokens, g["labels"], g["mask"]).items():
       total[key] += float(value)  # replicated scalars: every process holds them whole
   nats = total["nll"] / max(total["tokens"], 1.0)
-  out = {"eval_loss": nats, "eval_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
+  out = {f"{prefix}_loss": nats,
+         f"{prefix}_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
   if trainer.stage == "finetune":
-    out["eval_accuracy"] = total["correct"] / max(total["examples"], 1.0)
+    out[f"{prefix}_accuracy"] = total["correct"] / max(total["examples"], 1.0)
   return out
+
+
+def eval_split(config, log=print):
+  """Training-time evaluation reads validation (test is for final numbers), or test when
+  data.validation_fraction is 0."""
+  from igpt_jax.data import sources
+  if sources.validation_fraction(config) == 0:
+    log("data.validation_fraction=0: evaluating on the test split during training.")
+    return sources.load(config, "test", log=log)
+  return sources.load(config, "validation", log=log)
 
 
 def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
@@ -76,7 +88,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   checkpoint, as a preemption would, without changing the schedule (set by the step count).
   """
   from igpt_jax import palette as palette_lib
-  from igpt_jax.data import pipeline, sources
+  from igpt_jax.data import pipeline, sources, transform
 
   mesh = sharding_lib.make_mesh(config.mesh)  # first: a mesh that does not fit fails at once
   rules = sharding_lib.rules_from_config(config)
@@ -85,8 +97,11 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   else:
     centers = workdir_lib.load_palette(config, workdir)
   data = sources.load(config, "pretrain" if stage == "pretrain" else "train", log=log)
-  eval_data = sources.load(config, "test", log=log)
+  eval_data = eval_split(config, log)
+  test_data = lambda: sources.load(config, "test", log=log)  # noqa: E731
   palette_lib.Palette(centers).check_channels(data.images.shape[-1])
+  log(f"{stage}: {len(data)} training examples ({data.name}), {len(eval_data)} for evaluation "
+      f"({eval_data.name}).")
   cfg = model_lib.ModelConfig.from_config(config)
   if stage == "pretrain" and cfg.num_classes:
     raise UserError("Pretraining takes model.num_classes=0; the class head belongs to finetune.")
@@ -124,10 +139,11 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
 
   total = tcfg.steps
   rows = sharding_lib.host_rows(mesh, rules, tcfg.batch_size)
+  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   batches = pipeline.train_batches(
-      data, centers, resolution=config.data.resolution, batch_size=tcfg.batch_size,
-      seed=config.seed, start_step=start, num_steps=max(total - start, 0), rows=rows,
-      augment=config.data.augment, crop_min=config.data.crop_min, log=log)
+      data, batch_size=tcfg.batch_size, seed=config.seed, start_step=start,
+      num_steps=max(total - start, 0), rows=rows, augment=config.data.augment,
+      crop_min=config.data.crop_min, prefetch=config.data.prefetch, log=log)
 
   progress = metrics_lib.Progress(total, start, log=log if distributed.is_chief() else None)
   flops_per_token = model_lib.flops_per_token(cfg)
@@ -139,9 +155,10 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   try:
     with preemption:
       for step in range(start + 1, total + 1):
-        local = next(batches)
-        state, out = step_fn(state, sharding_lib.global_batch(
-            {k: local[k] for k in trainer.batch_keys()}, mesh, rules, tcfg.batch_size))
+        g = sharding_lib.global_batch({k: v for k, v in next(batches).items() if k != "step"},
+                                      mesh, rules, tcfg.batch_size)
+        g["tokens"] = tokenizer(g.pop("images"), g.pop("boxes"))
+        state, out = step_fn(state, {k: g[k] for k in trainer.batch_keys()})
         is_last = step == total
         preempted = step == stop_after or preemption.should_stop(step)
         save = step % config.checkpoint.every == 0 or is_last or preempted
@@ -160,8 +177,11 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                      "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, device_kind,
                                             len(jax.devices()))}
           if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
-            scalars.update(evaluate(trainer, state["params"], eval_data, centers, config,
+            scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
                                     tcfg.eval_batches))
+          if stage == "finetune" and is_last:  # the final number, on test
+            scalars.update(evaluate(trainer, state["params"], test_data(), tokenizer, config,
+                                    prefix="test"))
           writer.write(step, scalars)
           progress.update(step, scalars)
           summary = scalars
@@ -212,17 +232,25 @@ def _sample_grid(trainer: train_lib.Trainer, params, centers, config, step: int)
 
 
 def evaluate_stage(config, workdir, log=print) -> dict:
-  """Stage evaluate: bits/dim of the pretrained model on the whole test split."""
-  from igpt_jax.data import sources
+  """Stage evaluate: bits/dim of the pretrained model on the whole validation and test splits,
+  reported separately (validation is what model choices may look at; test is the final
+  number)."""
+  from igpt_jax.data import sources, transform
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config)
   cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
   trainer = train_lib.Trainer(cfg, config, mesh, rules)
-  test = sources.load(config, "test", log=log)
-  result = {"stage": "evaluate", "checkpoint_step": step, "examples": len(test),
-            **evaluate(trainer, params, test, centers, config)}
+  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
+  result = {"stage": "evaluate", "checkpoint_step": step}
+  roles = ("validation", "test") if sources.validation_fraction(config) > 0 else ("test",)
+  for role in roles:
+    data = sources.load(config, role, log=log)
+    result[f"{role}_examples"] = len(data)
+    result.update(evaluate(trainer, params, data, tokenizer, config, prefix=role))
+  result["eval_loss"], result["eval_bits_per_dim"] = result["test_loss"], result["test_bits_per_dim"]
   path = workdir_lib.path(workdir) / "evaluate.json"
   workdir_lib.write_json(path, result)
-  log(f"Test bits/dim {result['eval_bits_per_dim']:.4f} ({result['eval_loss']:.4f} nats/token); "
-      f"written to {path}")
+  log("; ".join(f"{role} bits/dim {result[f'{role}_bits_per_dim']:.4f} "
+                f"({result[f'{role}_loss']:.4f} nats/token)" for role in roles)
+      + f"; written to {path}")
   return result

@@ -3,7 +3,7 @@
   python -m igpt_jax.main --config=configs/demo.py --config.stage=STAGE [--workdir=DIR]
                           [--config.FIELD=VALUE ...]
 
-Stages (--config.stage): fit_palette, pretrain, evaluate, probe, finetune, sample, plan, all.
+Stages (--config.stage): prepare, fit_palette, pretrain, evaluate, probe, finetune, sample, plan, all.
 Every stage writes under --workdir (default: runs/<config>-<timestamp>; gs://... works), says
 where its outputs went, and prints one JSON object as its last stdout line.
 
@@ -16,6 +16,7 @@ Most used overrides:
   --config.model.num_layers=N      --config.model.d_model=N        --config.model.dtype=bfloat16
   --config.model.attention=cudnn   --config.model.remat=full       --config.model.objective=bert
   --config.data.source=folder      --config.data.path=DIR          --config.data.name=cifar10
+  --config.data.prepared=DIR       --config.data.source=prepared   --config.data.augment=paper
   --config.mesh.fsdp=-1            --config.plan.num_devices=256   --config.checkpoint.every=N
 A misspelt field stops at once, naming the closest valid one.
 """
@@ -46,6 +47,11 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
 
 def log(msg: str) -> None:
   print(msg, flush=True)
+
+
+def prepare(config, workdir: str) -> dict:
+  from igpt_jax.data import prepare as prepare_lib
+  return prepare_lib.run(config, log=log)
 
 
 def fit_palette(config, workdir: str) -> dict:
@@ -142,7 +148,7 @@ def run_all(config, workdir: str) -> dict:
           "best_accuracy": results["probe"]["best_accuracy"],
           "random_init_accuracy": results["probe"]["random_init_accuracy"],
           "raw_pixel_accuracy": results["probe"]["raw_pixel_accuracy"],
-          "finetune_accuracy": results["finetune"].get("eval_accuracy"),
+          "finetune_accuracy": results["finetune"].get("test_accuracy"),
           "minutes": results["minutes"]}
 
 
@@ -152,17 +158,19 @@ def summary(results: dict, workdir: str) -> str:
   lines = [
       "# igpt_jax run report", "",
       f"Workdir: `{workdir}` ({results['minutes']:.1f} minutes)", "",
-      f"- Test bits/dim: **{e['eval_bits_per_dim']:.4f}** ({e['eval_loss']:.4f} nats/token)",
+      f"- Test bits/dim: **{e['test_bits_per_dim']:.4f}** ({e['test_loss']:.4f} nats/token)"
+      + (f"; validation {e['validation_bits_per_dim']:.4f}" if "validation_bits_per_dim" in e else ""),
       f"- Linear probe, best layer {p['best_layer']}: **{p['best_accuracy']:.4f}** "
       f"(random-init model {p['random_init_accuracy']:.4f}, raw pixels {p['raw_pixel_accuracy']:.4f});"
       f" by layer: `{probe_dir / 'results.md'}`, plot `{probe_dir / 'accuracy_by_layer.png'}`",
-      f"- Fine-tuned test accuracy: **{f.get('eval_accuracy', float('nan')):.4f}**",
+      f"- Fine-tuned test accuracy: **{f.get('test_accuracy', float('nan')):.4f}** (validation "
+      f"{f.get('eval_accuracy', float('nan')):.4f})",
       f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
   ]
   return "\n".join(lines) + "\n"
 
 
-STAGES = {"fit_palette": fit_palette, "pretrain": pretrain, "evaluate": evaluate, "probe": probe,
+STAGES = {"prepare": prepare, "fit_palette": fit_palette, "pretrain": pretrain, "evaluate": evaluate, "probe": probe,
           "finetune": finetune, "sample": sample, "plan": plan, "all": run_all}
 
 
@@ -252,7 +260,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   config = _CONFIG.value
   try:
-    if config.stage == "plan":
+    if config.stage == "prepare":
+      pass  # one process: it decodes with a pool of its own
+    elif config.stage == "plan":
       if config.plan.num_devices:
         simulate_cpu_devices(config.plan.num_devices)
       else:

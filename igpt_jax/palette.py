@@ -293,16 +293,27 @@ def uniform_grid(k: int, channels: int) -> np.ndarray:
 def fit_stage(config, workdir, log=print) -> dict:
   """Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz.
 
-  Process 0 fits and writes it; the other processes wait for it (shared workdir)."""
+  Pixels are taken from images at the model's input resolution, viewed as evaluation sees them
+  (a palette fitted at storage resolution would see colours that resizing averages away). Only
+  the sampled images are read. Process 0 fits and writes; the others wait for it."""
+  import math
+
   from igpt_jax import distributed
   from igpt_jax import workdir as workdir_lib
-  from igpt_jax.data import sources
+  from igpt_jax.data import sources, transform
   path = workdir_lib.path(workdir) / PALETTE_FILE
   if distributed.is_chief():
     data = sources.load(config, "pretrain", log=log)
+    res = config.data.resolution
+    num_images = min(len(data), max(4 * math.ceil(config.palette.samples / res ** 2), 1000))
+    rng = np.random.default_rng([config.seed, 0xC0102])
+    chosen = np.sort(rng.choice(len(data), num_images, replace=False))
+    augment = transform.resolve_augment(config.data.augment, data.full_size)
+    small = transform.pixels_at_resolution(np.asarray(data.images[chosen]),
+                                           transform.eval_boxes(num_images, augment), res)
     log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
-        f"{data.name} ({len(data)} images).")
-    pixels = sample_pixels(data.images, config.palette.samples, seed=config.seed)
+        f"{num_images} images of {data.name} at {res}x{res}.")
+    pixels = sample_pixels(small, config.palette.samples, seed=config.seed)
     centers = fit(pixels, config.palette.k, seed=config.seed, iters=config.palette.iters, log=log)
     Palette(centers, dataset=data.name, seed=config.seed).save(path)
     log(f"Palette written to {path}")

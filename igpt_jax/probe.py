@@ -201,9 +201,8 @@ def write_report(results: dict, out_dir) -> dict:
 def _subset(data, n: int, seed: int):
   if not n or n >= len(data):
     return data
-  import dataclasses
   idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
-  return dataclasses.replace(data, images=data.images[idx], labels=data.labels[idx])
+  return data.subset(idx, f"{data.name}[{n} examples]")
 
 
 def run(config, workdir, log=print) -> dict:
@@ -227,8 +226,9 @@ def run(config, workdir, log=print) -> dict:
   if train.num_classes < 2:
     raise UserError(f"The probe needs labelled data; {train.name} has no classes.")
   res = config.data.resolution
-  tok_tr, pix_tr = pipeline.tokens_of(train, centers, res, with_pixels=True)
-  tok_te, pix_te = pipeline.tokens_of(test, centers, res, with_pixels=True)
+  aug = config.data.augment
+  tok_tr, pix_tr = pipeline.tokens_of(train, centers, res, with_pixels=True, augment=aug)
+  tok_te, pix_te = pipeline.tokens_of(test, centers, res, with_pixels=True, augment=aug)
   out_dir = workdir_lib.path(workdir) / "probe"
   bs, p = config.probe.batch_size, config.probe
   graphdef = nnx.graphdef(model_lib.abstract_model(cfg))

@@ -144,8 +144,9 @@ def run(config, workdir, log=print) -> dict:
   uncond_imgs = palette_lib.dequantize(distributed.to_host(uncond), centers).reshape(-1, *shape)
   paths = {"unconditional": save_png(image_grid([uncond_imgs]), out_dir / "unconditional.png")}
   test = sources.load(config, "test", log=log)
-  test = dataclasses_replace(test, sc.completions)
-  tokens, pixels = pipeline.tokens_of(test, centers, res, with_pixels=True)
+  test = test.subset(np.arange(min(sc.completions, len(test))), "completions")
+  tokens, pixels = pipeline.tokens_of(test, centers, res, with_pixels=True,
+                                      augment=config.data.augment)
   half = (res // 2) * res
   completed = generate(model, len(tokens), jax.random.fold_in(key, 1), prefix=tokens[:, :half],
                        temperature=sc.temperature, top_k=sc.top_k)
@@ -157,7 +158,3 @@ def run(config, workdir, log=print) -> dict:
   log(f"Samples written to {out_dir} (rows of completions.png: originals, top halves, completions)")
   return {"stage": "sample", "checkpoint_step": step, **paths}
 
-
-def dataclasses_replace(data, n):
-  import dataclasses
-  return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n])

@@ -16,7 +16,8 @@ def cli(*args, cwd=REPO):
 def test_help_lists_stages_and_common_overrides():
   out = cli("--help")
   assert out.returncode == 0
-  for stage in ("fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all"):
+  for stage in ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample",
+                "plan", "all"):
     assert stage in out.stdout
   assert "--config.train.steps" in out.stdout and "--workdir" in out.stdout
 
@@ -64,6 +65,12 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
   assert_one_line_error(cli(demo, "--config.stage=sample", w), "run the pretrain stage first")
   assert_one_line_error(cli(demo, "--config.stage=pretrain", "--process_count=2", w),
                         "go together")
+  assert_one_line_error(cli(demo, "--config.stage=prepare", w), "set it")  # no data.prepared
+  assert_one_line_error(cli(demo, "--config.data.source=prepared",
+                            f"--config.data.prepared={tmp_path / 'nothing'}", w),
+                        "run `--config.stage=prepare`")
+  assert_one_line_error(cli(demo, "--config.data.augment=False", w),
+                        "--config.data.augment='False' is not one of auto, paper, crop, none")
 
 
 def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Sources and the tf.data pipeline: bad files, determinism by step, host sharding, TFDS."""
+"""Sources and the input pipeline: bad files, determinism by step, host sharding, TFDS."""
 import ml_collections
 import numpy as np
 import pytest
@@ -40,9 +40,9 @@ def test_bad_files_in_a_folder(tmp_path):
   assert data.class_names == ["cats", "dogs"] and sorted(set(data.labels)) == [0, 1]
   assert len(data.skipped_files) == 1 and data.skipped_files[0].endswith("corrupt.png")
   assert sum("corrupt.png" in line for line in logs) == 1
-  batches = list(pipeline.eval_batches(data, RGB8, resolution=8, batch_size=2))
+  batches = list(pipeline.eval_batches(data, batch_size=2))
   assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 5
-  assert batches[0]["tokens"].shape == (2, 64)
+  assert pipeline.tokens_of(data, RGB8, 8).shape == (5, 64)
 
 
 def test_folder_errors_are_one_sentence(tmp_path):
@@ -64,16 +64,17 @@ def test_folder_split_is_a_stable_hash(tmp_path):
 
 def test_iterator_started_at_step_s_continues_exactly():
   data = small_set()
-  kw = dict(resolution=8, batch_size=8, seed=3)
-  from_zero = take(pipeline.train_batches(data, RGB8, **kw), 12)  # crosses epochs (50 examples)
-  from_seven = take(pipeline.train_batches(data, RGB8, start_step=7, **kw), 5)
+  kw = dict(batch_size=8, seed=3, augment="crop")
+  from_zero = take(pipeline.train_batches(data, **kw), 12)  # crosses epochs (50 examples)
+  from_seven = take(pipeline.train_batches(data, start_step=7, **kw), 5)
   for a, b in zip(from_zero[7:], from_seven):
-    np.testing.assert_array_equal(a["tokens"], b["tokens"])
-    np.testing.assert_array_equal(a["labels"], b["labels"])
+    for key in ("images", "boxes", "labels"):
+      np.testing.assert_array_equal(a[key], b[key])
     assert a["step"] == b["step"]
-  assert not np.array_equal(from_zero[0]["tokens"], from_zero[1]["tokens"])
-  other_seed = take(pipeline.train_batches(data, RGB8, resolution=8, batch_size=8, seed=4), 1)
-  assert not np.array_equal(other_seed[0]["tokens"], from_zero[0]["tokens"])
+  assert not np.array_equal(from_zero[0]["images"], from_zero[1]["images"])
+  assert not np.array_equal(from_zero[0]["boxes"], from_zero[1]["boxes"])
+  other_seed = take(pipeline.train_batches(data, batch_size=8, seed=4, augment="crop"), 1)
+  assert not np.array_equal(other_seed[0]["images"], from_zero[0]["images"])
 
 
 def test_every_example_once_per_epoch_and_hosts_disjoint():
@@ -89,8 +90,8 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
   # The two hosts' local batches from the real pipeline are disjoint slices of the global one.
   data = sources.from_arrays(np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2),
                              np.arange(n))
-  full = next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0))
-  halves = [next(pipeline.train_batches(data, GRAY16, resolution=2, batch_size=batch, seed=0,
+  full = next(pipeline.train_batches(data, batch_size=batch, seed=0))
+  halves = [next(pipeline.train_batches(data, batch_size=batch, seed=0,
                                         rows=(h * batch // 2, (h + 1) * batch // 2)))
             for h in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["labels"] for h in halves]), full["labels"])
@@ -99,7 +100,7 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
 
 def test_eval_batches_cover_the_split_in_order_across_hosts():
   data = small_set(n=23)
-  per_host = [list(pipeline.eval_batches(data, RGB8, resolution=8, batch_size=8, rows=rows))
+  per_host = [list(pipeline.eval_batches(data, batch_size=8, rows=rows))
               for rows in ((0, 4), (4, 8))]
   # Uneven split: both hosts still run the same number of (padded) global batches.
   assert [len(b) for b in per_host] == [3, 3]
@@ -112,7 +113,7 @@ def test_eval_batches_cover_the_split_in_order_across_hosts():
 
 def test_palette_channel_mismatch_is_explained():
   with pytest.raises(ValueError, match="fit a palette"):
-    next(pipeline.train_batches(small_set(channels=3), GRAY16, resolution=8, batch_size=4, seed=0))
+    pipeline.tokens_of(small_set(channels=3), GRAY16, 8)
 
 
 def test_channel_conversion():
@@ -128,7 +129,10 @@ def test_fashion_mnist_from_local_idx_files():
   config = config_lib.base_config()
   config.data.source, config.data.channels = "fashion_mnist", 1
   train, test = sources.load(config, "pretrain"), sources.load(config, "test")
-  assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+  validation = sources.load(config, "validation")
+  # 10% of the 60k train images held out for validation (the paper's CIFAR fraction).
+  assert train.images.shape == (54000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+  assert validation.images.shape == (6000, 28, 28, 1)
   assert np.bincount(test.labels).tolist() == [1000] * 10
   assert train.num_classes == 10
 
@@ -157,11 +161,12 @@ def test_tfds_sources_with_mock_data(name, role, split):
   assert sources.tfds_split(name, role) == split
   config = config_lib.base_config()
   config.data.source, config.data.name, config.data.resolution = "tfds", name, 8
+  config.data.validation_fraction = 0.0
   with tfds.testing.mock_data(num_examples=12):
     data = sources.load(config, role)
   assert len(data) == 12 and data.images.dtype == np.uint8 and data.images.shape[-1] == 3
-  batch = next(pipeline.train_batches(data, RGB8, resolution=8, batch_size=4, seed=0))
-  assert batch["tokens"].shape == (4, 64) and batch["tokens"].max() < 8
+  tokens = pipeline.tokens_of(data, RGB8, 8)
+  assert tokens.shape == (12, 64) and tokens.max() < 8
 
 
 def test_missing_tfds_dataset_is_explained(tmp_path):

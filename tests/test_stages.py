@@ -40,8 +40,11 @@ def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(pretrained, workdir)
   ev = loop.evaluate_stage(stage_config("evaluate"), workdir, log=QUIET)
-  assert ev["examples"] == 10_000 and 0 < ev["eval_bits_per_dim"] < 4
-  assert json.load(open(os.path.join(workdir, "evaluate.json")))["eval_loss"] == ev["eval_loss"]
+  # Validation (6k held out of train) and test (10k) reported separately.
+  assert ev["test_examples"] == 10_000 and ev["validation_examples"] == 6_000
+  assert 0 < ev["test_bits_per_dim"] < 4 and 0 < ev["validation_bits_per_dim"] < 4
+  assert ev["test_loss"] != ev["validation_loss"]
+  assert json.load(open(os.path.join(workdir, "evaluate.json")))["test_loss"] == ev["test_loss"]
 
   pr = probe.run(stage_config("probe"), workdir, log=QUIET)
   results = json.load(open(pr["results"]))
@@ -52,7 +55,8 @@ def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   assert os.path.getsize(os.path.join(workdir, "probe", "accuracy_by_layer.png")) > 1000
 
   ft = loop.finetune(stage_config("finetune"), workdir, log=QUIET)
-  assert ft["step"] == 4 and "eval_accuracy" in ft and "clf_loss" in ft
+  assert ft["step"] == 4 and "clf_loss" in ft
+  assert 0 <= ft["eval_accuracy"] <= 1 and 0 <= ft["test_accuracy"] <= 1  # validation, test
   assert os.listdir(os.path.join(workdir, "checkpoints", "finetune"))
 
   sm = sample.run(stage_config("sample"), workdir, log=QUIET)

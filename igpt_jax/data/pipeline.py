@@ -1,45 +1,31 @@
-"""ImageSet -> palette-token batches with tf.data; the only module that imports TensorFlow.
+"""ImageSet -> batches of uint8 rows, crop boxes and labels; no TensorFlow.
 
 Determinism: the examples of step s are a pure function of (seed, s). Global example position
-p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its random crop is drawn
+p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its crop box is drawn
 from a generator seeded by (seed, p). So a run restarted at step s sees exactly the batches an
 uninterrupted run would have, without reading the data before s.
 
 Multi-host: each process reads rows [lo, hi) of every global batch, the rows its devices hold
 (`sharding.host_rows`: disjoint for data parallelism, equal for processes that hold replicas);
-`sharding.global_batch` reassembles them into global arrays.
+`sharding.global_batch` reassembles them into global arrays. A process reads only the images
+of its rows (`data.images[indices]`: a memory map or ranged reads for prepared sets), so host
+memory does not grow with the data set.
 
-Pretraining augmentation (as in the paper): a random square crop covering `crop_min`..1 of the
-side, resized to the input resolution. Evaluation: the whole (square) image, resized.
+The host work per batch is a gather and the crop boxes, done one batch ahead in a thread;
+crop, resize and quantization run in JAX (`transform.Tokenizer`), on the accelerator in
+training.
 """
 
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 
 import numpy as np
 
-from igpt_jax import palette as palette_lib
+from igpt_jax.data import transform
 from igpt_jax.data.sources import ImageSet
-
-
-_TF_CONFIGURED = False
-
-
-def _tf():
-  """TensorFlow for the input pipeline only: no GPU, and few threads, so it does not fight
-  XLA for the host's cores (the per-batch work here is small)."""
-  global _TF_CONFIGURED
-  import tensorflow as tf
-  if not _TF_CONFIGURED:
-    tf.config.set_visible_devices([], "GPU")  # the accelerator belongs to JAX
-    try:
-      tf.config.threading.set_inter_op_parallelism_threads(1)
-      tf.config.threading.set_intra_op_parallelism_threads(1)
-    except RuntimeError:  # TF already initialised by the caller: keep its settings
-      pass
-    _TF_CONFIGURED = True
-  return tf
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,43 +50,14 @@ def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.n
   return out
 
 
-def crop_boxes(positions: np.ndarray, seed: int, crop_min: float) -> np.ndarray:
-  """Random square crops [b, 4] (y1, x1, y2, x2 normalised), one generator per example position."""
-  boxes = np.empty((len(positions), 4), np.float32)
-  for i, p in enumerate(positions):
-    rng = np.random.default_rng([seed, 1, int(p)])
-    side = rng.uniform(crop_min, 1.0)
-    y, x = rng.uniform(0.0, 1.0 - side, size=2)
-    boxes[i] = (y, x, y + side, x + side)
-  return boxes
-
-
-def _preprocess(images, boxes, centers, resolution: int, with_pixels: bool = False):
-  """uint8 [b, H, W, C] + boxes -> tokens [b, resolution**2] (and the resized uint8 pixels)."""
-  tf = _tf()
-  b = tf.shape(images)[0]
-  big = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(b),
-                                 (2 * resolution, 2 * resolution), method="bilinear")
-  # A 2x2 average halves to the input resolution: an antialiased downsample.
-  small = tf.nn.avg_pool2d(big, 2, 2, "VALID")
-  levels = tf.clip_by_value(tf.round(small), 0.0, 255.0)
-  tokens = palette_lib.quantize_tf(levels / 127.5 - 1.0, centers)
-  tokens = tf.reshape(tokens, (b, resolution * resolution))
-  return (tokens, tf.cast(levels, tf.uint8)) if with_pixels else tokens
-
-
-def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
-                  seed: int, start_step: int = 0, num_steps: int | None = None,
-                  rows: tuple[int, int] | None = None, augment: bool = True,
-                  crop_min: float = 0.75, prefetch: int = 2, log=print):
-  """Iterator of {'tokens': int32 [b, N], 'labels': int32 [b], 'step': int64} from start_step;
-  b = hi - lo rows of each global batch (see `step_positions`)."""
-  tf = _tf()
-  palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
+def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int = 0,
+                  num_steps: int | None = None, rows: tuple[int, int] | None = None,
+                  augment: str = "auto", crop_min: float = 0.75, prefetch: int = 2, log=print):
+  """Iterator of {'images': uint8 [b, H, W, C], 'boxes': float32 [b, 4], 'labels': int32 [b],
+  'step': int} from start_step; b = hi - lo rows of each global batch (see `step_positions`)."""
   n = len(data)
   lo, hi = rows or (0, batch_size)
-  local = hi - lo
-  full = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (local, 1))
+  augment = transform.resolve_augment(augment, data.full_size)
 
   def generate():
     step, last_epoch = start_step, None
@@ -111,55 +68,84 @@ def train_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch
         log(f"epoch {last_epoch} done; {len(data.skipped_files)} unreadable file(s) were skipped.")
       last_epoch = epoch
       idx = example_indices(positions, n, seed)
-      boxes = crop_boxes(positions, seed, crop_min) if augment else full
-      yield data.images[idx], data.labels[idx], boxes, np.int64(step)
+      yield {"images": np.asarray(data.images[idx]), "labels": data.labels[idx],
+             "boxes": transform.train_boxes(positions, seed, augment, crop_min), "step": step}
       step += 1
 
-  h, w, c = data.images.shape[1:]
-  ds = tf.data.Dataset.from_generator(generate, output_signature=(
-      tf.TensorSpec((local, h, w, c), tf.uint8), tf.TensorSpec((local,), tf.int32),
-      tf.TensorSpec((local, 4), tf.float32), tf.TensorSpec((), tf.int64)))
-  ds = ds.map(lambda im, lab, box, step: {"tokens": _preprocess(im, box, centers, resolution),
-                                          "labels": lab, "step": step},
-              num_parallel_calls=2, deterministic=True)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 2
-  return ds.with_options(options).prefetch(prefetch).as_numpy_iterator()
+  return prefetched(generate(), prefetch)
 
 
-def eval_batches(data: ImageSet, centers: np.ndarray, *, resolution: int, batch_size: int,
-                 rows: tuple[int, int] | None = None, with_pixels: bool = False):
+def prefetched(iterator, depth: int):
+  """Runs `iterator` `depth` items ahead in a thread (reads overlap the step); errors are
+  raised in the consumer, in order."""
+  if depth <= 0:
+    yield from iterator
+    return
+  items: queue.Queue = queue.Queue(maxsize=depth)
+  done = object()
+  stop = threading.Event()
+
+  def work():
+    try:
+      for item in iterator:
+        while not stop.is_set():
+          try:
+            items.put((item, None), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      items.put((done, None))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      items.put((None, e))
+
+  thread = threading.Thread(target=work, daemon=True, name="input-prefetch")
+  thread.start()
+  try:
+    while True:
+      item, error = items.get()
+      if error is not None:
+        raise error
+      if item is done:
+        return
+      yield item
+  finally:
+    stop.set()
+
+
+def eval_batches(data: ImageSet, *, batch_size: int, rows: tuple[int, int] | None = None,
+                 augment: str = "auto"):
   """One pass in order: global batch j covers examples [j * batch_size, (j + 1) * batch_size),
   the last one padded, and this process yields its rows [lo, hi) of each. Every process yields
   the same number of batches (ceil(N / batch_size)), so collective steps stay in lockstep.
 
-  Yields {'tokens', 'labels', 'mask'} (and 'pixels', uint8 [b, r, r, C], if asked); mask is
-  1.0 for real examples, 0.0 for padding.
+  Yields {'images', 'boxes', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
   """
-  tf = _tf()
-  palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
   n = len(data)
   lo, hi = rows or (0, batch_size)
-  boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (hi - lo, 1))
+  boxes = transform.eval_boxes(hi - lo, transform.resolve_augment(augment, data.full_size))
   for start in range(0, n, batch_size):
     positions = start + np.arange(lo, hi)
     real = positions < n
     idx = np.where(real, positions, n - 1)
-    out = _preprocess(tf.constant(data.images[idx]), boxes, centers, resolution, with_pixels)
-    batch = {"labels": data.labels[idx], "mask": real.astype(np.float32)}
-    if with_pixels:
-      batch["tokens"], batch["pixels"] = out[0].numpy(), out[1].numpy()
-    else:
-      batch["tokens"] = out.numpy()
-    yield batch
+    yield {"images": np.asarray(data.images[idx]), "boxes": boxes, "labels": data.labels[idx],
+           "mask": real.astype(np.float32)}
 
 
 def tokens_of(data: ImageSet, centers: np.ndarray, resolution: int, batch_size: int = 512,
-              with_pixels: bool = False):
+              with_pixels: bool = False, augment: str = "auto"):
   """All of a (small) ImageSet as evaluation tokens [N, resolution**2], in order (and pixels)."""
-  batches = list(eval_batches(data, centers, resolution=resolution, batch_size=batch_size,
-                              with_pixels=with_pixels))
-  tokens = np.concatenate([b["tokens"][b["mask"] > 0] for b in batches])
-  if not with_pixels:
-    return tokens
-  return tokens, np.concatenate([b["pixels"][b["mask"] > 0] for b in batches])
+  from igpt_jax import palette as palette_lib
+  palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
+  tokenizer = transform.Tokenizer(centers, resolution)
+  tokens, pixels = [], []
+  for batch in eval_batches(data, batch_size=batch_size, augment=augment):
+    keep = batch["mask"] > 0
+    out = tokenizer(batch["images"], batch["boxes"], with_pixels)
+    if with_pixels:
+      tokens.append(np.asarray(out[0])[keep])
+      pixels.append(np.asarray(out[1])[keep])
+    else:
+      tokens.append(np.asarray(out)[keep])
+  return (np.concatenate(tokens), np.concatenate(pixels)) if with_pixels else np.concatenate(tokens)

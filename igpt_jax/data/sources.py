@@ -1,15 +1,24 @@
-"""Where images come from: TFDS, local Fashion-MNIST IDX files, an image folder, numpy arrays.
+"""Where images come from: a prepared data set, TFDS, local Fashion-MNIST IDX files, an image
+folder, numpy arrays.
 
-Every source yields an `ImageSet`: uint8 images [N, H, W, C] in memory plus integer labels.
-Random access by index is what lets the pipeline make the example order a pure function of
-(seed, step). Images of varying size (image folders, imagenet2012) are stored at
-`storage_side(resolution)` so the random crop still has pixels to choose from. The data set must
-fit in host memory at that size (ImageNet 32x32: 3.9 GB; 64x64: 15.7 GB).
+Every source yields an `ImageSet`: uint8 images [N, H, W, C] with random access by index
+(what lets the pipeline make the example order a pure function of (seed, step)) plus integer
+labels. A prepared set (`data.source='prepared'`, made by the prepare stage) is read lazily: a
+memory map or ranged reads, so host memory does not grow with the data set. The other sources
+load into memory and suit small data (Fashion-MNIST, CIFAR, a numpy array); prepare anything
+larger. Images of varying size (image folders, imagenet2012) are stored at
+`storage_side(resolution)` so the random crop still has pixels to choose from.
+
+Splits ("roles"): pretrain, train, validation, test. Validation is held out from the source's
+train split (a seeded choice of `validation_fraction` of it: the paper held out 4% of ImageNet
+and 10% of CIFAR) and is excluded from pretrain and train; test is the source's test split,
+for final numbers only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -22,7 +31,8 @@ from igpt_jax.config import UserError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-ROLES = ("pretrain", "train", "test")
+ROLES = ("pretrain", "train", "validation", "test")
+IMAGENET_NAMES = ("imagenet2012", "imagenet_resized/32x32", "imagenet_resized/64x64")
 
 # Which TFDS split serves each role. stl10 pretrains on its unlabelled split.
 TFDS_SPLITS = {
@@ -48,13 +58,57 @@ class ImageSet:
   class_names: list[str]
   name: str
   skipped_files: list[str] = dataclasses.field(default_factory=list)
+  full_size: bool = False  # decoded from full-size images (the paper's crops apply)
 
   def __len__(self):
     return self.images.shape[0]
 
+  def subset(self, indices: np.ndarray, name: str) -> "ImageSet":
+    """The examples at `indices`: a copy for arrays in memory, a lazy view for prepared sets."""
+    indices = np.asarray(indices, np.int64)
+    images = (self.images[indices] if type(self.images) is np.ndarray
+              else IndexedRows(self.images, indices))
+    return dataclasses.replace(self, images=images, labels=self.labels[indices], name=name)
+
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+
+class IndexedRows:
+  """rows[indices] of an array-like that reads lazily (a prepared split), without reading."""
+
+  def __init__(self, rows, indices: np.ndarray):
+    self.rows, self.indices = rows, indices
+    self.shape = (len(indices), *rows.shape[1:])
+    self.dtype = rows.dtype
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, index):
+    return self.rows[self.indices[index]]
+
+
+def validation_fraction(config) -> float:
+  """data.validation_fraction, or the paper's per data set (4% of ImageNet, 10% otherwise)."""
+  fraction = config.data.validation_fraction
+  if fraction >= 0:
+    return fraction
+  d = config.data
+  name = d.name if d.source == "tfds" else d.source
+  if d.source == "prepared" and d.prepared:
+    from igpt_jax.data import prepared
+    name = prepared.read_manifest(d.prepared)["source"].removeprefix("tfds:")
+  return 0.04 if name in IMAGENET_NAMES else 0.1
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, validation) indices of a train split of n examples: a seeded choice of
+  round(fraction * n) for validation, both sorted. Deterministic for (n, fraction, seed)."""
+  order = np.random.default_rng([seed, 0x5A11D]).permutation(n)
+  k = int(round(fraction * n))
+  return np.sort(order[k:]), np.sort(order[:k])
 
 
 def storage_side(resolution: int) -> int:
@@ -150,13 +204,10 @@ def _in_eval_split(relpath: str, seed: int, eval_fraction: float) -> bool:
   return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
 
 
-def load_folder(root: str, role: str, channels: int, resolution: int, seed: int = 0,
-                eval_fraction: float = 0.1, log=print) -> ImageSet:
-  """root/<class>/*.png|jpg|... (labels from folder names) or root/*.png (unlabelled).
-
-  The train/test split is a seeded hash of each file's path, so it never changes as files are
-  added. Unreadable files are skipped and each is logged once.
-  """
+def folder_files(root: str, role: str, seed: int = 0, eval_fraction: float = 0.1):
+  """(files, labels, class names) of the `role` split of an image folder: root/<class>/*.png
+  (labels from folder names) or root/*.png (unlabelled, label -1). The train/test split is a
+  seeded hash of each file's path, so it never changes as files are added."""
   if not os.path.isdir(root):
     raise DataError(f"Image folder {root!r} does not exist: set --config.data.path to a folder "
                     "of images (root/<class>/*.png).")
@@ -169,74 +220,125 @@ def load_folder(root: str, role: str, channels: int, resolution: int, seed: int 
                     "--config.data.path at a folder of images.")
   rel = [os.path.relpath(f, root) for f in files]
   class_names = sorted({os.path.dirname(r) for r in rel if os.path.dirname(r)})
-  want_eval = role == "test"
-  chosen = [(f, r) for f, r in zip(files, rel) if _in_eval_split(r, seed, eval_fraction) == want_eval]
-  side = storage_side(resolution)
-  with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    decoded = list(pool.map(lambda fr: _decode_file(fr[0], channels, side), chosen))
-  images, labels, skipped = [], [], []
   class_index = {c: i for i, c in enumerate(class_names)}
-  for (f, r), arr in zip(chosen, decoded):
-    if arr is None:
-      skipped.append(f)
-      log(f"warning: skipping unreadable image {f}")
-      continue
-    images.append(arr)
-    labels.append(class_index.get(os.path.dirname(r), -1))
-  if not images:
-    raise DataError(f"None of the {len(chosen)} images for the {role} split of {root!r} could be "
+  want_eval = role == "test"
+  chosen = [(f, class_index.get(os.path.dirname(r), -1)) for f, r in zip(files, rel)
+            if _in_eval_split(r, seed, eval_fraction) == want_eval]
+  return [f for f, _ in chosen], np.asarray([c for _, c in chosen], np.int32), class_names
+
+
+def decode_files(files: list[str], channels: int, side: int, pool=None) -> list:
+  """Each file -> [side, side, C] uint8, or None where unreadable; in `pool` if given (a
+  process pool: PIL decoding holds the GIL)."""
+  decode = functools.partial(_decode_file, channels=channels, side=side)
+  if pool is None:
+    return [decode(f) for f in files]
+  return list(pool.map(decode, files, chunksize=16))
+
+
+def load_folder(root: str, role: str, channels: int, resolution: int, seed: int = 0,
+                eval_fraction: float = 0.1, log=print) -> ImageSet:
+  """An image folder's split in memory (see `folder_files`); unreadable files are skipped and
+  each is logged once."""
+  files, labels, class_names = folder_files(root, role, seed, eval_fraction)
+  with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    decoded = decode_files(files, channels, storage_side(resolution), pool)
+  keep = [i for i, arr in enumerate(decoded) if arr is not None]
+  skipped = [files[i] for i, arr in enumerate(decoded) if arr is None]
+  for f in skipped:
+    log(f"warning: skipping unreadable image {f}")
+  if not keep:
+    raise DataError(f"None of the {len(files)} images for the {role} split of {root!r} could be "
                     "read: check the files are images.")
   if skipped:
     log(f"{len(skipped)} unreadable file(s) skipped in {root!r} ({role} split).")
-  return ImageSet(np.stack(images), np.asarray(labels, np.int32), class_names,
-                  f"folder:{root}:{role}", skipped)
+  return ImageSet(np.stack([decoded[i] for i in keep]), labels[keep], class_names,
+                  f"folder:{root}:{role}", skipped, full_size=True)
 
 
 # -- TFDS -------------------------------------------------------------------------------------
 
-def tfds_split(name: str, role: str) -> str:
+def tfds_split(name: str, split: str) -> str:
+  """The TFDS split behind our 'pretrain', 'train' or 'test' (validation comes out of train)."""
   splits = TFDS_SPLITS.get(name, ("train", "train", "test"))
-  return splits[ROLES.index(role)]
+  return splits[("pretrain", "train", "test").index(split)]
+
+
+def tfds_builder(name: str, data_dir: str = "", log=print):
+  """The TFDS builder of `name`, downloaded and prepared first if it is not yet (data sets that
+  need manual downloads, like imagenet2012, read them from <data_dir>/downloads/manual)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not os.path.isdir(builder.data_dir):
+      log(f"TFDS {name}: not prepared under {builder.data_dir_root}; downloading and preparing.")
+      builder.download_and_prepare()
+    return builder
+  except Exception as e:  # noqa: BLE001
+    raise DataError(f"TFDS data set {name!r} is not available: {e}. Prepare it with `tfds build "
+                    f"{name}` (manual downloads under <data_dir>/downloads/manual), or set "
+                    "--config.data.path to its TFDS data_dir.") from e
+
+
+def tfds_info(builder) -> tuple[list[str], bool]:
+  """(class names, whether images vary in size: full-size photos such as imagenet2012)."""
+  features = builder.info.features
+  names = list(features["label"].names) if "label" in features else []
+  return names, None in features["image"].shape[:2]
+
+
+def read_tfds(builder, split: str, lo: int | None, hi: int | None, channels: int, side: int):
+  """Examples [lo, hi) (None: all) of a TFDS split -> (uint8 [n, S, S, C], int32 labels). Decoding and
+  resizing run in parallel on the host's cores (tf.data); images of varying size get their
+  short side resized to `side` (bicubic, antialiased) and the centre square kept; fixed-size
+  images are kept as they are."""
+  import tensorflow as tf
+  _, full_size = tfds_info(builder)
+
+  def convert(ex):
+    image = ex["image"]
+    if full_size:
+      shape = tf.cast(tf.shape(image)[:2], tf.float32)
+      scale = side / tf.reduce_min(shape)
+      size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), side)
+      image = tf.image.resize(image, size, method="bicubic", antialias=True)
+      top, left = (size[0] - side) // 2, (size[1] - side) // 2
+      image = tf.cast(tf.clip_by_value(tf.round(image[top:top + side, left:left + side]), 0, 255),
+                      tf.uint8)
+    label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
+    return image, label
+
+  ds = builder.as_dataset(split=split if lo is None else f"{split}[{lo}:{hi}]",
+                          shuffle_files=False)
+  ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  images, labels = [], []
+  for image, label in ds.batch(256).prefetch(2).as_numpy_iterator():
+    images.append(image)
+    labels.append(label)
+  if not images:
+    return np.zeros((0, side, side, channels), np.uint8), np.zeros(0, np.int32)
+  return to_channels(np.concatenate(images), channels), np.concatenate(labels).astype(np.int32)
 
 
 def load_tfds(name: str, role: str, channels: int, resolution: int, data_dir: str = "",
               log=print) -> ImageSet:
-  """Loads a TFDS split into memory (downloading only if the data set is not prepared)."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  tf.config.set_visible_devices([], "GPU")
+  """Loads a TFDS split into memory: for small data sets; prepare large ones."""
+  builder = tfds_builder(name, data_dir, log)
   split = tfds_split(name, role)
-  try:
-    prepared = os.path.isdir(tfds.builder(name, data_dir=data_dir or None).data_dir)
-    ds, info = tfds.load(name, split=split, data_dir=data_dir or None, with_info=True,
-                         shuffle_files=False, download=not prepared)
-    class_names = info.features["label"].names if "label" in info.features else []
-  except Exception as e:  # noqa: BLE001
-    raise DataError(f"TFDS data set {name!r} (split {split!r}) is not available: {e}. Prepare it "
-                    "with `tfds build`, or set --config.data.path to its TFDS data_dir.") from e
-  side = storage_side(resolution)
-  images, labels, fixed = [], [], True
-  for i, ex in enumerate(tfds.as_numpy(ds)):
-    img = ex["image"]
-    if images and img.shape != images[0].shape:
-      fixed = False
-    images.append(img)
-    labels.append(int(ex.get("label", -1)))
-    if (i + 1) % 100_000 == 0:
-      log(f"{name}:{split}: read {i + 1} images")
-  if not images:
+  splits = builder.info.splits
+  if splits and split not in splits:
+    raise DataError(f"TFDS data set {name!r} has no split {split!r} (it has {', '.join(splits)}).")
+  class_names, full_size = tfds_info(builder)
+  if splits and splits[split].num_examples > 200_000:
+    log(f"warning: loading all {splits[split].num_examples} images of {name}:{split} into memory; "
+        "for data this size run --config.stage=prepare and train with "
+        "--config.data.source=prepared.")
+  images, labels = read_tfds(builder, split, None, None, channels, storage_side(resolution))
+  if not len(images):
     raise DataError(f"TFDS split {name}:{split} is empty.")
-  if fixed:
-    stacked = np.stack(images)
-  else:  # varying sizes: short side to the storage side, centre square
-    stacked = np.stack([_square(img, side) for img in images])
-  return ImageSet(to_channels(stacked, channels), np.asarray(labels, np.int32), list(class_names),
-                  f"tfds:{name}:{split}")
-
-
-def _square(img: np.ndarray, side: int) -> np.ndarray:
-  from PIL import Image
-  return _centre_square(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img), side)
+  return ImageSet(images, labels, class_names, f"tfds:{name}:{split}", full_size=full_size)
 
 
 def _centre_square(im, side: int) -> np.ndarray:
@@ -251,13 +353,37 @@ def _centre_square(im, side: int) -> np.ndarray:
   return arr.reshape(side, side, 1 if arr.ndim == 2 else arr.shape[-1])
 
 
+# -- prepared data sets ----------------------------------------------------------------------
+
+def load_prepared(directory: str, split: str) -> ImageSet:
+  """A split of a prepared data set, read lazily (see `prepared.ShardedRows`)."""
+  from igpt_jax.data import prepared
+  manifest = prepared.read_manifest(directory)
+  if split not in manifest["splits"]:
+    raise DataError(f"The prepared data set at {directory} has no {split!r} split (it has "
+                    f"{', '.join(manifest['splits'])}).")
+  info = manifest["splits"][split]
+  side, channels = manifest["side"], manifest["channels"]
+  rows = prepared.ShardedRows(directory, info["shards"], (side, side, channels))
+  return ImageSet(rows, prepared.read_labels(directory, info["shards"]),
+                  manifest["class_names"], f"prepared:{directory}:{split}",
+                  skipped_files=info["skipped"], full_size=manifest["full_size"])
+
+
 # -- dispatch ---------------------------------------------------------------------------------
 
-def load(config, role: str, log=print) -> ImageSet:
-  """The `role` split ('pretrain' | 'train' | 'test') of the configured source."""
-  if role not in ROLES:
-    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+def load_split(config, split: str, log=print) -> ImageSet:
+  """A whole split of the configured source: 'pretrain' (the split pretraining reads, before
+  validation is held out), 'train' or 'test'."""
   d = config.data
+  role = "train" if split == "pretrain" and d.source != "tfds" else split
+  if d.source == "prepared":
+    if not d.prepared:
+      raise DataError("data.source='prepared' needs --config.data.prepared=DIR (a directory "
+                      "made by --config.stage=prepare).")
+    from igpt_jax.data import prepared
+    have = prepared.read_manifest(d.prepared)["splits"]
+    return load_prepared(d.prepared, split if split in have else role)
   if d.source == "fashion_mnist":
     directory = fashion_mnist_dir(d.path)
     if directory is not None:
@@ -266,7 +392,7 @@ def load(config, role: str, log=print) -> ImageSet:
         "$IGPT_DATA_DIR); trying TFDS.")
     return load_tfds("fashion_mnist", role, d.channels, d.resolution, log=log)
   if d.source == "tfds":
-    return load_tfds(d.name, role, d.channels, d.resolution, data_dir=d.path, log=log)
+    return load_tfds(d.name, split, d.channels, d.resolution, data_dir=d.path, log=log)
   if d.source == "folder":
     return load_folder(d.path, role, d.channels, d.resolution, seed=config.seed, log=log)
   if d.source == "numpy":
@@ -274,10 +400,41 @@ def load(config, role: str, log=print) -> ImageSet:
       raise DataError(f"data.source='numpy' needs --config.data.path to an .npz with "
                       f"train_images/test_images (and _labels); {d.path!r} does not exist.")
     arrays = np.load(d.path)
-    split = "test" if role == "test" else "train"
-    if f"{split}_images" not in arrays:
-      raise DataError(f"{d.path} has no {split}_images array.")
-    labels = arrays[f"{split}_labels"] if f"{split}_labels" in arrays else None
-    return from_arrays(arrays[f"{split}_images"], labels, channels=d.channels,
-                       name=f"numpy:{d.path}:{split}")
-  raise DataError(f"Unknown data.source {d.source!r}: use fashion_mnist, tfds, folder or numpy.")
+    if f"{role}_images" not in arrays:
+      raise DataError(f"{d.path} has no {role}_images array.")
+    labels = arrays[f"{role}_labels"] if f"{role}_labels" in arrays else None
+    return from_arrays(arrays[f"{role}_images"], labels, channels=d.channels,
+                       name=f"numpy:{d.path}:{role}")
+  raise DataError(f"Unknown data.source {d.source!r}: use prepared, fashion_mnist, tfds, folder "
+                  "or numpy.")
+
+
+def _pretrain_is_train(config) -> bool:
+  d = config.data
+  if d.source == "tfds":
+    return tfds_split(d.name, "pretrain") == tfds_split(d.name, "train")
+  if d.source == "prepared":
+    from igpt_jax.data import prepared
+    return "pretrain" not in prepared.read_manifest(d.prepared)["splits"]
+  return True
+
+
+def load(config, role: str, log=print) -> ImageSet:
+  """The `role` split ('pretrain' | 'train' | 'validation' | 'test') of the configured source,
+  with the validation examples held out of pretrain and train."""
+  if role not in ROLES:
+    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+  if role == "test":
+    return load_split(config, "test", log)
+  fraction = validation_fraction(config)
+  if role == "validation" and fraction == 0:
+    raise DataError("No validation split: --config.data.validation_fraction is 0.")
+  if role == "pretrain" and not _pretrain_is_train(config):
+    return load_split(config, "pretrain", log)  # e.g. stl10's unlabelled split
+  data = load_split(config, "train", log)
+  if fraction == 0:
+    return data
+  train_idx, val_idx = holdout(len(data), fraction, config.seed)
+  if role == "validation":
+    return data.subset(val_idx, f"{data.name}[validation {fraction:g}]")
+  return data.subset(train_idx, f"{data.name}[without validation]")

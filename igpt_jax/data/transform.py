@@ -1,0 +1,168 @@
+"""uint8 images + crop boxes -> palette tokens, in JAX: the one implementation of the input
+transform, run where the batch is (the accelerator in training, the host CPU elsewhere).
+
+Why here and not in tf.data: the host then only gathers uint8 rows (a memcpy) and draws crop
+boxes, so training needs no TensorFlow (GPU images often lack it) and the batches are the same
+with or without it. The work is small: two matmuls per image for crop + resize (~1 MFLOP at
+32x32 from a 64-pixel side) and one table lookup per pixel, against ~0.5 TFLOP per image of
+training for iGPT-S.
+
+Crop + resize follow `tf.image.crop_and_resize` (bilinear, box corners on pixel centres) to
+twice the input resolution, then a 2x2 average (an antialiased halving), then rounding to uint8
+levels; the palette lookup is exact (`palette.Quantizer.uint8_lut`). This is what the tf.data
+pipeline of earlier versions computed, so batches match it (to float rounding of a level at .5).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from igpt_jax import palette as palette_lib
+
+AUGMENTS = ("auto", "paper", "crop", "none")
+
+
+# -- crop boxes (host, numpy): the only randomness of the input pipeline ----------------------
+
+def resolve_augment(augment: str, full_size: bool) -> str:
+  """'auto': the paper's crops for sources stored from full-size images; none for sources that
+  are already at (about) the input resolution, where a crop resized back up only blurs."""
+  if augment not in AUGMENTS:
+    raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+  if augment == "auto":
+    return "paper" if full_size else "none"
+  return augment
+
+
+def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float = 0.75):
+  """Crop boxes [b, 4] (y1, x1, y2, x2 in [0, 1]) of the examples at global `positions`; one
+  generator per position, so a box depends on (seed, position) only.
+
+  'paper': short side drawn from [256, 384], a random 224 crop (Chen et al. 2020, as in
+           ResNet training), on the stored centre square: a square of side 224 / U(256, 384).
+  'crop':  a random square covering crop_min..1 of the side.
+  'none':  the evaluation box.
+  """
+  if augment == "none":
+    return eval_boxes(len(positions), "none")
+  boxes = np.empty((len(positions), 4), np.float32)
+  for i, p in enumerate(positions):
+    rng = np.random.default_rng([seed, 1, int(p)])
+    side = 224.0 / rng.uniform(256.0, 384.0) if augment == "paper" else rng.uniform(crop_min, 1.0)
+    y, x = rng.uniform(0.0, 1.0 - side, size=2)
+    boxes[i] = (y, x, y + side, x + side)
+  return boxes
+
+
+def eval_boxes(n: int, augment: str) -> np.ndarray:
+  """The evaluation view: the paper's centre 224/256 crop for 'paper', else the whole image."""
+  side = 224.0 / 256.0 if augment == "paper" else 1.0
+  lo = (1.0 - side) / 2
+  return np.tile(np.array([[lo, lo, lo + side, lo + side]], np.float32), (n, 1))
+
+
+# -- crop, resize, quantize (JAX) -------------------------------------------------------------
+
+def _resize_matrix(lo, hi, size: int, out: int):
+  """[b, out, size]: bilinear samples at 2 * out points of [lo, hi] (crop_and_resize's
+  coordinates), averaged in pairs."""
+  n = 2 * out
+  step = (hi - lo) * (size - 1) / (n - 1)
+  coord = lo[:, None] * (size - 1) + jnp.arange(n, dtype=jnp.float32)[None, :] * step[:, None]
+  coord = jnp.clip(coord, 0.0, size - 1)
+  top = jnp.floor(coord)
+  frac = coord - top
+  top = top.astype(jnp.int32)
+  bottom = jnp.minimum(top + 1, size - 1)
+  weights = (jax.nn.one_hot(top, size) * (1.0 - frac)[..., None]
+             + jax.nn.one_hot(bottom, size) * frac[..., None])  # [b, 2 * out, size]
+  return 0.5 * (weights[:, 0::2] + weights[:, 1::2])
+
+
+def resize_levels(images, boxes, resolution: int):
+  """uint8 [b, H, W, C] + boxes [b, 4] -> float32 pixel levels [b, r, r, C], rounded to
+  integers in [0, 255]."""
+  b, h, w, c = images.shape
+  rows = _resize_matrix(boxes[:, 0], boxes[:, 2], h, resolution)
+  cols = _resize_matrix(boxes[:, 1], boxes[:, 3], w, resolution)
+  x = images.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the same levels on every backend
+  x = jnp.einsum("brh,bhwc->brwc", rows, x, precision=hi)
+  x = jnp.einsum("brwc,bsw->brsc", x, cols, precision=hi)
+  return jnp.clip(jnp.round(x), 0.0, 255.0)
+
+
+def tokens_from_levels(levels, lut):
+  """Levels [b, r, r, C] -> tokens [b, r * r] (int32) through the uint8 colour table."""
+  v = levels.astype(jnp.int32)
+  index = v[..., 0] if v.shape[-1] == 1 else (v[..., 0] << 16) | (v[..., 1] << 8) | v[..., 2]
+  return lut[index].astype(jnp.int32).reshape(v.shape[0], -1)
+
+
+def tokenize(images, boxes, lut, *, resolution: int, with_pixels: bool = False):
+  """uint8 [b, H, W, C] -> tokens [b, r * r] (and uint8 pixels [b, r, r, C] if asked)."""
+  levels = resize_levels(images, boxes, resolution)
+  tokens = tokens_from_levels(levels, lut)
+  return (tokens, levels.astype(jnp.uint8)) if with_pixels else tokens
+
+
+@functools.partial(jax.jit, static_argnames="resolution")
+def _levels_uint8(images, boxes, resolution: int):
+  return resize_levels(images, boxes, resolution).astype(jnp.uint8)
+
+
+def pixels_at_resolution(images, boxes, resolution: int, chunk: int = 512) -> np.ndarray:
+  """uint8 [n, H, W, C] -> uint8 [n, r, r, C] as the model sees them (for palette fitting)."""
+  return np.concatenate([np.asarray(_levels_uint8(images[i:i + chunk], boxes[i:i + chunk],
+                                                  resolution))
+                         for i in range(0, len(images), chunk)])
+
+
+class Tokenizer:
+  """The palette's lookup table placed once (replicated over a mesh, or on the default device),
+  and the jitted transform around it."""
+
+  def __init__(self, centers, resolution: int, mesh=None, rules=None):
+    """With a mesh, batches come in as global arrays sharded over the batch axes and tokens
+    leave with the batch sharding the train step expects."""
+    self.centers = np.asarray(centers, np.float32)
+    self.resolution = resolution
+    lut = lut_for(self.centers.tobytes(), self.centers.shape)
+    if mesh is None:
+      self.lut = jnp.asarray(lut)
+      out = None
+    else:
+      from igpt_jax import sharding as sharding_lib
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self.lut = jax.make_array_from_callback(lut.shape, replicated, lambda index: lut[index])
+      out = sharding_lib.batch_sharding(mesh, rules or sharding_lib.DEFAULT_RULES, 2)
+    self._fn = {wp: jax.jit(functools.partial(tokenize, resolution=resolution, with_pixels=wp),
+                            out_shardings=None if out is None or wp else out)
+                for wp in (False, True)}
+
+  @property
+  def channels(self) -> int:
+    return self.centers.shape[1]
+
+  def __call__(self, images, boxes, with_pixels: bool = False):
+    return self._fn[with_pixels](images, boxes, self.lut)
+
+  def numpy(self, images, boxes, with_pixels: bool = False, chunk: int = 512):
+    """Host arrays in, host arrays out (probe, sample, palette fitting), in chunks of `chunk`."""
+    outs = [self(images[i:i + chunk], boxes[i:i + chunk], with_pixels)
+            for i in range(0, len(images), chunk)]
+    if with_pixels:
+      return (np.concatenate([np.asarray(t) for t, _ in outs]),
+              np.concatenate([np.asarray(p) for _, p in outs]))
+    return np.concatenate([np.asarray(t) for t in outs])
+
+
+@functools.lru_cache(maxsize=2)
+def lut_for(centers_bytes: bytes, shape: tuple[int, int]) -> np.ndarray:
+  """The exact token of every uint8 colour (int16; 32 MB for RGB), cached per palette."""
+  centers = np.frombuffer(centers_bytes, np.float32).reshape(shape)
+  return palette_lib.Quantizer(centers).uint8_lut()

@@ -1,0 +1,332 @@
+"""Prepared data sets: the prepare stage (folder with a corrupt file, numpy, TFDS's real
+download-and-prepare path), resume after a kill, lazy per-host reads, validation split,
+bounded memory and the TensorFlow-free input path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_jax import config as config_lib
+from igpt_jax import palette as P
+from igpt_jax.data import pipeline, prepare, prepared, sources, transform
+
+QUIET = lambda *_: None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RGB8 = P.uniform_grid(8, 3)
+
+
+def config_for(source, path, out, resolution=8, shard_size=16, **data):
+  c = config_lib.base_config()
+  c.data.source, c.data.path, c.data.prepared = source, str(path), str(out)
+  c.data.resolution, c.data.shard_size, c.data.workers = resolution, shard_size, 2
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def as_prepared(config):
+  config.data.source = "prepared"
+  return config
+
+
+def write_numpy_source(path, n_train=100, n_test=20, side=12, channels=3, seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = {"train_images": rng.integers(0, 256, (n_train, side, side, channels), np.uint8),
+            "train_labels": rng.integers(0, 5, n_train),
+            "test_images": rng.integers(0, 256, (n_test, side, side, channels), np.uint8),
+            "test_labels": rng.integers(0, 5, n_test)}
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_prepared_numpy_reads_back_identical_pixels(tmp_path):
+  arrays = write_numpy_source(tmp_path / "src.npz")
+  config = config_for("numpy", tmp_path / "src.npz", tmp_path / "prep", validation_fraction=0.0)
+  result = prepare.run(config, log=QUIET)
+  assert result["examples"] == {"train": 100, "test": 20} and not result["full_size"]
+  config = as_prepared(config)
+  for split in ("train", "test"):
+    data = sources.load(config, split)
+    np.testing.assert_array_equal(data.images[np.arange(len(data))], arrays[f"{split}_images"])
+    np.testing.assert_array_equal(data.labels, arrays[f"{split}_labels"])
+    idx = np.array([99 if split == "train" else 19, 0, 17, 16, 15])  # across shard borders
+    np.testing.assert_array_equal(data.images[idx], arrays[f"{split}_images"][idx])
+  assert prepared.verify(config.data.prepared) == []
+  with open(os.path.join(config.data.prepared, "train-00001.images"), "r+b") as f:
+    f.write(b"\x00\x01\x02")  # damage: the checksum names the shard
+  assert prepared.verify(config.data.prepared) == ["train-00001"]
+
+
+def test_prepared_folder_skips_the_corrupt_file_and_matches_the_in_memory_loader(tmp_path):
+  rng = np.random.default_rng(1)
+  for cls in ("cats", "dogs"):
+    (tmp_path / "src" / cls).mkdir(parents=True)
+    for i in range(12):
+      h, w = rng.integers(20, 50, 2)
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / f"src/{cls}/{i}.png")
+  good = (tmp_path / "src/dogs/0.png").read_bytes()
+  (tmp_path / "src/dogs/corrupt.png").write_bytes(good[:60])
+  config = config_for("folder", tmp_path / "src", tmp_path / "prep", shard_size=5)
+  logs = []
+  result = prepare.run(config, log=logs.append)
+  assert result["full_size"] and result["side"] == 16  # storage side: 2 x resolution
+  assert sum(result["skipped"].values()) == 1
+  assert any("corrupt.png" in line for line in logs)
+  assert any("images/s" in line and "ETA" in line for line in logs)
+  manifest = prepared.read_manifest(config.data.prepared)
+  split = "train" if manifest["splits"]["train"]["skipped"] else "test"
+  assert manifest["splits"][split]["skipped"][0].endswith("corrupt.png")
+  for role in ("train", "test"):
+    in_memory = sources.load_folder(str(tmp_path / "src"), role, 3, 8, log=QUIET)
+    data = sources.load_split(as_prepared(config_for("folder", "", config.data.prepared)), role)
+    assert data.full_size and data.class_names == ["cats", "dogs"]
+    np.testing.assert_array_equal(data.images[np.arange(len(data))], in_memory.images)
+    np.testing.assert_array_equal(data.labels, in_memory.labels)
+
+
+def test_prepare_refuses_without_a_destination(tmp_path):
+  config = config_for("numpy", tmp_path / "src.npz", "")
+  with pytest.raises(sources.DataError, match="data.prepared"):
+    prepare.run(config, log=QUIET)
+  with pytest.raises(config_lib.UserError, match="run `--config.stage=prepare`"):
+    sources.load(as_prepared(config_for("numpy", "", tmp_path / "nothing")), "train")
+
+
+SLOW_PREPARE = """
+import sys, time
+from igpt_jax.data import prepare, prepared
+from igpt_jax import config as config_lib
+write = prepared.write_shard
+def slow(*args, **kwargs):
+  out = write(*args, **kwargs)
+  time.sleep(0.5)
+  return out
+prepared.write_shard = slow
+c = config_lib.base_config()
+c.data.source, c.data.path, c.data.prepared = "numpy", sys.argv[1], sys.argv[2]
+c.data.resolution, c.data.shard_size, c.data.workers = 8, 10, 1
+prepare.run(c)
+"""
+
+
+def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
+  write_numpy_source(tmp_path / "src.npz", n_train=100, n_test=20)
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  prepare.run(config_for("numpy", tmp_path / "src.npz", whole, shard_size=10), log=QUIET)
+  proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(tmp_path / "src.npz"),
+                           str(resumed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while len(list(resumed.glob("*.done.json"))) < 3 and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done_before = len(list(resumed.glob("*.done.json")))
+  assert 3 <= done_before < 12 and not (resumed / prepared.MANIFEST).exists()
+  logs = []
+  prepare.run(config_for("numpy", tmp_path / "src.npz", resumed, shard_size=10), log=logs.append)
+  assert sum("already prepared" in line for line in logs) >= 1
+  assert sum("shard" in line and "images/s" in line for line in logs) == 12 - done_before
+  assert (json.loads((resumed / prepared.MANIFEST).read_text())
+          == json.loads((whole / prepared.MANIFEST).read_text()))
+
+
+@pytest.fixture(scope="module")
+def prepared_set(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("prepared")
+  write_numpy_source(tmp / "src.npz", n_train=200, n_test=30, side=16)
+  config = config_for("numpy", tmp / "src.npz", tmp / "prep", shard_size=32)
+  prepare.run(config, log=QUIET)
+  return as_prepared(config)
+
+
+def test_validation_split_is_disjoint_and_deterministic(prepared_set):
+  config = prepared_set
+  assert sources.validation_fraction(config) == 0.1  # not ImageNet: the paper's CIFAR 10%
+  train, validation = sources.load(config, "train"), sources.load(config, "validation")
+  pretrain, test = sources.load(config, "pretrain"), sources.load(config, "test")
+  assert len(train) == 180 and len(validation) == 20 and len(test) == 30
+  whole = sources.load_split(config, "train")
+  rows = lambda d: {bytes(x) for x in d.images[np.arange(len(d))].reshape(len(d), -1)}
+  assert not rows(train) & rows(validation) and not rows(validation) & rows(test)
+  assert rows(train) | rows(validation) == rows(whole) and rows(pretrain) == rows(train)
+  again = sources.load(config, "validation")
+  np.testing.assert_array_equal(again.images[np.arange(20)], validation.images[np.arange(20)])
+  config.seed = 1
+  other = sources.load(config, "validation")
+  config.seed = 0
+  assert rows(other) != rows(validation)
+
+
+def test_two_hosts_read_disjoint_rows_covering_each_global_batch(prepared_set):
+  data = sources.load(prepared_set, "pretrain")
+  batch = 16
+  kw = dict(batch_size=batch, seed=0, augment="crop", prefetch=0)
+  full = pipeline.train_batches(data, **kw)
+  hosts = [pipeline.train_batches(data, rows=(h * 8, (h + 1) * 8), **kw) for h in range(2)]
+  for _ in range(14):  # 224 examples: crosses the epoch of 180
+    f, h0, h1 = next(full), next(hosts[0]), next(hosts[1])
+    for key in ("images", "boxes", "labels"):
+      np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), f[key])
+    r0 = {bytes(x) for x in h0["images"].reshape(8, -1)}
+    assert not r0 & {bytes(x) for x in h1["images"].reshape(8, -1)}
+
+
+def test_resume_at_step_s_gives_the_batches_of_an_uninterrupted_run(prepared_set):
+  data = sources.load(prepared_set, "pretrain")
+  kw = dict(batch_size=12, seed=5, augment="paper")
+  straight = pipeline.train_batches(data, **kw)
+  batches = [next(straight) for _ in range(20)]
+  resumed = pipeline.train_batches(data, start_step=13, **kw)
+  for want in batches[13:]:
+    got = next(resumed)
+    assert got["step"] == want["step"]
+    for key in ("images", "boxes", "labels"):
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_paper_crop_boxes():
+  boxes = transform.train_boxes(np.arange(2000), seed=0, augment="paper")
+  side = boxes[:, 2] - boxes[:, 0]
+  np.testing.assert_allclose(side, boxes[:, 3] - boxes[:, 1], rtol=1e-6)
+  # 224 / U(256, 384): sides between 0.583 and 0.875 of the stored (short-side) square.
+  assert 0.583 < side.min() < 0.6 and 0.86 < side.max() <= 0.875 + 1e-6
+  assert boxes.min() >= 0 and boxes.max() <= 1
+  centre = transform.eval_boxes(3, "paper")[0]
+  np.testing.assert_allclose(centre, [1 / 16, 1 / 16, 15 / 16, 15 / 16])
+  assert transform.resolve_augment("auto", full_size=True) == "paper"
+  assert transform.resolve_augment("auto", full_size=False) == "none"
+
+
+def test_tokens_equal_the_tensorflow_pipeline():
+  """The JAX transform against the earlier tf.data computation (crop_and_resize to 2r,
+  2x2 average, round, brute-force nearest centre) on the same images and boxes."""
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (24, 32, 32, 3), np.uint8)
+  images = np.cumsum(images, axis=1, dtype=np.int64) // np.arange(1, 33)[None, :, None, None]
+  images = images.astype(np.uint8)  # smooth rows, like photos
+  centers = P.fit(P.sample_pixels(images, 5000), 64, iters=3)
+  boxes = transform.train_boxes(np.arange(24), seed=0, augment="crop", crop_min=0.6)
+  tokens, pixels = transform.Tokenizer(centers, 8).numpy(images, boxes, with_pixels=True)
+  big = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(24), (16, 16))
+  levels = tf.clip_by_value(tf.round(tf.nn.avg_pool2d(big, 2, 2, "VALID")), 0, 255).numpy()
+  want = P.quantize_np(levels / 127.5 - 1, centers).reshape(24, -1)
+  assert np.abs(pixels.astype(int) - levels).max() <= 1  # a level at .5 may round either way
+  assert (tokens == want).mean() > 0.999
+
+
+HIDE_TF = """
+import sys
+for _name in ("tensorflow", "tensorflow_datasets"):  # import fails, find_spec says absent
+  sys.modules[_name] = None
+"""
+
+
+def test_pretraining_from_a_prepared_set_without_tensorflow(prepared_set, tmp_path):
+  script = HIDE_TF + textwrap.dedent(f"""
+      import json, sys
+      import numpy as np
+      from igpt_jax import config as config_lib, loop
+      from igpt_jax.data import pipeline, sources, transform
+      c = config_lib.base_config()
+      c.data.source, c.data.prepared, c.data.resolution = "prepared", {prepared_set.data.prepared!r}, 8
+      c.palette.k, c.palette.samples, c.palette.iters = 8, 2000, 2
+      c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 16, 2
+      c.train.steps, c.train.batch_size, c.train.warmup_steps, c.train.log_every = 3, 8, 1, 1
+      c.train.eval_every, c.train.eval_batches, c.train.sample_every = 3, 1, 0
+      out = loop.pretrain(c, {str(tmp_path / "run")!r}, log=lambda *_: None)
+      assert sys.modules["tensorflow"] is None  # still hidden: nothing imported it
+      data = sources.load(c, "pretrain")
+      batch = next(pipeline.train_batches(data, batch_size=8, seed=0, augment="crop"))
+      centers = np.load({str(tmp_path / "run" / "palette.npz")!r})["centers"]
+      tokens = transform.Tokenizer(centers, 8).numpy(batch["images"], batch["boxes"])
+      np.savez({str(tmp_path / "batch.npz")!r}, tokens=tokens, centers=centers, **batch)
+      print(json.dumps({{"step": out["step"], "loss": out["loss"]}}))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step"] == 3 and np.isfinite(result["loss"])
+  # The same batch, through TensorFlow's ops here: the tokens agree.
+  tf = pytest.importorskip("tensorflow")
+  b = np.load(tmp_path / "batch.npz")
+  big = tf.image.crop_and_resize(tf.cast(b["images"], tf.float32), b["boxes"], tf.range(8), (16, 16))
+  levels = tf.clip_by_value(tf.round(tf.nn.avg_pool2d(big, 2, 2, "VALID")), 0, 255).numpy()
+  want = P.quantize_np(levels / 127.5 - 1, b["centers"]).reshape(8, -1)
+  assert (b["tokens"] == want).mean() > 0.999
+
+
+def test_tfds_download_and_prepare_offline(tmp_path, monkeypatch):
+  """TFDS's real download_and_prepare (not mock_data) on a builder whose files sit in the
+  manual download directory, then our prepare stage on top of it."""
+  pytest.importorskip("tensorflow_datasets")
+  monkeypatch.syspath_prepend(os.path.dirname(__file__))
+  import tiny_tfds  # noqa: F401 - registers igpt_tiny_shapes
+  rng = np.random.default_rng(2)
+  data_dir = tmp_path / "tfds"
+  for split, n in (("train", 20), ("test", 6)):
+    manual = data_dir / "downloads" / "manual" / split
+    manual.mkdir(parents=True)
+    for i in range(n):
+      h, w = rng.integers(20, 40, 2)
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(manual / f"{i % 2}_{i:03d}.png")
+  config = config_for("tfds", data_dir, tmp_path / "prep", shard_size=8, name="igpt_tiny_shapes")
+  result = prepare.run(config, log=QUIET)
+  assert result["examples"] == {"train": 20, "test": 6} and result["full_size"]
+  assert (data_dir / "igpt_tiny_shapes" / "1.0.0").is_dir()  # TFDS prepared it itself
+  data = sources.load_split(as_prepared(config), "train")
+  assert data.images.shape == (20, 16, 16, 3) and data.class_names == ["dark", "light"]
+  assert set(data.labels.tolist()) == {0, 1}
+
+
+PRETRAIN_RSS = """
+import json, resource, sys
+from igpt_jax import config as config_lib, loop
+c = config_lib.base_config()
+c.data.source, c.data.prepared, c.data.resolution, c.data.channels = "prepared", sys.argv[1], 32, 1
+c.palette.k, c.palette.samples, c.palette.iters = 16, 2000, 2
+c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 16, 2
+c.train.steps, c.train.batch_size, c.train.warmup_steps, c.train.log_every = 4, 16, 1, 2
+c.train.eval_every, c.train.eval_batches, c.train.sample_every = 4, 2, 0
+out = loop.pretrain(c, sys.argv[2], log=lambda *_: None)
+print(json.dumps({"step": out["step"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_pretraining_memory_does_not_grow_with_the_data_set(tmp_path):
+  """A prepared set 10x larger (164 MB vs 16 MB of pixels) raises peak RSS by < 100 MB: only
+  the rows of each batch (and the palette's sample) are read. (Reading it whole would add
+  148 MB; run-to-run noise of the peak is ~40 MB with malloc's arenas capped.)"""
+  peaks = {}
+  for name, n in (("small", 4_000), ("large", 40_000)):
+    directory = tmp_path / name
+    rng = np.random.default_rng(0)
+    shards = []
+    for j, lo in enumerate(range(0, n, 5_000)):
+      count = min(5_000, n - lo)
+      shards.append(prepared.write_shard(directory, "train", j,
+                                         rng.integers(0, 256, (count, 64, 64, 1), np.uint8),
+                                         rng.integers(0, 10, count)))
+    test = [prepared.write_shard(directory, "test", 0, np.zeros((20, 64, 64, 1), np.uint8),
+                                 np.zeros(20))]
+    prepared.write_manifest(directory, source="synthetic", side=64, channels=1, full_size=False,
+                            class_names=[str(i) for i in range(10)],
+                            splits={"train": shards, "test": test})
+    proc = subprocess.run([sys.executable, "-c", PRETRAIN_RSS, str(directory),
+                           str(tmp_path / f"run_{name}")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4
+    peaks[name] = result["max_rss_mb"]
+  print("peak RSS MB", peaks)
+  assert peaks["large"] - peaks["small"] < 100, peaks
