@@ -191,10 +191,12 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config)
   if stage not in STAGES:
     raise config_lib.UserError(f"Stage {stage!r} is not available in this version of igpt_jax.")
-  workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
-                         config.to_json_best_effort(indent=2))
+  outputs = config.data.prepared if stage == "prepare" else workdir  # prepare makes no run
+  if stage != "prepare":
+    workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
+                           config.to_json_best_effort(indent=2))
   result = STAGES[stage](config, workdir)
-  log(f"{stage} done; outputs in {workdir_lib.path(workdir)}")
+  log(f"{stage} done; outputs in {workdir_lib.path(outputs)}")
   print(json.dumps(result), flush=True)
   return result
 
