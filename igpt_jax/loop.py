@@ -196,6 +196,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
               f"Preemption signal: saved step {step}, exiting cleanly.")
           break
   finally:
+    batches.close()  # stops the read-ahead thread
     progress.close()
     writer.close()
     ckpt.close()

@@ -174,3 +174,24 @@ def test_missing_tfds_dataset_is_explained(tmp_path):
   config.data.source, config.data.name, config.data.path = "tfds", "not_a_dataset_xyz", str(tmp_path)
   with pytest.raises(sources.DataError, match="not available"):
     sources.load(config, "train")
+
+
+def test_read_ahead_thread_stops_on_close_and_passes_errors_on():
+  import itertools
+  import threading
+  it = pipeline.prefetched(itertools.count(), 2)
+  assert [next(it), next(it)] == [0, 1]
+  it.close()
+  deadline = 50
+  while any(t.name == "input-prefetch" for t in threading.enumerate()) and deadline:
+    threading.Event().wait(0.05)
+    deadline -= 1
+  assert not any(t.name == "input-prefetch" for t in threading.enumerate())
+
+  def broken():
+    yield 1
+    raise OSError("short read")
+  it = pipeline.prefetched(broken(), 2)
+  assert next(it) == 1
+  with pytest.raises(OSError, match="short read"):
+    next(it)
