@@ -8,7 +8,7 @@ uninterrupted run would have, without reading the data before s.
 Multi-host: each process reads rows [lo, hi) of every global batch, the rows its devices hold
 (`sharding.host_rows`: disjoint for data parallelism, equal for processes that hold replicas);
 `sharding.global_batch` reassembles them into global arrays. A process reads only the images
-of its rows (`data.images[indices]`: a memory map or ranged reads for prepared sets), so host
+of its rows (`data.images[indices]`: `pread` or ranged reads for prepared sets), so host
 memory does not grow with the data set.
 
 The host work per batch is a gather and the crop boxes, done one batch ahead in a thread;
@@ -139,13 +139,10 @@ def tokens_of(data: ImageSet, centers: np.ndarray, resolution: int, batch_size: 
   from igpt_jax import palette as palette_lib
   palette_lib.Palette(np.asarray(centers)).check_channels(data.images.shape[-1])
   tokenizer = transform.Tokenizer(centers, resolution)
-  tokens, pixels = [], []
+  parts = []
   for batch in eval_batches(data, batch_size=batch_size, augment=augment):
-    keep = batch["mask"] > 0
-    out = tokenizer(batch["images"], batch["boxes"], with_pixels)
-    if with_pixels:
-      tokens.append(np.asarray(out[0])[keep])
-      pixels.append(np.asarray(out[1])[keep])
-    else:
-      tokens.append(np.asarray(out)[keep])
-  return (np.concatenate(tokens), np.concatenate(pixels)) if with_pixels else np.concatenate(tokens)
+    out = tokenizer.numpy(batch["images"], batch["boxes"], with_pixels, batch_size)
+    keep = batch["mask"] > 0  # the padded last batch keeps one compiled shape
+    parts.append(tuple(o[keep] for o in (out if with_pixels else (out,))))
+  outs = tuple(np.concatenate(column) for column in zip(*parts))
+  return outs if with_pixels else outs[0]

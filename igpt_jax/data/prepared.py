@@ -117,11 +117,6 @@ class ShardedRows:
   def __len__(self):
     return self.shape[0]
 
-  def close(self):
-    for fd in self._fds.values():
-      os.close(fd)
-    self._fds = {}
-
   def _read_local(self, shard: int, offsets: np.ndarray) -> np.ndarray:
     if shard not in self._fds:
       self._fds[shard] = os.open(os.fspath(self.root / f"{self.names[shard]}.images"), os.O_RDONLY)

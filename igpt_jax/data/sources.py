@@ -3,8 +3,8 @@ folder, numpy arrays.
 
 Every source yields an `ImageSet`: uint8 images [N, H, W, C] with random access by index
 (what lets the pipeline make the example order a pure function of (seed, step)) plus integer
-labels. A prepared set (`data.source='prepared'`, made by the prepare stage) is read lazily: a
-memory map or ranged reads, so host memory does not grow with the data set. The other sources
+labels. A prepared set (`data.source='prepared'`, made by the prepare stage) is read lazily:
+`pread` or ranged reads of the rows asked for, so host memory does not grow with the data set. The other sources
 load into memory and suit small data (Fashion-MNIST, CIFAR, a numpy array); prepare anything
 larger. Images of varying size (image folders, imagenet2012) are stored at
 `storage_side(resolution)` so the random crop still has pixels to choose from.
