@@ -134,26 +134,34 @@ def start_training(workdir, steps, every, extra=()):
                           cwd=REPO, env=env)
 
 
-def wait_for_step(workdir, step, proc, timeout=240):
+def wait_until(reached, proc, what, timeout=240):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path) and read_metrics(workdir) and read_metrics(workdir)[-1]["step"] >= step:
+    if reached():
       return
     if proc.poll() is not None:
       raise AssertionError(f"training exited early:\n{proc.stdout.read()[-3000:]}")
     time.sleep(0.2)
-  raise AssertionError("training did not reach the step in time")
+  raise AssertionError(f"training did not reach {what} in time")
+
+
+def wait_for_step(workdir, step, proc, timeout=240):
+  path = os.path.join(workdir, "metrics.jsonl")
+  wait_until(lambda: os.path.exists(path) and read_metrics(workdir)
+             and read_metrics(workdir)[-1]["step"] >= step, proc, f"step {step}", timeout)
 
 
 @needs_fmnist
 def test_sigkill_resumes_and_sigterm_saves_then_exits_cleanly(tmp_path):
   workdir = str(tmp_path)
   proc = start_training(workdir, steps=10_000, every=3)
+  ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
   wait_for_step(workdir, 7, proc)
+  # Saves are asynchronous: step 6's may still be in flight at step 7. Kill once Orbax has
+  # committed it (the step's directory gets its final name last).
+  wait_until(lambda: os.path.isdir(os.path.join(ckpt_dir, "6")), proc, "a committed step 6")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
   saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert saved and saved[-1] >= 6
 
