@@ -164,9 +164,12 @@ def test_sigkill_resumes_and_sigterm_saves_then_exits_cleanly(tmp_path):
   proc.wait()
   saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert saved and saved[-1] >= 6
+  # The killed run may have logged steps past the newest save; wait for a step only the resumed
+  # run can log, or the SIGTERM below could land before it has even installed its handler.
+  logged_by_killed_run = read_metrics(workdir)[-1]["step"]
 
   proc = start_training(workdir, steps=10_000, every=1000)
-  wait_for_step(workdir, saved[-1] + 3, proc)
+  wait_for_step(workdir, logged_by_killed_run + 2, proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-3000:]
