@@ -16,4 +16,5 @@ def get_config():
   # ZeRO-3 over most devices plus 2-way tensor parallelism: batch 128 still splits evenly on a
   # 256-chip slice (fsdp=128, tensor=2).
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2
+  c.probe.concat = 5  # the paper's multi-layer probe for XL
   return c

@@ -92,8 +92,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe = ml_collections.ConfigDict()
   c.probe.train_examples = 0  # 0 = the whole labelled train split
   c.probe.test_examples = 0  # 0 = the whole test split
-  c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on 10% of train held out
+  c.probe.validation_examples = 0  # 0 = the whole validation split (chooses L2 and the layer)
+  # 'auto': all layers up to 12, else the middle third plus a spread of 8; 'all'; or '4,8,12'.
+  c.probe.layers = "auto"
+  c.probe.concat = 3  # the best layer and its nearest probed neighbours, concatenated (XL: 5)
+  c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on the validation split
+  # 'auto': full-batch L-BFGS when train+validation+test features fit in max_memory_mb as
+  # float32, else mini-batch Adam streamed from the feature store; or 'lbfgs' / 'adam'.
+  c.probe.solver = "auto"
+  c.probe.max_memory_mb = 2048  # host memory the probe's features may take
   c.probe.steps = 200  # L-BFGS iterations
+  c.probe.epochs = 50  # Adam epochs (ill-conditioned features need many)
+  c.probe.fit_batch_size = 1024  # Adam batch (global, over the mesh)
+  c.probe.lr = 0.3  # Adam peak learning rate, warmup then cosine (features are standardised)
   c.probe.batch_size = 256  # feature extraction
 
   c.sample = ml_collections.ConfigDict()
@@ -132,18 +143,21 @@ CHOICES = {
     "data.source": ("prepared", "fashion_mnist", "tfds", "folder", "numpy"),
     "data.augment": ("auto", "paper", "crop", "none"),
     "model.objective": ("ar", "bert"),
+    "probe.solver": ("auto", "lbfgs", "adam"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("xla", "blocked", "cudnn"),
 }
 POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
             "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
-            "probe.batch_size", "probe.steps")
+            "probe.batch_size", "probe.steps", "probe.concat", "probe.max_memory_mb",
+            "probe.epochs", "probe.fit_batch_size", "probe.lr")
 NON_NEGATIVE = ("data.workers", "data.prefetch", "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "train.eval_every", "train.eval_batches", "train.sample_every",
                 "finetune.steps", "finetune.lr", "finetune.warmup_steps", "finetune.eval_every",
                 "finetune.eval_batches", "finetune.gen_weight", "palette.iters", "sample.num",
                 "sample.completions", "sample.temperature", "sample.top_k", "plan.num_devices",
+                "probe.train_examples", "probe.validation_examples", "probe.test_examples",
                 "plan.device_memory_gb")
 
 

@@ -1,125 +1,69 @@
-"""Linear probes: the paper's f_l = mean_i norm(h_l) for every layer, logistic regression on each.
+"""Linear probes: the paper's f_l = mean_i norm(h_l) for the probed layers, a logistic
+regression on each.
 
-One forward pass per split extracts every layer's features (model.features); they are cached in
-<workdir>/probe/. Each layer's features are standardised and fitted with multinomial logistic
-regression by full-batch L-BFGS; the L2 strength is chosen on a held-out part of the train split.
-The report compares against raw pixels and the same probe on a randomly initialised model, and
-adds the concatenation of the best layer with its neighbours (the paper's multi-layer features).
+One forward pass per split, under the training mesh and sharding rules, extracts every probed
+layer's features (and the pixels, for the raw-pixel baseline); each process streams its rows to
+<workdir>/probe/features/ in float16 (features.py), so no host ever holds a split. The
+regressions (logreg.py) fit every layer and L2 candidate together: full-batch L-BFGS when the
+features fit in `probe.max_memory_mb`, else mini-batch Adam streamed from the store over the
+mesh; the L2 strength is chosen on the validation split. The report compares against raw
+pixels and the same probe on a randomly initialised model, and adds the concatenation of the
+best layers (the paper's multi-layer features; `probe.concat`).
 """
 
 from __future__ import annotations
 
-import functools
+import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+
+from igpt_jax.config import UserError
 
 
-# -- logistic regression ----------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("steps",))
-def _fit_one(x, y_onehot, l2, steps: int):
-  """Multinomial logistic regression by L-BFGS: min mean CE + l2/2 |W|^2 (bias unpenalised)."""
-  d, c = x.shape[1], y_onehot.shape[1]
-  params = {"w": jnp.zeros((d, c)), "b": jnp.zeros((c,))}
-
-  def loss(p):
-    logits = x @ p["w"] + p["b"]
-    ce = -jnp.mean(jnp.sum(y_onehot * jax.nn.log_softmax(logits), axis=-1))
-    return ce + 0.5 * l2 * jnp.sum(p["w"] ** 2)
-
-  opt = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(loss)
-
-  def step(carry, _):
-    p, state = carry
-    value, grad = value_and_grad(p, state=state)
-    updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
-    return (optax.apply_updates(p, updates), state), value
-
-  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-  return params
+def choose_layers(spec: str, num_layers: int) -> list[int]:
+  """Probed layers, 1-based. 'all'; 'auto' = all up to 12 layers, else every layer of the
+  middle third (where the paper's best layers are) plus a spread of 8 over the rest; or a
+  comma-separated list."""
+  spec = str(spec).strip()
+  if spec == "all" or (spec == "auto" and num_layers <= 12):
+    return list(range(1, num_layers + 1))
+  if spec == "auto":
+    middle = range(num_layers // 3, -(-2 * num_layers // 3) + 1)
+    spread = np.linspace(1, num_layers, 8).round().astype(int).tolist()
+    return sorted(set(middle) | set(spread))
+  try:
+    layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+  except ValueError:
+    layers = []
+  if not layers or not all(1 <= l <= num_layers for l in layers):
+    raise UserError(f"--config.probe.layers={spec!r}: use 'auto', 'all' or layer numbers "
+                    f"1..{num_layers} separated by commas.")
+  return layers
 
 
-def _standardise(train, *others):
-  mean, std = train.mean(0), train.std(0) + 1e-6
-  return [(a - mean) / std for a in (train, *others)]
+def concat_groups(best: int, layers: list[int], count: int) -> list[int]:
+  """Indices into `layers` of the `count` probed layers nearest the best one (ties: lower)."""
+  near = sorted(range(len(layers)), key=lambda i: (abs(layers[i] - best), layers[i]))
+  return sorted(near[:max(1, min(count, len(layers)))])
 
 
-def logistic_regression(x_train, y_train, x_test, y_test, num_classes: int,
-                        l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), val_fraction: float = 0.1,
-                        steps: int = 200, seed: int = 0) -> dict:
-  """Test accuracy of the probe, with L2 chosen on a held-out part of the train split."""
-  x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
-  order = np.random.default_rng(seed).permutation(len(x_train))
-  n_val = max(1, int(len(x_train) * val_fraction))
-  val, fit = order[:n_val], order[n_val:]
-  xs_fit, xs_val = _standardise(x_train[fit], x_train[val])
-  onehot = lambda y: jax.nn.one_hot(y, num_classes)
-  accuracy = lambda p, x, y: float(jnp.mean(jnp.argmax(x @ p["w"] + p["b"], -1) == y))
-  val_acc = {}
-  for l2 in l2_grid:
-    p = _fit_one(jnp.asarray(xs_fit), onehot(y_train[fit]), l2, steps)
-    val_acc[l2] = accuracy(p, jnp.asarray(xs_val), y_train[val])
-  best_l2 = max(val_acc, key=val_acc.get)
-  xs_all, xs_test = _standardise(x_train, x_test)
-  p = _fit_one(jnp.asarray(xs_all), onehot(y_train), best_l2, steps)
-  return {"accuracy": accuracy(p, jnp.asarray(xs_test), y_test), "l2": best_l2,
-          "val_accuracy": val_acc[best_l2]}
-
-
-# -- features ---------------------------------------------------------------------------------
-
-def extract_features(graphdef, params, tokens: np.ndarray, mesh, rules, batch_size: int = 256,
-                     log=None) -> np.ndarray:
-  """[N, seq] tokens (the same on every process) -> [num_layers, N, d_model] float32.
-
-  One forward pass per global batch, sharded over the mesh like training (each process feeds
-  the rows its devices hold); the features are gathered back whole on every process."""
-  from flax import nnx
-
-  from igpt_jax import distributed
-  from igpt_jax import sharding as sharding_lib
-  jitted = jax.jit(lambda p, t: nnx.merge(graphdef, p).features(t))
-  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
-  out = []
-  for start in range(0, len(tokens), batch_size):
-    chunk = tokens[start:start + batch_size]
-    padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
-    batch = sharding_lib.global_batch({"tokens": padded[lo:hi]}, mesh, rules, batch_size)
-    with sharding_lib.activation_sharding(mesh, rules):
-      feats = jitted(params, batch["tokens"])
-    out.append(distributed.to_host(feats)[:, :len(chunk)])
-    if log and (start // batch_size) % 20 == 0:
-      log(f"features: {start + len(chunk)}/{len(tokens)}")
-  return np.concatenate(out, axis=1)
-
-
-def cached_features(path, extract, num_examples: int) -> np.ndarray:
-  """Features read from `path` when every process finds them there, else extracted (all
-  processes together) and written by process 0."""
-  import io
-
-  from etils import epath
-
-  from igpt_jax import distributed
-  path = epath.Path(path)
-  cached = None
-  if path.exists():
-    cached = np.load(io.BytesIO(path.read_bytes()))["features"]
-    if cached.shape[1] != num_examples:
-      cached = None
-  if not distributed.any_process(cached is None):
-    return cached
-  feats = extract()
-  if distributed.is_chief():
-    from igpt_jax import workdir as workdir_lib
-    buffer = io.BytesIO()
-    np.savez(buffer, features=feats)
-    workdir_lib.write_bytes(path, buffer.getvalue())
-  return feats
+def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=None) -> list[dict]:
+  """(train, val, test) stores -> one result per group, in memory or streamed (see module doc)."""
+  from igpt_jax import logreg
+  p = config.probe
+  train, val, test = stores
+  groups = train.groups if view is None else len(view)
+  dim = train.dim * (1 if view is None else len(view[0]))
+  in_memory_bytes = sum(s.num_examples for s in stores) * groups * dim * 4
+  solver = p.solver
+  if solver == "auto":
+    solver = "lbfgs" if in_memory_bytes <= p.max_memory_mb * 2**20 else "adam"
+  if solver == "lbfgs":
+    return logreg.fit_in_memory(*(s.load(view) for s in stores), num_classes, tuple(p.l2),
+                                steps=p.steps)
+  return logreg.fit_streamed(train, val, test, num_classes, tuple(p.l2), mesh=mesh, rules=rules,
+                             batch_size=p.fit_batch_size, epochs=p.epochs, lr=p.lr,
+                             seed=config.seed, view=view, log=log)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -174,11 +118,13 @@ def write_report(results: dict, out_dir) -> dict:
   rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
   for r in results["by_layer"]:
     lines.append(f"| {r['layer']} | {r['accuracy']:.4f} | {rand.get(r['layer'], float('nan')):.4f} |")
-  lines += ["", f"Best layer {results['best_layer']}: {results['best_accuracy']:.4f}; "
-            f"multi-layer ({results['multi_layer']['layers']}): "
-            f"{results['multi_layer']['accuracy']:.4f}; random init (best layer): "
-            f"{results['random_init_accuracy']:.4f}; raw pixels: "
+  lines += ["", f"Test accuracy; layers and L2 chosen on validation. Best layer "
+            f"{results['best_layer']}: {results['best_accuracy']:.4f}; concatenated layers "
+            f"{results['multi_layer']['layers']}: {results['multi_layer']['accuracy']:.4f}; "
+            f"random init (its best layer): {results['random_init_accuracy']:.4f}; raw pixels: "
             f"{results['raw_pixel_accuracy']:.4f}."]
+  if "seconds" in results:
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()) + "."]
   workdir_lib.write_text(out_dir / "results.md", "\n".join(lines) + "\n")
   from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
   fig = Figure(figsize=(6, 4))
@@ -205,69 +151,120 @@ def _subset(data, n: int, seed: int):
   return data.subset(idx, f"{data.name}[{n} examples]")
 
 
-def run(config, workdir, log=print) -> dict:
-  """Stage probe: every layer of the pretrained model vs raw pixels and a random-init model.
+def _splits(config, log):
+  """Probe train, validation (chooses L2) and test sets; without a validation split, 10% of
+  the probe's train examples are held out instead."""
+  from igpt_jax.data import sources
+  p = config.probe
+  train = sources.load(config, "train", log=log)
+  if sources.validation_fraction(config) > 0:
+    val = _subset(sources.load(config, "validation", log=log), p.validation_examples, config.seed)
+  else:
+    val_idx, train_idx = np.split(np.random.default_rng(config.seed).permutation(len(train)),
+                                  [max(1, len(train) // 10)])
+    val = train.subset(np.sort(val_idx), f"{train.name}[held out]")
+    train = train.subset(np.sort(train_idx), train.name)
+  train = _subset(train, p.train_examples, config.seed)
+  test = _subset(sources.load(config, "test", log=log), p.test_examples, config.seed)
+  if train.num_classes < 2:
+    raise UserError(f"The probe needs labelled data; {train.name} has no classes.")
+  return {"train": train, "validation": val, "test": test}
 
-  Feature extraction runs on every process over the mesh; every process then fits the same
-  (small) probes on the gathered features, and process 0 writes the report."""
+
+def run(config, workdir, log=print) -> dict:
+  """Stage probe: the probed layers of the pretrained model vs raw pixels and a random-init
+  model, plus the concatenation of the best layers. Every process takes part."""
+  import jax
   from flax import nnx
 
+  from igpt_jax import distributed
+  from igpt_jax import features as features_lib
   from igpt_jax import model as model_lib
   from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
   from igpt_jax import workdir as workdir_lib
-  from igpt_jax.config import UserError
-  from igpt_jax.data import pipeline, sources
+  from igpt_jax.data import transform
+  p = config.probe
+  times = {}
+  start = time.perf_counter()
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config)
   cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
-  train = _subset(sources.load(config, "train", log=log), config.probe.train_examples, config.seed)
-  test = _subset(sources.load(config, "test", log=log), config.probe.test_examples, config.seed)
-  if train.num_classes < 2:
-    raise UserError(f"The probe needs labelled data; {train.name} has no classes.")
-  res = config.data.resolution
-  aug = config.data.augment
-  tok_tr, pix_tr = pipeline.tokens_of(train, centers, res, with_pixels=True, augment=aug)
-  tok_te, pix_te = pipeline.tokens_of(test, centers, res, with_pixels=True, augment=aug)
+  layers = choose_layers(p.layers, cfg.num_layers)
+  splits = _splits(config, log)
   out_dir = workdir_lib.path(workdir) / "probe"
-  bs, p = config.probe.batch_size, config.probe
+  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
-  feats = {}
-  random_params = train_lib.init_params(cfg, mesh, rules, config.seed + 1)
-  for tag, prm in (("pretrained", params), ("random_init", random_params)):
-    suffix = f"{tag}_step{step}" if tag == "pretrained" else f"{tag}_seed{config.seed + 1}"
-    log(f"Extracting {tag} features of {len(tok_tr)} train and {len(tok_te)} test images...")
-    feats[tag] = tuple(
-        cached_features(out_dir / f"features_{suffix}_{split}.npz",
-                        lambda t=tokens, prm=prm: extract_features(graphdef, prm, t, mesh, rules,
-                                                                  bs, log), len(tokens))
-        for split, tokens in (("train", tok_tr), ("test", tok_te)))
-  k = train.num_classes
-  by_layer = probe_layers(feats["pretrained"][0], train.labels, feats["pretrained"][1], test.labels,
-                          k, p, log)
-  random_by_layer = probe_layers(feats["random_init"][0], train.labels, feats["random_init"][1],
-                                 test.labels, k, p, lambda *_: None)
-  best = max(by_layer, key=lambda r: r["accuracy"])
-  layers = [l for l in (best["layer"] - 1, best["layer"], best["layer"] + 1)
-            if 1 <= l <= len(by_layer)]
-  concat = lambda f: np.concatenate([f[l - 1] for l in layers], axis=-1)
-  multi = logistic_regression(concat(feats["pretrained"][0]), train.labels,
-                              concat(feats["pretrained"][1]), test.labels, k, tuple(p.l2), steps=p.steps)
-  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
-  raw = logistic_regression(flat(pix_tr), train.labels, flat(pix_te), test.labels, k,
-                            tuple(p.l2), steps=p.steps)
+  picked = np.asarray([l - 1 for l in layers])
+  # [B, probed layers, d]: rows first, as the store keeps them.
+  layer_features = jax.jit(
+      lambda prm, t: nnx.merge(graphdef, prm).features(t)[picked].transpose(1, 0, 2))
+  models = {"pretrained": params,
+            "random_init": train_lib.init_params(cfg, mesh, rules, config.seed + 1)}
+  times["load_s"] = time.perf_counter() - start
+  stores = {}
+  start = time.perf_counter()
+  for tag, prm in models.items():
+    names = [tag, "pixels"] if tag == "pretrained" else [tag]
+    for split, data in splits.items():
+      key = {"model": f"step{step}" if tag == "pretrained" else f"init_seed{config.seed + 1}",
+             "split": split, "examples": len(data), "data": data.name, "layers": layers,
+             "resolution": config.data.resolution, "batch_size": p.batch_size,
+             "mesh": dict(mesh.shape), "processes": jax.process_count()}
+      paths = {n: out_dir / "features" / f"{n}-{split}" for n in names}
+      done = all(features_lib.Store.complete(paths[n], key) for n in names)
+      if not distributed.any_process(not done):
+        stores.update({(n, split): features_lib.Store(paths[n]) for n in names})
+        log(f"Reusing {tag} features of {len(data)} {split} images in {out_dir / 'features'}.")
+        continue
+      log(f"Extracting {tag} features of layers {layers} for {len(data)} {split} images...")
+
+      def forward(tokens, pixels, prm=prm, names=names):
+        with sharding_lib.activation_sharding(mesh, rules):
+          out = {names[0]: layer_features(prm, tokens)}
+        if "pixels" in names:
+          out["pixels"] = pixels.reshape(pixels.shape[0], 1, -1)
+        return out
+
+      opened = features_lib.extract(paths, data, forward, tokenizer, mesh, rules, p.batch_size,
+                                    key, min(64 * 2**20, p.max_memory_mb * 2**20 // 4),
+                                    config.data.augment, log)
+      stores.update({(n, split): opened[n] for n in names})
+  times["extract_s"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  k = splits["train"].num_classes
+  of = lambda name: tuple(stores[(name, s)] for s in ("train", "validation", "test"))  # noqa: E731
+  fit = lambda name, view=None: _fit(of(name), k, config, mesh, rules, view, log)  # noqa: E731
+  by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("pretrained"))]
+  for r in by_layer:
+    log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})")
+  random_by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("random_init"))]
+  # Layers are chosen on validation, like L2: the test split only reports.
+  best = max(by_layer, key=lambda r: r["val_accuracy"])
+  best_random = max(random_by_layer, key=lambda r: r["val_accuracy"])
+  group = concat_groups(best["layer"], layers, p.concat)
+  multi = fit("pretrained", [group])[0]
+  raw = fit("pixels")[0]
+  times["fit_s"] = time.perf_counter() - start
   results = {
-      "checkpoint_step": step, "train_examples": len(train), "test_examples": len(test),
-      "by_layer": by_layer, "best_layer": best["layer"], "best_accuracy": best["accuracy"],
-      "multi_layer": {"layers": layers, **multi},
+      "checkpoint_step": step, "train_examples": len(splits["train"]),
+      "validation_examples": len(splits["validation"]), "test_examples": len(splits["test"]),
+      "layers": layers, "by_layer": by_layer, "best_layer": best["layer"],
+      "best_accuracy": best["accuracy"],
+      "multi_layer": {"layers": [layers[i] for i in group], **multi},
       "random_init_by_layer": random_by_layer,
-      "random_init_accuracy": max(r["accuracy"] for r in random_by_layer),
-      "raw_pixel_accuracy": raw["accuracy"],
+      "random_init_accuracy": best_random["accuracy"],
+      "raw_pixel_accuracy": raw["accuracy"], "seconds": {k_: round(v, 1) for k_, v in times.items()},
   }
   results = write_report(results, out_dir)
   write_tensorboard(results, out_dir)
   log(f"Probe: best layer {best['layer']} {best['accuracy']:.4f}; random init "
-      f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}. Report in {out_dir}")
+      f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}; concatenated "
+      f"layers {results['multi_layer']['layers']} {multi['accuracy']:.4f}. Times: "
+      + ", ".join(f"{k_} {v:.0f}" for k_, v in results["seconds"].items())
+      + f". Report in {out_dir}")
   return {"stage": "probe", "results": str(out_dir / "results.json"),
-          **{k: results[k] for k in ("best_layer", "best_accuracy", "random_init_accuracy",
-                                     "raw_pixel_accuracy")}}
+          **{k_: results[k_] for k_ in ("best_layer", "best_accuracy", "random_init_accuracy",
+                                        "raw_pixel_accuracy")}}
+

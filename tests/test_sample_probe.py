@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpt_jax import probe, sample
+from igpt_jax import logreg, sample
 from igpt_jax.model import ImageGPT, ModelConfig
 from test_model import randomise
 
@@ -46,12 +46,14 @@ def test_probe_separates_linearly_separable_features():
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(5, 20)) * 3
   y = rng.integers(0, 5, 3000)
-  x = centers[y] + rng.normal(size=(3000, 20))
-  out = probe.logistic_regression(x[:2000], y[:2000], x[2000:], y[2000:], num_classes=5)
-  assert out["accuracy"] > 0.99
+  x = (centers[y] + rng.normal(size=(3000, 20)))[:, None].astype(np.float32)  # one group
+  split = lambda labels: ((x[:1500], labels[:1500]), (x[1500:2000], labels[1500:2000]),
+                          (x[2000:], labels[2000:]))
+  out = logreg.fit_in_memory(*split(y), num_classes=5, l2_grid=(1e-4, 1e-2))
+  assert out[0]["accuracy"] > 0.99
   # And it is not trivially high: shuffled labels give chance.
-  shuffled = probe.logistic_regression(x[:2000], rng.permutation(y[:2000]), x[2000:], y[2000:], 5)
-  assert shuffled["accuracy"] < 0.4
+  shuffled = logreg.fit_in_memory(*split(rng.permutation(y)), num_classes=5, l2_grid=(1e-4, 1e-2))
+  assert shuffled[0]["accuracy"] < 0.4
 
 
 def test_image_grid_layout():

@@ -25,6 +25,7 @@ def stage_config(stage):
   config.stage = stage
   config.finetune.steps, config.finetune.eval_every, config.finetune.eval_batches = 4, 4, 2
   config.probe.train_examples, config.probe.test_examples, config.probe.steps = 300, 200, 50
+  config.probe.validation_examples = 200
   config.sample.num, config.sample.completions = 3, 2
   return config
 

@@ -1,0 +1,209 @@
+"""Probe features on disk: extracted under the training mesh, streamed to the workdir, read back
+a chunk at a time.
+
+A store is a folder of chunks `r<lo>-c<chunk>.npz`, each [rows, groups, dim] features (float16;
+uint8 for pixels) and [rows] labels (-1 marks padding), plus `meta.json`, written last. Every
+process writes the rows its devices hold of each global batch (`lo` names that row range, so
+processes holding replicas of the same rows write once), and nothing holds more than one chunk:
+host memory is bounded by `chunk_bytes`, whatever the number of examples. A probe on the same
+mesh reads back its own row range; the in-memory path reads every range.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import jax
+import numpy as np
+from etils import epath
+
+FORMAT = "igpt_jax.features/1"
+
+
+def _write_atomic(target: epath.Path, data: bytes) -> None:
+  tmp = target.parent / f".{target.name}.tmp"
+  tmp.write_bytes(data)
+  tmp.replace(target)
+
+
+def _host_part(array, lo: int, hi: int, axis: int) -> np.ndarray:
+  """Rows [lo, hi) along `axis` of a global array, from this process's shards only."""
+  pieces = {}
+  for shard in array.addressable_shards:
+    start = shard.index[axis].indices(array.shape[axis])[0]
+    pieces.setdefault(start, shard.data)
+  first = min(pieces)
+  held = np.concatenate([np.asarray(pieces[s]) for s in sorted(pieces)], axis=axis)
+  return np.take(held, np.arange(lo - first, hi - first), axis=axis)
+
+
+class Store:
+  """Reads a finished store: its meta, and its chunks one at a time."""
+
+  def __init__(self, path):
+    self.path = epath.Path(path)
+    self.meta = json.loads((self.path / "meta.json").read_text())
+    if self.meta.get("format") != FORMAT:
+      raise ValueError(f"{self.path} is not a feature store ({FORMAT}).")
+
+  @staticmethod
+  def complete(path, key: dict) -> bool:
+    """True when `path` holds a finished store made for `key` (model step, data, layers...)."""
+    meta = epath.Path(path) / "meta.json"
+    return meta.exists() and json.loads(meta.read_text()).get("key") == key
+
+  @property
+  def groups(self) -> int:
+    return self.meta["groups"]
+
+  @property
+  def dim(self) -> int:
+    return self.meta["dim"]
+
+  @property
+  def num_examples(self) -> int:
+    return self.meta["num_examples"]
+
+  def chunk_names(self, ranges=None) -> list[str]:
+    """Chunk files of the given row ranges (`lo` values; default all), in order."""
+    ranges = self.ranges() if ranges is None else ranges
+    return [name for r in ranges for name in self.meta["ranges"][str(r)]["chunks"]]
+
+  def ranges(self) -> list[int]:
+    """The row ranges (first row of each process's part of a batch) that wrote chunks."""
+    return sorted(int(r) for r in self.meta["ranges"])
+
+  def rows(self, lo: int) -> int:
+    """Rows written for one range, padding included (the same for every range)."""
+    return self.meta["ranges"][str(lo)]["rows"]
+
+  def read(self, name: str, view=None) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk: features [rows, G, D] (as stored) and labels [rows] (-1 = padding). `view`
+    (a list of layer groups) concatenates groups: -> [rows, len(view), sum of dims]."""
+    with np.load(io.BytesIO((self.path / name).read_bytes())) as z:
+      x, y = z["x"], z["y"]
+    if view is not None:
+      x = np.stack([x[:, list(g)].reshape(len(x), -1) for g in view], axis=1)
+    return x, y
+
+  def chunks(self, ranges=None, view=None, order=None):
+    names = self.chunk_names(ranges)
+    for i in (range(len(names)) if order is None else order):
+      yield self.read(names[i], view)
+
+  def load(self, view=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every range, padding dropped, as float32: for the in-memory path (small sets only)."""
+    xs, ys = [], []
+    for x, y in self.chunks(view=view):
+      keep = y >= 0
+      xs.append(x[keep].astype(np.float32))
+      ys.append(y[keep])
+    return np.concatenate(xs), np.concatenate(ys)
+
+  def moments(self, view=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std [G, D] over real rows, in one streamed pass (float64 sums)."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for x, y in self.chunks(view=view):
+      x = x[y >= 0].astype(np.float64)
+      total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean * mean, 0.0))
+    return mean.astype(np.float32), (std + 1e-6).astype(np.float32)
+
+
+class Writer:
+  """Collects this process's rows batch by batch and writes a chunk whenever one is full."""
+
+  def __init__(self, path, lo: int, chunk_rows: int, dtype):
+    self.path, self.lo, self.chunk_rows, self.dtype = epath.Path(path), lo, chunk_rows, dtype
+    self.path.mkdir(parents=True, exist_ok=True)
+    self.xs, self.ys, self.rows, self.names, self.total_rows = [], [], 0, [], 0
+
+  def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    self.xs.append(np.asarray(x, self.dtype))
+    self.ys.append(np.asarray(y, np.int32))
+    self.rows += len(y)
+    self.total_rows += len(y)
+    if self.rows >= self.chunk_rows:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.rows:
+      return
+    name = f"r{self.lo:06d}-c{len(self.names):05d}.npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.concatenate(self.xs), y=np.concatenate(self.ys))
+    _write_atomic(self.path / name, buffer.getvalue())
+    self.names.append(name)
+    self.xs, self.ys, self.rows = [], [], 0
+
+
+def chunk_rows_for(row_bytes: int, chunk_bytes: int, batch_rows: int) -> int:
+  """Rows per chunk: a whole number of per-host batches within `chunk_bytes` (at least one)."""
+  return max(1, chunk_bytes // max(row_bytes * batch_rows, 1)) * batch_rows
+
+
+def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int, key: dict,
+            chunk_bytes: int, augment: str, log=None) -> dict:
+  """Runs `forward(tokens, pixels) -> {store name: [B, G, D] global array}` over `data` once
+  and streams each output to its store (a dict name -> path). Returns the opened Stores.
+
+  Every process takes part (one forward per global batch over the mesh) and writes only the
+  rows its devices hold; process 0 writes meta.json once all processes are done."""
+  from igpt_jax import distributed
+  from igpt_jax import sharding as sharding_lib
+  from igpt_jax.data import pipeline
+  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
+  writes = distributed.allgather(np.int32(lo)).tolist().index(lo) == jax.process_index()
+  writers, dims = {}, {}
+  num_batches = -(-len(data) // batch_size)
+  for j, batch in enumerate(pipeline.eval_batches(data, batch_size=batch_size, rows=(lo, hi),
+                                                  augment=augment)):
+    g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")}, mesh, rules,
+                                  batch_size)
+    tokens, pixels = tokenizer(g["images"], g["boxes"], with_pixels=True)
+    labels = np.where(batch["mask"] > 0, batch["labels"], -1).astype(np.int32)
+    for name, out in forward(tokens, pixels).items():
+      part = _host_part(out, lo, hi, axis=0)
+      if name not in writers:
+        dims[name] = part.shape[1:]
+        dtype = np.uint8 if part.dtype == np.uint8 else np.float16
+        row_bytes = int(np.prod(part.shape[1:])) * np.dtype(dtype).itemsize + 4  # + label
+        rows = chunk_rows_for(row_bytes, chunk_bytes - 4096, hi - lo)  # - npz headers
+        writers[name] = Writer(stores[name], lo, rows, dtype)
+      if writes:
+        writers[name].add(part, labels)
+    if log and (j % 20 == 0 or j == num_batches - 1):
+      log(f"features: {min((j + 1) * batch_size, len(data))}/{len(data)} examples")
+  for w in writers.values():
+    if writes:
+      w.flush()
+  names = {name: {str(lo): {"chunks": w.names, "rows": w.total_rows}}
+           for name, w in writers.items()}
+  gathered = _gather_names(names)
+  for name, path in stores.items():
+    if distributed.is_chief():
+      meta = {"format": FORMAT, "key": key, "num_examples": len(data),
+              "groups": int(dims[name][0]), "dim": int(dims[name][1]),
+              "dtype": np.dtype(writers[name].dtype).name, "ranges": gathered[name]}
+      _write_atomic(epath.Path(path) / "meta.json", json.dumps(meta, indent=1).encode())
+  distributed.barrier("features-written")
+  return {name: Store(path) for name, path in stores.items()}
+
+
+def _gather_names(names: dict) -> dict:
+  """Every process's chunk lists, merged (process 0 writes them into meta.json)."""
+  if jax.process_count() == 1:
+    return names
+  from igpt_jax import distributed
+  blob = json.dumps(names).encode()
+  sizes = distributed.allgather(np.int64(len(blob)))
+  padded = np.frombuffer(blob.ljust(int(sizes.max()), b" "), np.uint8)
+  merged = {}
+  for row in distributed.allgather(padded):
+    for name, ranges in json.loads(bytes(row).decode()).items():
+      for lo, written in ranges.items():
+        if written["chunks"]:
+          merged.setdefault(name, {})[lo] = written
+  return merged

@@ -1,0 +1,179 @@
+"""Multinomial logistic regression for linear probes, every feature group and L2 strength at once.
+
+Features come in groups (one per probed layer, or one concatenation); each group is standardised
+with its train moments and fitted for every candidate L2; the candidate with the best validation
+accuracy gives the group's test accuracy. Two solvers:
+
+- `fit_in_memory`: full-batch L-BFGS on features held whole (small sets: the exact optimum).
+- `fit_streamed`: mini-batch Adam with cosine decay over chunks read from a features.Store, on
+  the mesh (each process feeds its own rows), all groups and L2 values in one pass per epoch.
+  Host memory holds one chunk; device memory one batch and the weights [G, L2, D, classes].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _penalised_ce(w, b, x, y_onehot, weights, l2):
+  """Mean CE over weighted rows + l2/2 |W|^2 (bias unpenalised), for one group and L2."""
+  logits = x @ w + b
+  ce = -jnp.sum(weights * jnp.sum(y_onehot * jax.nn.log_softmax(logits), -1)) / jnp.maximum(
+      jnp.sum(weights), 1.0)
+  return ce + 0.5 * l2 * jnp.sum(w * w)
+
+
+# -- in memory: L-BFGS ------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _lbfgs(x, y_onehot, l2, steps: int):
+  d, c = x.shape[1], y_onehot.shape[1]
+  params = {"w": jnp.zeros((d, c)), "b": jnp.zeros((c,))}
+  ones = jnp.ones((x.shape[0],))
+  loss = lambda p: _penalised_ce(p["w"], p["b"], x, y_onehot, ones, l2)  # noqa: E731
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def step(carry, _):
+    p, state = carry
+    value, grad = value_and_grad(p, state=state)
+    updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+    return (optax.apply_updates(p, updates), state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return params
+
+
+def _accuracy(p, x, y) -> float:
+  return float(jnp.mean(jnp.argmax(x @ p["w"] + p["b"], -1) == y))
+
+
+def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200) -> list[dict]:
+  """train/val/test: (x [N, G, D] float32, y [N]). One result per group: test accuracy at the
+  L2 with the best validation accuracy."""
+  (xt, yt), (xv, yv), (xs, ys) = train, val, test
+  mean, std = xt.mean(0), xt.std(0) + 1e-6
+  onehot = jax.nn.one_hot(yt, num_classes)
+  results = []
+  for g in range(xt.shape[1]):
+    norm = lambda x: jnp.asarray((x[:, g] - mean[g]) / std[g])  # noqa: E731
+    best = None
+    for l2 in l2_grid:
+      p = _lbfgs(norm(xt), onehot, float(l2), steps)
+      val_acc = _accuracy(p, norm(xv), yv)
+      if best is None or val_acc > best["val_accuracy"]:
+        best = {"accuracy": _accuracy(p, norm(xs), ys), "l2": float(l2), "val_accuracy": val_acc}
+    results.append(best)
+  return results
+
+
+# -- streamed: mini-batch Adam on the mesh ----------------------------------------------------
+
+def _batches(store, rows: int, lo: int, view, rng, shuffle: bool):
+  """This process's rows of each global batch: [rows, G, D] and labels, from its own chunks.
+  Shuffled chunk order and a shuffle within each chunk (a convex problem needs no more)."""
+  names = store.chunk_names([lo])
+  order = rng.permutation(len(names)) if shuffle else range(len(names))
+  x_left, y_left = None, None
+  for x, y in store.chunks([lo], view, order):
+    if shuffle:
+      perm = rng.permutation(len(y))
+      x, y = x[perm], y[perm]
+    if x_left is not None:
+      x, y = np.concatenate([x_left, x]), np.concatenate([y_left, y])
+    full = len(y) // rows * rows
+    for i in range(0, full, rows):
+      yield x[i:i + rows], y[i:i + rows]
+    x_left, y_left = x[full:], y[full:]
+  if x_left is not None and len(y_left):
+    pad = rows - len(y_left)
+    yield (np.concatenate([x_left, np.zeros((pad, *x_left.shape[1:]), x_left.dtype)]),
+           np.concatenate([y_left, np.full(pad, -1, np.int32)]))
+
+
+def _my_range(store, mesh, rules, batch_size: int) -> tuple[int, int]:
+  """(this process's rows of a fit batch, the store range it reads): the store was written
+  under the same mesh, so the k-th distinct row range of a fit batch reads the k-th range."""
+  from igpt_jax import distributed
+  from igpt_jax import sharding as sharding_lib
+  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
+  distinct = sorted(set(distributed.allgather(np.int32(lo)).tolist()))
+  ranges = store.ranges()
+  if len(ranges) != len(distinct):
+    raise ValueError(f"{store.path} was written by {len(ranges)} row ranges, this mesh has "
+                     f"{len(distinct)}; extract the features again under this mesh.")
+  return hi - lo, ranges[distinct.index(lo)]
+
+
+def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, batch_size: int,
+                 epochs: int, lr: float, seed: int, view=None, log=None) -> list[dict]:
+  """train/val/test: features.Store. Same results as fit_in_memory, within a fraction of a
+  percent, without ever holding a split in memory."""
+  from igpt_jax import distributed
+  from igpt_jax import sharding as sharding_lib
+  rows, lo = _my_range(train, mesh, rules, batch_size)
+  mean, std = train.moments(view)
+  groups, dim = mean.shape
+  l2 = jnp.asarray(np.asarray(l2_grid, np.float32))
+  n_l2 = len(l2_grid)
+  steps_per_epoch = -(-train.rows(lo) // rows)
+  total = max(epochs * steps_per_epoch, 1)
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, total // 10), total))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put({"w": jnp.zeros((groups, n_l2, dim, num_classes)),
+                           "b": jnp.zeros((groups, n_l2, num_classes))}, replicated)
+  opt_state = jax.device_put(tx.init(params), replicated)
+  mean_d, std_d = jax.device_put((jnp.asarray(mean), jnp.asarray(std)), replicated)
+
+  def logits_of(p, x):
+    x = (x.astype(jnp.float32) - mean_d) / std_d  # [B, G, D]
+    return jnp.einsum("bgd,gldc->bglc", x, p["w"]) + p["b"]
+
+  @jax.jit
+  def step(p, opt_state, x, y):
+    def loss(p):
+      valid = (y >= 0).astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits_of(p, x))  # [B, G, L2, C]
+      nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None, None, None], -1)[..., 0]
+      ce = jnp.sum(nll * valid[:, None, None], 0) / jnp.maximum(jnp.sum(valid), 1.0)
+      return jnp.sum(ce) + 0.5 * jnp.sum(l2 * jnp.sum(p["w"] ** 2, axis=(2, 3)))
+    grads = jax.grad(loss)(p)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  @jax.jit
+  def correct(p, x, y):
+    hit = jnp.argmax(logits_of(p, x), -1) == y[:, None, None]
+    return jnp.sum(hit * (y >= 0)[:, None, None], 0), jnp.sum(y >= 0)
+
+  def to_global(x, y):
+    g = sharding_lib.global_batch({"x": x, "y": y}, mesh, rules, batch_size)
+    return g["x"], g["y"]
+
+  rng = np.random.default_rng(seed)
+  for epoch in range(epochs):
+    for x, y in _batches(train, rows, lo, view, rng, shuffle=True):
+      params, opt_state = step(params, opt_state, *to_global(x, y))
+    if log:
+      log(f"probe fit: epoch {epoch + 1}/{epochs}")
+
+  def accuracy(store):
+    hits, n = 0, 0
+    for x, y in _batches(store, rows, _my_range(store, mesh, rules, batch_size)[1], view, rng,
+                         shuffle=False):
+      h, c = correct(params, *to_global(x, y))
+      hits, n = hits + distributed.to_host(h), n + int(distributed.to_host(c))
+    return hits / max(n, 1)  # [G, L2]
+
+  val_acc, test_acc = accuracy(val), accuracy(test)
+  results = []
+  for g in range(groups):
+    best = int(np.argmax(val_acc[g]))
+    results.append({"accuracy": float(test_acc[g, best]), "l2": float(l2_grid[best]),
+                    "val_accuracy": float(val_acc[g, best])})
+  return results
