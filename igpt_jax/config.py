@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 5_000
   c.train.eval_batches = 0  # validation batches per evaluation; 0 = all of it
-  c.train.sample_every = 10_000  # unconditional samples to TensorBoard every N steps; 0 = off
+  # Unconditional samples to TensorBoard every N steps; 0 = off. Off by default: decoding is
+  # seq_len sequential steps (4,096 at 64x64), a large share of a big run's time; when on, the
+  # log states each grid's cost.
+  c.train.sample_every = 0
   # A step whose gradients or updates are not finite is skipped (never applied, never saved);
   # this many in a row stop the run, keeping the last good checkpoint.
   c.train.max_nonfinite_steps = 10

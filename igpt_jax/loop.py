@@ -151,6 +151,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   tokens_per_step = tcfg.batch_size * cfg.seq_len
   last_log_time, last_log_step = time.perf_counter(), start
   step, summary = start, {}
+  last_grid_end = time.perf_counter()
   preemption = distributed.PreemptionWatch()
   try:
     with preemption:
@@ -187,8 +188,14 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
           summary = scalars
         if (stage == "pretrain" and cfg.causal and tcfg.sample_every
             and (step % tcfg.sample_every == 0 or is_last)):
+          began = time.perf_counter()
           writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers,
                                                            config, step))
+          spent = time.perf_counter() - began
+          since = max(began - last_grid_end, 1e-9)
+          last_grid_end = time.perf_counter()
+          log(f"Sample grid at step {step}: {spent:.1f} s, {100 * spent / since:.0f}% of the "
+              f"{since:.0f} s trained since the last one (train.sample_every=0 turns it off).")
         if save:
           ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
         if preempted:

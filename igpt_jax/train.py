@@ -175,7 +175,7 @@ class Trainer:
     """Sums over a padded batch (mask weights examples): NLL, tokens, and for a class head
     correct predictions and examples. Built once per trainer, so evaluating during training
     compiles once."""
-    def fn(params, tokens, labels, mask):
+    def eval_batch(params, tokens, labels, mask):
       model = nnx.merge(self.graphdef, params)
       bert = None if self.cfg.causal else objectives.bert_mask(
           jax.random.key(self.config.seed + 1), tokens.shape)
@@ -191,7 +191,7 @@ class Trainer:
       out["nll"], out["tokens"] = jnp.sum(nll * weights), jnp.sum(weights)
       return out
 
-    jitted = jax.jit(fn)
+    jitted = jax.jit(eval_batch)
 
     def call(*args):
       with sharding_lib.activation_sharding(self.mesh, self.rules):

@@ -1,5 +1,6 @@
 """Sharded pretraining: mesh equivalence, bit-exact resume, kills, corrupt checkpoints, planning."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -320,3 +321,19 @@ def test_launch_scripts_are_valid_and_tpu_dry_run_prints_gcloud():
        "--dry-run", "--", "--config.train.steps=100"], capture_output=True, text=True, check=True).stdout
   assert "gcloud compute tpus tpu-vm create igpt-l --zone=us-central2-b --accelerator-type=v5litepod-64" in out
   assert "--worker=all" in out and "igpt_jax.main" in out and "--config.train.steps=100" in out
+
+
+@needs_fmnist
+def test_evaluation_during_training_compiles_once(tmp_path, caplog):
+  config = tiny_config(steps=6, warmup_steps=2, eval_every=2, eval_batches=2)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  evaluated = [r["step"] for r in read_metrics(tmp_path) if "eval_loss" in r]
+  assert evaluated == [2, 4, 6]
+  compiles = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling jit(eval_batch)")]
+  assert len(compiles) == 1, compiles
