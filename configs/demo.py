@@ -34,6 +34,7 @@ def get_config():
   c.finetune.eval_batches = 40  # 2,560 test images
   c.probe.train_examples = 5_000
   c.probe.test_examples = 5_000
+  c.probe.validation_examples = 1_000  # chooses L2 and the best layer
   c.sample.num = 16
   c.sample.completions = 8
   return c

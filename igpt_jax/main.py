@@ -166,7 +166,23 @@ def summary(results: dict, workdir: str) -> str:
       f"- Fine-tuned test accuracy: **{f.get('test_accuracy', float('nan')):.4f}** (validation "
       f"{f.get('eval_accuracy', float('nan')):.4f})",
       f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
+      "", "Against the paper's findings (ImageNet, models 1,000x larger, 1M steps):", "",
   ]
+  ft = f.get("test_accuracy", float("nan"))
+  checks = [
+      (p["best_accuracy"] > p["random_init_accuracy"], "pretrained features beat a random-init "
+       "model", "pretraining this short has not yet taught the model more than its random "
+       "projection of the pixels gives"),
+      (p["best_accuracy"] > p["raw_pixel_accuracy"], "pretrained features beat raw pixels "
+       "(the paper's features beat pixels by far)", f"a linear model on these raw pixels is "
+       f"already at {p['raw_pixel_accuracy']:.2f}; features of a briefly trained small model are not there yet"),
+      (ft > p["best_accuracy"], "fine-tuning beats the best linear probe", "the fine-tuning "
+       "here is a few hundred steps at most, too short to train the class head and adapt the "
+       "model; `experiments/RESULTS.md` runs it longer"),
+  ]
+  for held, claim, why in checks:
+    lines.append(f"- {'Holds' if held else 'Does not hold here'}: {claim}."
+                 + ("" if held else f" Why at this scale: {why}."))
   return "\n".join(lines) + "\n"
 
 
