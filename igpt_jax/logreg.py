@@ -159,6 +159,10 @@ def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, ba
   for epoch in range(epochs):
     for x, y in _batches(train, rows, lo, view, rng, shuffle=True):
       params, opt_state = step(params, opt_state, *to_global(x, y))
+      if jax.process_count() > 1:
+        # Nothing else waits on the steps: unbounded async dispatch of cross-process collectives
+        # deadlocked the CPU (gloo) runtime after a few hundred queued steps.
+        jax.block_until_ready(params)
     if log:
       log(f"probe fit: epoch {epoch + 1}/{epochs}")
 

@@ -85,6 +85,31 @@ def test_two_processes_train_like_one_on_a_data_mesh(palette_and_reference, two_
   assert len(os.listdir(workdir / "tensorboard")) == 1
 
 
+def test_streamed_probe_on_two_processes_writes_each_row_once(two_process_data_run, tmp_path):
+  """The probe at scale on 2 processes: each writes its rows of every batch, the mini-batch
+  solver trains over both hosts' chunks, and it agrees with one process."""
+  workdir, _ = two_process_data_run
+  single_dir = tmp_path / "single"
+  shutil.copytree(workdir, single_dir)
+  args = [*TINY, "--config.stage=probe", "--config.probe.solver=adam", "--config.probe.epochs=20",
+          "--config.probe.fit_batch_size=256", "--config.probe.train_examples=2000",
+          "--config.probe.validation_examples=500", "--config.probe.test_examples=1000"]
+  code, out = local(2, 2, *args, f"--workdir={workdir}")
+  assert code == 0, out[-3000:]
+  meta = json.load(open(workdir / "probe" / "features" / "pretrained-train" / "meta.json"))
+  assert sorted(meta["ranges"]) == ["0", "128"]  # batch 256: rows 0-127 and 128-255
+  labels = [np.load(workdir / "probe" / "features" / "pretrained-train" / name)["y"]
+            for written in meta["ranges"].values() for name in written["chunks"]]
+  assert sum(int((y >= 0).sum()) for y in labels) == 2000  # every example once, padding marked
+  code, one = single(4, *args, f"--workdir={single_dir}")
+  assert code == 0, one[-3000:]
+  two = json.load(open(workdir / "probe" / "results.json"))
+  one = json.load(open(single_dir / "probe" / "results.json"))
+  assert two["best_accuracy"] > 0.5
+  for a, b in zip(one["by_layer"], two["by_layer"]):
+    assert abs(a["accuracy"] - b["accuracy"]) < 0.03, (one["by_layer"], two["by_layer"])
+
+
 @pytest.mark.parametrize("devices,mesh", [
     (2, ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]),
     (1, ["--config.mesh.data=1", "--config.mesh.tensor=2"]),  # tensor parallel across processes
