@@ -18,13 +18,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from igpt_jax import workdir as workdir_lib
+
 FORMAT = "igpt_jax.features/1"
-
-
-def _write_atomic(target: epath.Path, data: bytes) -> None:
-  tmp = target.parent / f".{target.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(target)
 
 
 def _host_part(array, lo: int, hi: int, axis: int) -> np.ndarray:
@@ -134,7 +130,7 @@ class Writer:
     name = f"r{self.lo:06d}-c{len(self.names):05d}.npz"
     buffer = io.BytesIO()
     np.savez(buffer, x=np.concatenate(self.xs), y=np.concatenate(self.ys))
-    _write_atomic(self.path / name, buffer.getvalue())
+    workdir_lib.write_atomic(self.path / name, buffer.getvalue())
     self.names.append(name)
     self.xs, self.ys, self.rows = [], [], 0
 
@@ -183,11 +179,10 @@ def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int
            for name, w in writers.items()}
   gathered = _gather_names(names)
   for name, path in stores.items():
-    if distributed.is_chief():
-      meta = {"format": FORMAT, "key": key, "num_examples": len(data),
-              "groups": int(dims[name][0]), "dim": int(dims[name][1]),
-              "dtype": np.dtype(writers[name].dtype).name, "ranges": gathered[name]}
-      _write_atomic(epath.Path(path) / "meta.json", json.dumps(meta, indent=1).encode())
+    meta = {"format": FORMAT, "key": key, "num_examples": len(data),
+            "groups": int(dims[name][0]), "dim": int(dims[name][1]),
+            "dtype": np.dtype(writers[name].dtype).name, "ranges": gathered[name]}
+    workdir_lib.write_bytes(epath.Path(path) / "meta.json", json.dumps(meta, indent=1).encode())
   distributed.barrier("features-written")
   return {name: Store(path) for name, path in stores.items()}
 

@@ -38,9 +38,13 @@ def stage_dir(workdir, stage: str) -> epath.Path:
 
 
 def write_bytes(target, data: bytes) -> None:
-  """Process 0 writes; atomically (temporary file, then rename), so readers never see half."""
-  if not distributed.is_chief():
-    return
+  """Process 0 writes (see write_atomic)."""
+  if distributed.is_chief():
+    write_atomic(target, data)
+
+
+def write_atomic(target, data: bytes) -> None:
+  """This process writes, atomically (temporary file, then rename): readers never see half."""
   target = epath.Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp"
