@@ -1,6 +1,9 @@
 """igpt_jax: Image GPT (Chen et al., ICML 2020) pretraining and evaluation in JAX/Flax."""
 from setuptools import find_packages, setup
 
+JAX_VERSION = "0.10.2"  # the jax that libtpu below was built for
+TPU = f"jax[tpu]=={JAX_VERSION}"
+
 setup(
     name="igpt_jax",
     version="0.1.0",
@@ -25,7 +28,11 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
+        # libtpu, the TPU compiler and runtime; it must match jax's version exactly. Without a
+        # TPU, `plan --config.plan.target=v5litepod-64` compiles with it for a whole slice.
+        "tpu": [TPU],
         "test": [
+            TPU,  # the tests compile for TPU slices
             "pytest>=8",
             "torch==2.13.0",
             "transformers>=4.40",

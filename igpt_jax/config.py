@@ -6,6 +6,7 @@ ConfigDict. The dict is locked, so a misspelt override on the command line is an
 
 import importlib.util
 import os
+import re
 
 import ml_collections
 
@@ -82,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose gradients or updates are not finite is skipped (never applied, never saved);
   # this many in a row stop the run, keeping the last good checkpoint.
   c.train.max_nonfinite_steps = 10
+  # 'START,END': a jax.profiler trace of steps START..END under <workdir>/profile (TensorBoard's
+  # profile tab); process 0 only unless profile_all_hosts.
+  c.train.profile_steps = ""
+  c.train.profile_all_hosts = False
+  # A step taking this many times the median step time dumps every thread's stack to stderr
+  # (a hung host says where it hangs); 0 = off.
+  c.train.watchdog_factor = 20.0
 
   # Fine-tuning: these fields replace train's; the rest of train applies as it is.
   c.finetune = ml_collections.ConfigDict()
@@ -124,10 +132,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.slices = 1  # > 1: data parallel across that many slices over DCN (multislice)
 
   c.plan = ml_collections.ConfigDict()
   c.plan.num_devices = 0  # > 0: simulate that many CPU devices for planning
   c.plan.device_memory_gb = 0.0  # > 0: report whether the step fits this per-device memory
+  # An accelerator to compile for with its own compiler (TPU: libtpu, no TPU needed):
+  # v4-32, v5litepod-64, v5p-128, v6e-64; GPUs (h100, h200-8, a100-80gb) are CPU-estimated.
+  c.plan.target = ""
+  c.plan.slices = 0  # slices of the target; 0 = mesh.slices
+  # When the step does not fit, or fits with room to spare, search the settings a user can
+  # change for the best-estimated one that fits, and print it as --config. overrides.
+  c.plan.search = True
+  # FLOPs and HBM bytes per step from the compiler, and the roofline step time and MFU they
+  # imply: two more (small) compiles.
+  c.plan.roofline = True
 
   c.lock()
   return c
@@ -154,14 +173,14 @@ POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples"
             "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
             "probe.batch_size", "probe.steps", "probe.concat", "probe.max_memory_mb",
-            "probe.epochs", "probe.fit_batch_size", "probe.lr")
+            "probe.epochs", "probe.fit_batch_size", "probe.lr", "mesh.slices")
 NON_NEGATIVE = ("data.workers", "data.prefetch", "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "train.eval_every", "train.eval_batches", "train.sample_every",
                 "finetune.steps", "finetune.lr", "finetune.warmup_steps", "finetune.eval_every",
                 "finetune.eval_batches", "finetune.gen_weight", "palette.iters", "sample.num",
                 "sample.completions", "sample.temperature", "sample.top_k", "plan.num_devices",
                 "probe.train_examples", "probe.validation_examples", "probe.test_examples",
-                "plan.device_memory_gb")
+                "plan.device_memory_gb", "plan.slices", "train.watchdog_factor")
 
 
 def _get(config, dotted: str):
@@ -196,6 +215,11 @@ def validate(config) -> None:
   if config.train.batch_size % config.train.accum_steps:
     raise UserError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
                     f"--config.train.accum_steps={config.train.accum_steps}.")
+  profile = config.train.profile_steps
+  if profile and not re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", profile):
+    raise UserError(f"--config.train.profile_steps={profile!r} must be 'START,END', e.g. '10,20'.")
+  if profile and int(profile.split(",")[0]) > int(profile.split(",")[1]):
+    raise UserError(f"--config.train.profile_steps={profile!r}: START is after END.")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     if size != -1 and size < 1:

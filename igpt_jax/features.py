@@ -23,15 +23,15 @@ from igpt_jax import workdir as workdir_lib
 FORMAT = "igpt_jax.features/1"
 
 
-def _host_part(array, lo: int, hi: int, axis: int) -> np.ndarray:
-  """Rows [lo, hi) along `axis` of a global array, from this process's shards only."""
+def _host_part(array, rows: np.ndarray, axis: int) -> np.ndarray:
+  """`rows` (sorted) along `axis` of a global array, from this process's shards only."""
   pieces = {}
   for shard in array.addressable_shards:
-    start = shard.index[axis].indices(array.shape[axis])[0]
-    pieces.setdefault(start, shard.data)
-  first = min(pieces)
-  held = np.concatenate([np.asarray(pieces[s]) for s in sorted(pieces)], axis=axis)
-  return np.take(held, np.arange(lo - first, hi - first), axis=axis)
+    start, stop, _ = shard.index[axis].indices(array.shape[axis])
+    pieces.setdefault(start, (stop, shard.data))
+  held_rows = np.concatenate([np.arange(s, pieces[s][0]) for s in sorted(pieces)])
+  held = np.concatenate([np.asarray(pieces[s][1]) for s in sorted(pieces)], axis=axis)
+  return np.take(held, np.searchsorted(held_rows, rows), axis=axis)
 
 
 class Store:
@@ -150,24 +150,25 @@ def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int
   from igpt_jax import distributed
   from igpt_jax import sharding as sharding_lib
   from igpt_jax.data import pipeline
-  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
+  rows = sharding_lib.host_rows(mesh, rules, batch_size)
+  lo = int(rows[0])  # names this process's row set (replicas share it, disjoint sets differ)
   writes = distributed.allgather(np.int32(lo)).tolist().index(lo) == jax.process_index()
   writers, dims = {}, {}
   num_batches = -(-len(data) // batch_size)
-  for j, batch in enumerate(pipeline.eval_batches(data, batch_size=batch_size, rows=(lo, hi),
+  for j, batch in enumerate(pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
                                                   augment=augment)):
     g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")}, mesh, rules,
                                   batch_size)
     tokens, pixels = tokenizer(g["images"], g["boxes"], with_pixels=True)
     labels = np.where(batch["mask"] > 0, batch["labels"], -1).astype(np.int32)
     for name, out in forward(tokens, pixels).items():
-      part = _host_part(out, lo, hi, axis=0)
+      part = _host_part(out, rows, axis=0)
       if name not in writers:
         dims[name] = part.shape[1:]
         dtype = np.uint8 if part.dtype == np.uint8 else np.float16
         row_bytes = int(np.prod(part.shape[1:])) * np.dtype(dtype).itemsize + 4  # + label
-        rows = chunk_rows_for(row_bytes, chunk_bytes - 4096, hi - lo)  # - npz headers
-        writers[name] = Writer(stores[name], lo, rows, dtype)
+        chunk = chunk_rows_for(row_bytes, chunk_bytes - 4096, len(rows))  # - npz headers
+        writers[name] = Writer(stores[name], lo, chunk, dtype)
       if writes:
         writers[name].add(part, labels)
     if log and (j % 20 == 0 or j == num_batches - 1):

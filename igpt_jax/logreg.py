@@ -101,13 +101,14 @@ def _my_range(store, mesh, rules, batch_size: int) -> tuple[int, int]:
   under the same mesh, so the k-th distinct row range of a fit batch reads the k-th range."""
   from igpt_jax import distributed
   from igpt_jax import sharding as sharding_lib
-  lo, hi = sharding_lib.host_rows(mesh, rules, batch_size)
+  mine = sharding_lib.host_rows(mesh, rules, batch_size)
+  lo = int(mine[0])
   distinct = sorted(set(distributed.allgather(np.int32(lo)).tolist()))
   ranges = store.ranges()
   if len(ranges) != len(distinct):
     raise ValueError(f"{store.path} was written by {len(ranges)} row ranges, this mesh has "
                      f"{len(distinct)}; extract the features again under this mesh.")
-  return hi - lo, ranges[distinct.index(lo)]
+  return len(mine), ranges[distinct.index(lo)]
 
 
 def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, batch_size: int,

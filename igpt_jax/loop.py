@@ -24,6 +24,7 @@ from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.config import UserError
+from igpt_jax.watchdog import Watchdog
 
 
 class NonFiniteLoss(RuntimeError):
@@ -153,44 +154,59 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   step, summary = start, {}
   last_grid_end = time.perf_counter()
   preemption = distributed.PreemptionWatch()
+  profiler = Profiler(tcfg.profile_steps, workdir_lib.path(workdir) / "profile",
+                      distributed.is_chief() or tcfg.profile_all_hosts, log)
+  watchdog = Watchdog(tcfg.watchdog_factor, log=log)
+  input_s = 0.0  # this host's own time per log interval: reading and assembling its rows
   try:
-    with preemption:
+    with preemption, watchdog:
       for step in range(start + 1, total + 1):
+        profiler.before(step)
+        began = time.perf_counter()
         g = sharding_lib.global_batch({k: v for k, v in next(batches).items() if k != "step"},
                                       mesh, rules, tcfg.batch_size)
+        input_s += time.perf_counter() - began
         g["tokens"] = tokenizer(g.pop("images"), g.pop("boxes"))
         state, out = step_fn(state, {k: g[k] for k in trainer.batch_keys()})
+        profiler.after(step, state)
+        watchdog.beat(step)
         is_last = step == total
         preempted = step == stop_after or preemption.should_stop(step)
         save = step % config.checkpoint.every == 0 or is_last or preempted
         if step % tcfg.log_every == 0 or is_last or save:
           _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
         if step % tcfg.log_every == 0 or is_last:
+          loss = float(out["loss"])  # waits for the step
           now = time.perf_counter()
-          tokens_per_s = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
-          last_log_time, last_log_step = now, step
-          loss = float(out["loss"])
+          steps_done = max(step - last_log_step, 1)
+          tokens_per_s = tokens_per_step * steps_done / max(now - last_log_time, 1e-9)
+          hosts = metrics_lib.host_times((now - last_log_time) / steps_done, input_s / steps_done)
+          last_log_time, last_log_step, input_s = now, step, 0.0
           scalars = {"loss": loss, "bits_per_dim": objectives.bits_per_dim(
                          float(out.get("gen_loss", loss)), config.data.channels),
                      **{k: float(out[k]) for k in ("grad_norm", "lr", "clf_loss", "accuracy",
                                                    "skipped") if k in out},
                      "tokens_per_s": tokens_per_s,
                      "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, device_kind,
-                                            len(jax.devices()))}
-          if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
-            scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
-                                    tcfg.eval_batches))
-          if stage == "finetune" and is_last:  # the final number, on test
-            scalars.update(evaluate(trainer, state["params"], test_data(), tokenizer, config,
-                                    prefix="test"))
+                                            len(jax.devices())), **hosts}
+          if jax.process_count() > 1 and distributed.is_chief():
+            log(metrics_lib.host_times_line(hosts))
+          with watchdog.paused():
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
+              scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
+                                      tcfg.eval_batches))
+            if stage == "finetune" and is_last:  # the final number, on test
+              scalars.update(evaluate(trainer, state["params"], test_data(), tokenizer, config,
+                                      prefix="test"))
           writer.write(step, scalars)
           progress.update(step, scalars)
           summary = scalars
         if (stage == "pretrain" and cfg.causal and tcfg.sample_every
             and (step % tcfg.sample_every == 0 or is_last)):
           began = time.perf_counter()
-          writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers,
-                                                           config, step))
+          with watchdog.paused():
+            writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers,
+                                                             config, step))
           spent = time.perf_counter() - began
           since = max(began - last_grid_end, 1e-9)
           last_grid_end = time.perf_counter()
@@ -203,12 +219,40 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
               f"Preemption signal: saved step {step}, exiting cleanly.")
           break
   finally:
+    profiler.close()
     batches.close()  # stops the read-ahead thread
     progress.close()
     writer.close()
     ckpt.close()
   return {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
           "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
+
+
+class Profiler:
+  """`train.profile_steps='START,END'`: a jax.profiler trace of those steps under `directory`
+  (TensorBoard's profile tab reads it), on the processes where `enabled`."""
+
+  def __init__(self, steps: str, directory, enabled: bool, log=print):
+    self.first, self.last = (map(int, steps.split(","))) if steps else (0, -1)
+    self.directory, self.enabled, self.log, self.active = directory, enabled and bool(steps), log, False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)  # the trace holds the device work of the last step too
+      self.close()
+      self.log(f"Profile of steps {self.first}-{self.last} written to {self.directory} "
+               "(TensorBoard: Profile tab).")
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def _stop_if_nonfinite(out: dict, step: int, limit: int, ckpt) -> None:

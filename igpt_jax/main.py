@@ -60,42 +60,11 @@ def fit_palette(config, workdir: str) -> dict:
 
 
 def plan(config, workdir: str) -> dict:
-  """Sizes the model and compiles its train step for the configured mesh, allocating nothing.
-
-  With plan.num_devices > 0 the mesh is made of that many simulated CPU devices (set before JAX
-  starts, see main), so a laptop can plan a pod; when the configured mesh needs more devices
-  than there are, main restarts the stage with that many simulated.
-  """
-  import jax
-
-  from igpt_jax import model as model_lib
-  from igpt_jax import sharding as sharding_lib
-  from igpt_jax import train as train_lib
-  cfg = model_lib.ModelConfig.from_config(config)
-  out = {
-      "stage": "plan",
-      "params": model_lib.count_params(cfg),
-      "flops_per_token": model_lib.flops_per_token(cfg),
-      "num_layers": cfg.num_layers,
-      "d_model": cfg.d_model,
-      "num_heads": cfg.num_heads,
-      "seq_len": cfg.seq_len,
-      "vocab_size": cfg.vocab_size,
-      "objective": cfg.objective,
-      "batch_size": config.train.batch_size,
-  }
-  devices = jax.devices()
-  if config.plan.num_devices:
-    devices = devices[:config.plan.num_devices]
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
-  log(f"Compiling the train step for mesh {dict(mesh.shape)} ({len(devices)} devices)...")
-  out["mesh"] = dict(mesh.shape)
-  out.update(train_lib.memory_report(trainer.compile_step()))
-  if config.plan.device_memory_gb and "per_device_bytes" in out:
-    out["device_memory_gb"] = config.plan.device_memory_gb
-    out["fits"] = out["per_device_bytes"] <= config.plan.device_memory_gb * 2**30
-  return out
+  """Sizes the model and compiles its train step, allocating nothing: for this machine's devices,
+  plan.num_devices simulated CPUs, or a named accelerator (plan.target) with its own compiler;
+  see igpt_jax/plan.py."""
+  from igpt_jax import plan as plan_lib
+  return plan_lib.run(config, log=log)
 
 
 def pretrain(config, workdir: str) -> dict:
@@ -260,6 +229,16 @@ def devices_needed(mesh_config) -> int:
   return math.prod(max(1, int(mesh_config[axis])) for axis in ("data", "fsdp", "tensor"))
 
 
+def plan_devices_needed(config) -> int:
+  """Simulated CPU devices a GPU target's plan compiles for (0: none needed). TPU targets bring
+  their own compile-only devices."""
+  if not config.plan.target or config.plan.num_devices:
+    return 0
+  from igpt_jax import targets
+  target = targets.parse(config.plan.target)
+  return target.chips if target.platform == "gpu" else 0
+
+
 def replan_with_simulated_devices(config, needed: int) -> None:
   """plan on a machine with too few devices: run again with `needed` simulated CPU devices."""
   import jax
@@ -277,13 +256,18 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   config = _CONFIG.value
+  from igpt_jax import targets
+  targets.quiet_libtpu_without_tpu()  # before JAX starts its backends
   try:
     if config.stage == "prepare":
       pass  # one process: it decodes with a pool of its own
     elif config.stage == "plan":
+      needed = plan_devices_needed(config)
       if config.plan.num_devices:
         simulate_cpu_devices(config.plan.num_devices)
-      else:
+      elif needed:
+        replan_with_simulated_devices(config, needed)
+      elif not config.plan.target:
         import jax
         if len(jax.devices()) < devices_needed(config.mesh):
           replan_with_simulated_devices(config, devices_needed(config.mesh))

@@ -11,6 +11,8 @@ import sys
 import time
 import types
 
+import numpy as np
+
 # Ask tensorboard for its bundled TF stub instead of importing TensorFlow (its documented switch
 # is the presence of this module).
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
@@ -38,6 +40,28 @@ def peak_flops(device_kind: str) -> float | None:
 def mfu(tokens_per_s: float, flops_per_token: float, device_kind: str, num_devices: int):
   peak = peak_flops(device_kind)
   return None if peak is None else tokens_per_s * flops_per_token / (peak * num_devices)
+
+
+def host_times(step_s: float, input_s: float) -> dict:
+  """Every host's seconds per step and its own input time per step, gathered at a log step
+  (a collective: every process calls it at the same step). In a synchronous step the hosts'
+  step times agree -- the fast wait for the slow in collectives -- so the slowest host is the
+  one spending most time on its own input."""
+  import jax
+  if jax.process_count() == 1:
+    return {}
+  from igpt_jax import distributed
+  table = distributed.allgather(np.asarray([step_s, input_s], np.float64))
+  slowest = int(np.argmax(table[:, 1]))
+  return {"host_step_s_max": float(table[:, 0].max()), "host_step_s_min": float(table[:, 0].min()),
+          "host_input_s_max": float(table[slowest, 1]),
+          "host_input_s_median": float(np.median(table[:, 1])), "slowest_host": slowest}
+
+
+def host_times_line(hosts: dict) -> str:
+  return (f"hosts: {hosts['host_step_s_min']:.3f}-{hosts['host_step_s_max']:.3f} s/step; "
+          f"slowest host: process {hosts['slowest_host']} (input {hosts['host_input_s_max']:.3f} "
+          f"s/step, median host {hosts['host_input_s_median']:.3f})")
 
 
 class MetricsWriter:

@@ -55,13 +55,40 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), axis types Auto."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), axis types Auto.
+
+  mesh.data/fsdp/tensor describe one slice. With mesh.slices = S > 1 the data axis is S times
+  longer and spans the slices (data parallelism over the data-centre network, DCN), while fsdp
+  and tensor stay within a slice's chip network: `mesh_utils.create_hybrid_device_mesh`. A
+  TPU's devices are ordered by their place in the chip network (`jax.make_mesh`), so the rows a
+  host feeds need not be contiguous (see `host_rows`).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_config, len(devices))
+  slices = int(mesh_config.get("slices", 1) or 1)
+  if slices < 1 or len(devices) % slices:
+    raise UserError(f"--config.mesh.slices={slices} does not divide the {len(devices)} devices.")
+  sizes = mesh_shape(mesh_config, len(devices) // slices)
   shape = tuple(sizes[a] for a in MESH_AXES)
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+  if slices > 1:
+    from jax.experimental import mesh_utils
+    # Without slice indices (CPU processes in tests), each process stands for a slice.
+    by_process = not hasattr(devices[0], "slice_index")
+    if by_process and len({d.process_index for d in devices}) != slices:
+      raise UserError(f"--config.mesh.slices={slices}: these devices report no slice; "
+                      f"multislice needs a TPU (or, for a rehearsal, one process per slice).")
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1), devices,
+                                                process_is_granule=by_process)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+  if devices[0].platform == "tpu" or len(devices) == len(jax.devices()):
+    try:
+      return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+    except NotImplementedError:
+      # A mesh axis that is no product of the slice's physical axes (tensor=8 on a 4x4x4
+      # v5p): split a physical axis rather than refuse; that axis's rings get longer.
+      from jax.experimental import mesh_utils
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
@@ -107,25 +134,70 @@ def batch_sharding(mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def host_rows(mesh, rules, global_rows: int) -> tuple[int, int]:
-  """[lo, hi): the rows of a global batch that this process's devices hold.
+def rows_by_process(mesh, rules, global_rows: int) -> dict[int, np.ndarray]:
+  """Process index -> the sorted rows of a global batch that its devices hold.
 
-  Derived from the batch sharding, not from the process index: processes whose devices hold
-  replicas of the same rows (tensor parallelism across hosts) get the same range.
+  Derived from the batch sharding, whatever the device order: on a TPU slice `jax.make_mesh`
+  orders devices by their place in the chip network, so a host's rows are in general not one
+  contiguous range (v5litepod-16: host 0 holds rows 0-3, 12-13 and 30-31 of 32). Processes
+  whose devices hold replicas of the same rows (tensor parallelism across hosts) get the same
+  set. Works on compile-only devices too, so `plan` can check every host of a slice.
   """
   sharding = batch_sharding(mesh, rules, 1)
-  spans = {(s[0].indices(global_rows)[:2])
-           for s in sharding.addressable_devices_indices_map((global_rows,)).values()}
-  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-  if sum(b - a for a, b in spans) != hi - lo:
-    raise ValueError(f"This process's devices hold non-contiguous batch rows {sorted(spans)}; "
-                     "order the mesh so that each host's devices are adjacent.")
-  return lo, hi
+  held: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((global_rows,)).items():
+    start, stop, _ = index[0].indices(global_rows)
+    held.setdefault(device.process_index, set()).update(range(start, stop))
+  return {p: np.fromiter(sorted(rows), np.int64) for p, rows in held.items()}
+
+
+def host_rows(mesh, rules, global_rows: int, process_index: int | None = None) -> np.ndarray:
+  """The sorted rows of a global batch that this process's devices hold (see
+  `rows_by_process`); the input pipeline reads exactly these examples."""
+  process = jax.process_index() if process_index is None else process_index
+  rows = rows_by_process(mesh, rules, global_rows).get(process)
+  if rows is None:
+    raise ValueError(f"Process {process} holds no device of mesh {dict(mesh.shape)}.")
+  return rows
+
+
+def check_row_assignment(mesh, rules, global_rows: int) -> dict:
+  """Checks, for every host, that the rows it feeds are those its devices hold and that all hosts
+  together feed each row once per replica. Returns a summary for `plan`'s JSON."""
+  sharding = batch_sharding(mesh, rules, 1)
+  by_process = rows_by_process(mesh, rules, global_rows)
+  copies = np.zeros(global_rows, np.int64)  # devices holding each row
+  for device, index in sharding.devices_indices_map((global_rows,)).items():
+    start, stop, _ = index[0].indices(global_rows)
+    fed = by_process[device.process_index]
+    if not np.all(np.isin(np.arange(start, stop), fed)):
+      raise AssertionError(f"process {device.process_index} does not feed rows {start}-{stop} "
+                           f"that its device {device.id} holds")
+    copies[start:stop] += 1
+  replicas = math.prod(size for axis, size in mesh.shape.items()
+                       if axis not in _batch_axes(mesh, rules))
+  if not np.all(copies == replicas):
+    raise AssertionError(f"rows are held {sorted(set(copies.tolist()))} times; {replicas} expected")
+  distinct = {tuple(r.tolist()) for r in by_process.values()}
+  contiguous = all(r[-1] - r[0] + 1 == len(r) for r in by_process.values())
+  return {"hosts": len(by_process), "rows_per_host": int(len(next(iter(by_process.values())))),
+          "distinct_row_sets": len(distinct), "contiguous": bool(contiguous),
+          "replicas": int(replicas), "checked": True}
+
+
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the batch is split (the product of the mesh axes it is sharded over)."""
+  return math.prod(mesh.shape[a] for a in _batch_axes(mesh, rules))
+
+
+def _batch_axes(mesh, rules) -> tuple:
+  spec = batch_sharding(mesh, rules, 1).spec[0]
+  return (spec,) if isinstance(spec, str) else tuple(spec or ())
 
 
 def global_batch(local: dict, mesh, rules=DEFAULT_RULES, global_rows: int | None = None) -> dict:
-  """Rows [lo, hi) of the batch held by this process (see `host_rows`) -> global jax.Arrays
-  sharded over the batch axes. `global_rows` is the global batch size (default: local rows x
+  """This process's rows of a batch (in the order of `host_rows`) -> global jax.Arrays sharded
+  over the batch axes. `global_rows` is the global batch size (default: local rows x
   processes, right only when every process holds distinct rows)."""
   out = {}
   for key, value in local.items():
@@ -133,15 +205,26 @@ def global_batch(local: dict, mesh, rules=DEFAULT_RULES, global_rows: int | None
     if value.ndim == 0:
       continue
     rows = global_rows or value.shape[0] * jax.process_count()
-    lo, hi = host_rows(mesh, rules, rows)
-    if value.shape[0] != hi - lo:
-      raise ValueError(f"{key}: this process feeds rows [{lo}, {hi}) of {rows}, got "
+    mine = host_rows(mesh, rules, rows)
+    if value.shape[0] != len(mine):
+      raise ValueError(f"{key}: this process feeds {len(mine)} rows of {rows}, got "
                        f"{value.shape[0]} rows.")
+
     out[key] = jax.make_array_from_callback(
         (rows, *value.shape[1:]), batch_sharding(mesh, rules, value.ndim),
-        lambda index, v=value, lo=lo: v[(slice(index[0].indices(rows)[0] - lo,
-                                               index[0].indices(rows)[1] - lo),) + index[1:]])
+        lambda index, v=value, mine=mine, rows=rows: device_part(v, mine, index, rows))
   return out
+
+
+def device_part(local: np.ndarray, mine: np.ndarray, index: tuple, global_rows: int) -> np.ndarray:
+  """The block of a global batch one device holds (`index`: its slices), cut from this
+  process's `local` rows, which are the global rows `mine` in order."""
+  start, stop, _ = index[0].indices(global_rows)
+  wanted = np.arange(start, stop)
+  at = np.searchsorted(mine, wanted)
+  if np.any(at >= len(mine)) or np.any(mine[np.minimum(at, len(mine) - 1)] != wanted):
+    raise ValueError(f"A device of this process holds rows {start}-{stop - 1}, which it does not feed.")
+  return local[(at,) + tuple(index[1:])]
 
 
 # -- activations ------------------------------------------------------------------------------

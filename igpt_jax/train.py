@@ -167,6 +167,13 @@ class Trainer:
     if self.train_cfg.batch_size % self.train_cfg.accum_steps:
       raise UserError(f"batch_size={self.train_cfg.batch_size} is not divisible by "
                       f"accum_steps={self.train_cfg.accum_steps}.")
+    shards = sharding_lib.batch_shards(self.mesh, self.rules)
+    micro = self.train_cfg.batch_size // self.train_cfg.accum_steps
+    if micro % shards:
+      raise UserError(
+          f"The batch is split over {shards} devices (mesh {dict(self.mesh.shape)}), but a "
+          f"micro-batch has {micro} rows (batch_size={self.train_cfg.batch_size} / accum_steps="
+          f"{self.train_cfg.accum_steps}): make it a multiple of {shards}, or change --config.mesh.*.")
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       return self.jit_step().lower(self.abstract_state, self.abstract_batch()).compile()
 

@@ -92,6 +92,6 @@ def test_plan_simulates_the_devices_a_mesh_needs():
   out = cli(f"--config={REPO}/configs/igpt_xl.py", "--config.stage=plan",
             "--workdir=/tmp/igpt_plan_xl_laptop")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "planning on 2 simulated CPU devices" in out.stdout
+  assert "planning on 4 simulated CPU devices" in out.stdout
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
+  assert result["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}

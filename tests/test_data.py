@@ -82,7 +82,7 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
   steps = n // batch
   seen = {}
   for host in range(2):
-    rows = (host * batch // 2, (host + 1) * batch // 2)
+    rows = np.arange(host * batch // 2, (host + 1) * batch // 2)
     pos = np.concatenate([pipeline.step_positions(s, batch, rows) for s in range(steps)])
     seen[host] = set(pipeline.example_indices(pos, n, seed=0))
   assert not seen[0] & seen[1]
@@ -92,7 +92,7 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
                              np.arange(n))
   full = next(pipeline.train_batches(data, batch_size=batch, seed=0))
   halves = [next(pipeline.train_batches(data, batch_size=batch, seed=0,
-                                        rows=(h * batch // 2, (h + 1) * batch // 2)))
+                                        rows=np.arange(h * batch // 2, (h + 1) * batch // 2)))
             for h in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["labels"] for h in halves]), full["labels"])
   assert not set(halves[0]["labels"]) & set(halves[1]["labels"])
@@ -101,7 +101,7 @@ def test_every_example_once_per_epoch_and_hosts_disjoint():
 def test_eval_batches_cover_the_split_in_order_across_hosts():
   data = small_set(n=23)
   per_host = [list(pipeline.eval_batches(data, batch_size=8, rows=rows))
-              for rows in ((0, 4), (4, 8))]
+              for rows in (np.arange(0, 4), np.arange(4, 8))]
   # Uneven split: both hosts still run the same number of (padded) global batches.
   assert [len(b) for b in per_host] == [3, 3]
   labels = [b["labels"][b["mask"] > 0] for j in range(3) for h in range(2) for b in [per_host[h][j]]]

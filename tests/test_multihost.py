@@ -81,6 +81,10 @@ def test_two_processes_train_like_one_on_a_data_mesh(palette_and_reference, two_
   assert "over 2 processes" in out
   assert '[1] {"stage": "pretrain", "step": %d' % STEPS in out  # both processes finished
   np.testing.assert_allclose(losses(workdir), palette_and_reference[1], rtol=1e-5)
+  # Every host's step and input times are gathered at each log step; the slowest is named.
+  assert "[0] hosts: " in out and "slowest host: process" in out
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert all(r["slowest_host"] in (0, 1) and r["host_step_s_max"] > 0 for r in rows)
   # Only process 0 writes metrics and TensorBoard events.
   assert len(os.listdir(workdir / "tensorboard")) == 1
 

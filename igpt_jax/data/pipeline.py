@@ -5,8 +5,9 @@ p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its crop 
 from a generator seeded by (seed, p). So a run restarted at step s sees exactly the batches an
 uninterrupted run would have, without reading the data before s.
 
-Multi-host: each process reads rows [lo, hi) of every global batch, the rows its devices hold
-(`sharding.host_rows`: disjoint for data parallelism, equal for processes that hold replicas);
+Multi-host: each process reads its rows of every global batch, the rows its devices hold
+(`sharding.host_rows`: an index set, not necessarily contiguous on a TPU slice; disjoint for
+data parallelism, equal for processes that hold replicas);
 `sharding.global_batch` reassembles them into global arrays. A process reads only the images
 of its rows (`data.images[indices]`: `pread` or ranged reads for prepared sets), so host
 memory does not grow with the data set.
@@ -33,12 +34,17 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def step_positions(step: int, batch_size: int, rows: tuple[int, int] | None = None) -> np.ndarray:
-  """Global example positions of rows [lo, hi) (default: all) of the batch of `step`."""
-  lo, hi = rows or (0, batch_size)
-  if not 0 <= lo < hi <= batch_size:
+def batch_rows(rows, batch_size: int) -> np.ndarray:
+  """`rows` (indices into a global batch; None = all of it) as a checked int array."""
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+  if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
     raise ValueError(f"Rows {rows} are not inside a batch of {batch_size}.")
-  return step * batch_size + np.arange(lo, hi)
+  return rows
+
+
+def step_positions(step: int, batch_size: int, rows=None) -> np.ndarray:
+  """Global example positions of `rows` (default: all) of the batch of `step`."""
+  return step * batch_size + batch_rows(rows, batch_size)
 
 
 def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
@@ -51,18 +57,18 @@ def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.n
 
 
 def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None, rows: tuple[int, int] | None = None,
+                  num_steps: int | None = None, rows=None,
                   augment: str = "auto", crop_min: float = 0.75, prefetch: int = 2, log=print):
   """Iterator of {'images': uint8 [b, H, W, C], 'boxes': float32 [b, 4], 'labels': int32 [b],
-  'step': int} from start_step; b = hi - lo rows of each global batch (see `step_positions`)."""
+  'step': int} from start_step; b = len(rows) rows of each global batch (see `step_positions`)."""
   n = len(data)
-  lo, hi = rows or (0, batch_size)
+  rows = batch_rows(rows, batch_size)
   augment = transform.resolve_augment(augment, data.full_size)
 
   def generate():
     step, last_epoch = start_step, None
     while num_steps is None or step < start_step + num_steps:
-      positions = step_positions(step, batch_size, (lo, hi))
+      positions = step_positions(step, batch_size, rows)
       epoch = int(positions[0] // n)
       if last_epoch is not None and epoch != last_epoch and data.skipped_files:
         log(f"epoch {last_epoch} done; {len(data.skipped_files)} unreadable file(s) were skipped.")
@@ -114,19 +120,18 @@ def prefetched(iterator, depth: int):
     stop.set()
 
 
-def eval_batches(data: ImageSet, *, batch_size: int, rows: tuple[int, int] | None = None,
-                 augment: str = "auto"):
+def eval_batches(data: ImageSet, *, batch_size: int, rows=None, augment: str = "auto"):
   """One pass in order: global batch j covers examples [j * batch_size, (j + 1) * batch_size),
-  the last one padded, and this process yields its rows [lo, hi) of each. Every process yields
+  the last one padded, and this process yields its `rows` of each. Every process yields
   the same number of batches (ceil(N / batch_size)), so collective steps stay in lockstep.
 
   Yields {'images', 'boxes', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
   """
   n = len(data)
-  lo, hi = rows or (0, batch_size)
-  boxes = transform.eval_boxes(hi - lo, transform.resolve_augment(augment, data.full_size))
+  rows = batch_rows(rows, batch_size)
+  boxes = transform.eval_boxes(len(rows), transform.resolve_augment(augment, data.full_size))
   for start in range(0, n, batch_size):
-    positions = start + np.arange(lo, hi)
+    positions = start + rows
     real = positions < n
     idx = np.where(real, positions, n - 1)
     yield {"images": np.asarray(data.images[idx]), "boxes": boxes, "labels": data.labels[idx],

@@ -1,0 +1,300 @@
+"""The `plan` stage: size a model and compile the train step the loop runs -- same mesh function,
+rules, shardings and micro-batching -- for simulated CPU devices or for a named accelerator with
+its own compiler, then say whether it fits, how fast it could go, and what to change if not.
+
+TPU targets compile with libtpu against compile-only devices of the whole slice (every chip,
+host and slice, `targets.topology_devices`): XLA's real TPU compiler and memory analysis, no TPU.
+GPU targets compile for simulated CPU devices and are labelled as estimates.
+
+FLOPs come from the compiler's cost analysis. XLA counts a loop body once, and the layers (and
+micro-batches) are loops, so the step's FLOPs and HBM bytes are measured on unrolled 1- and
+2-layer twins of the step and extrapolated linearly in depth: the per-layer cost, remat and
+all, is what the compiler emitted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import ml_collections
+
+from igpt_jax import model as model_lib
+from igpt_jax import sharding as sharding_lib
+from igpt_jax import targets as targets_lib
+from igpt_jax import train as train_lib
+from igpt_jax.config import UserError
+
+GIB = 2**30
+# Remat policies the search tries, least recomputation first, with the share of the forward
+# pass each recomputes (the ranking's estimate; the chosen setting's time is the compiler's).
+REMAT_COST = {"none": 0.0, "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
+ROOM = 0.5  # a step using under this share of HBM "fits with room to spare"
+
+
+def model_summary(config) -> dict:
+  cfg = model_lib.ModelConfig.from_config(config)
+  return {"stage": "plan", "params": model_lib.count_params(cfg),
+          "flops_per_token": model_lib.flops_per_token(cfg), "num_layers": cfg.num_layers,
+          "d_model": cfg.d_model, "num_heads": cfg.num_heads, "seq_len": cfg.seq_len,
+          "vocab_size": cfg.vocab_size, "objective": cfg.objective,
+          "batch_size": config.train.batch_size}
+
+
+def with_overrides(config, overrides: dict):
+  """A copy of `config` with {'mesh.fsdp': -1, ...} applied."""
+  new = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    new[section][field] = value
+  return new
+
+
+def compile_step(config, devices):
+  """The loop's compiled train step for `config` on `devices` -> (compiled, mesh)."""
+  cfg = model_lib.ModelConfig.from_config(config)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
+  return trainer.compile_step(), mesh
+
+
+def _out_of_memory(error: Exception) -> str | None:
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+    return next((line.strip() for line in text.splitlines() if "memory" in line.lower()),
+                text.splitlines()[0])[:300]
+  return None
+
+
+def try_compile(config, devices, hbm_bytes: int) -> dict:
+  """Compiles the step; the compiler's out-of-memory error is an answer (fits: false), not a
+  crash. Returns memory figures, `fits` and `compile_s`."""
+  began = time.perf_counter()
+  try:
+    compiled, mesh = compile_step(config, devices)
+  except Exception as e:  # noqa: BLE001 - only the compiler's OOM is an answer; others re-raise
+    why = _out_of_memory(e)
+    if why is None:
+      raise
+    return {"fits": False, "out_of_memory": why, "compile_s": time.perf_counter() - began}
+  out = train_lib.memory_report(compiled)
+  out["mesh"] = dict(mesh.shape)
+  out["fits"] = out.get("per_device_bytes", 0) <= hbm_bytes
+  out["compile_s"] = time.perf_counter() - began
+  return out
+
+
+def compiler_cost(config, devices) -> dict:
+  """Per-device FLOPs and HBM bytes of one step, from the compiler's cost analysis of unrolled
+  1- and 2-layer twins (one micro-batch each), extrapolated to the model's depth and times
+  the micro-batches."""
+  accum = config.train.accum_steps
+  costs = []
+  for layers in (1, 2):
+    twin = with_overrides(config, {"model.num_layers": layers, "model.scan_layers": False,
+                                   "train.accum_steps": 1,
+                                   "train.batch_size": config.train.batch_size // accum})
+    compiled, _ = compile_step(twin, devices)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
+  (f1, b1), (f2, b2) = costs
+  depth = config.model.num_layers - 1
+  return {"flops": accum * (f1 + depth * (f2 - f1)), "bytes": accum * (b1 + depth * (b2 - b1))}
+
+
+def roofline(config, devices, chip: targets_lib.Chip, chips: int) -> dict:
+  """Step time if compute or HBM traffic ran at the chip's peak (whichever binds), and the MFU
+  that time implies (model FLOPs: 6N + attention, as training's MFU counts them)."""
+  cost = compiler_cost(config, devices)
+  step_s = targets_lib.roofline(cost["flops"], cost["bytes"], chip)
+  cfg = model_lib.ModelConfig.from_config(config)
+  tokens = config.train.batch_size * cfg.seq_len
+  model_flops = model_lib.flops_per_token(cfg) * tokens
+  return {"compiler_flops_per_device": cost["flops"], "hbm_bytes_per_device": cost["bytes"],
+          "model_flops_per_step": model_flops,
+          "step_s_roofline": step_s, "tokens_per_s_roofline": tokens / step_s,
+          "mfu_roofline": model_flops / (chips * chip.peak_flops * step_s),
+          "bound": "compute" if cost["flops"] / chip.peak_flops >= cost["bytes"] / chip.hbm_bandwidth
+                   else "HBM bandwidth"}
+
+
+# -- search ------------------------------------------------------------------------------------
+
+def candidates(config, chips: int, slices: int, platform: str) -> list[dict]:
+  """Settings a user can change, best-estimated first: least recomputation, then fewest
+  micro-batches, then least tensor parallelism (smaller matmuls), then plain data parallelism
+  before FSDP (one gradient all-reduce instead of parameter gathers every micro-batch)."""
+  batch, heads = config.train.batch_size, config.model.num_heads
+  dtype = "bfloat16" if platform == "tpu" else config.model.dtype
+  out = []
+  for remat in REMAT_COST:
+    for accum in (1, 2, 4, 8, 16):
+      for tensor in (1, 2, 4, 8):
+        if chips % tensor or heads % tensor or tensor > chips:
+          continue
+        shards = chips // tensor
+        if batch % (shards * slices * accum):
+          continue
+        for layout in ("data", "fsdp"):
+          out.append({"mesh.data": shards if layout == "data" else 1,
+                      "mesh.fsdp": shards if layout == "fsdp" else 1,
+                      "mesh.tensor": tensor, "model.remat": remat, "train.accum_steps": accum,
+                      "model.dtype": dtype})
+  return out
+
+
+def _rank(setting: dict) -> tuple:
+  return (REMAT_COST.get(setting["model.remat"], 1.0), setting["train.accum_steps"],
+          setting["mesh.tensor"], setting["mesh.fsdp"] > 1)
+
+
+def current_setting(config, mesh: dict) -> dict:
+  return {"mesh.data": mesh["data"] // max(config.mesh.slices, 1), "mesh.fsdp": mesh["fsdp"],
+          "mesh.tensor": mesh["tensor"], "model.remat": config.model.remat,
+          "train.accum_steps": config.train.accum_steps, "model.dtype": config.model.dtype}
+
+
+def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: str,
+           better_than: dict | None, log, max_compiles: int = 40) -> dict | None:
+  """Compiles candidates best-estimated first; returns the first that fits (with its figures),
+  or None. With `better_than` (a setting that already fits) only better-ranked ones are tried."""
+  tried = 0
+  for setting in candidates(config, chips, slices, platform):
+    if better_than is not None and _rank(setting) >= _rank(better_than):
+      break
+    if setting == better_than:
+      continue
+    if tried == max_compiles:
+      log(f"plan: search stopped after {max_compiles} compiles.")
+      break
+    tried += 1
+    result = try_compile(with_overrides(config, setting), devices, hbm_bytes)
+    verdict = (f"{result['per_device_bytes'] / GIB:.2f} GiB" if "per_device_bytes" in result
+               else "out of memory")
+    log(f"plan: tried {overrides_text(setting)}: {verdict} ({result['compile_s']:.1f} s)")
+    if result["fits"]:
+      return {"overrides": overrides_text(setting), "setting": setting, **result}
+  return None
+
+
+def overrides_text(setting: dict) -> str:
+  return " ".join(f"--config.{k}={v}" for k, v in setting.items())
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+def run(config, log=print) -> dict:
+  out = model_summary(config)
+  if not config.plan.target:
+    return {**out, **plan_simulated(config, log)}
+  target = targets_lib.parse(config.plan.target)
+  if target.platform == "gpu":
+    return {**out, **plan_gpu(config, target, log)}
+  return {**out, **plan_tpu(config, target, log)}
+
+
+def plan_simulated(config, log) -> dict:
+  """The mesh on this machine's devices (or plan.num_devices simulated CPUs): memory only."""
+  devices = jax.devices()
+  if config.plan.num_devices:
+    devices = devices[:config.plan.num_devices]
+  compiled, mesh = compile_step(config, devices)
+  log(f"Compiled the train step for mesh {dict(mesh.shape)} ({len(devices)} devices).")
+  out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled)}
+  if "per_device_bytes" in out:
+    out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
+  if config.plan.device_memory_gb and "per_device_bytes" in out:
+    out["device_memory_gb"] = config.plan.device_memory_gb
+    out["fits"] = out["per_device_bytes"] <= config.plan.device_memory_gb * GIB
+  return out
+
+
+def plan_tpu(config, target: targets_lib.Target, log) -> dict:
+  slices = config.plan.slices or config.mesh.slices
+  config = with_overrides(config, {"mesh.slices": slices})
+  began = time.perf_counter()
+  devices = targets_lib.topology_devices(target, slices)
+  hbm = target.hbm_bytes
+  hosts = targets_lib.hosts(devices)
+  log(f"plan: {target.name} x {slices} slice(s): {len(devices)} chips on {hosts} hosts "
+      f"({devices[0].device_kind}, topology {target.topology}); compiling with libtpu...")
+  out = {"target": target.name, "compiler": _libtpu_version(), "chips": len(devices),
+         "hosts": hosts, "slices": slices, "topology": target.topology,
+         "hbm_bytes": hbm, "hbm_gib": round(hbm / GIB, 2)}
+  out.update(_verdict(config, devices, target, len(devices), slices, log))
+  out["plan_s"] = round(time.perf_counter() - began, 1)
+  return out
+
+
+def plan_gpu(config, target: targets_lib.Target, log) -> dict:
+  """GPUs: no compile-only CUDA devices in this JAX, so the step compiles for simulated CPU
+  devices (main starts the stage with as many as the target has GPUs); the memory figure is
+  XLA's CPU estimate, labelled so."""
+  devices = jax.devices()[:target.chips]
+  if len(devices) < target.chips or devices[0].platform != "cpu":
+    raise UserError(f"Planning for {target.name} needs {target.chips} simulated CPU devices; "
+                    f"run the plan stage through igpt_jax.main, which provides them.")
+  log(f"plan: {target.name}: {target.chips} GPU(s), compiled for {target.chips} simulated CPU "
+      "devices (an estimate: XLA's CPU compiler, not the CUDA compiler).")
+  out = {"target": target.name, "compiler": "cpu-estimate", "chips": target.chips,
+         "hosts": max(1, target.chips // 8), "slices": 1, "hbm_bytes": target.hbm_bytes,
+         "hbm_gib": round(target.hbm_bytes / GIB, 2)}
+  out.update(_verdict(config, devices, target, target.chips, 1, log))
+  return out
+
+
+def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
+  hbm = target.hbm_bytes
+  result = try_compile(config, devices, hbm)
+  out = {k: v for k, v in result.items() if k != "compile_s"}
+  out["compile_s"] = round(result["compile_s"], 1)
+  if "per_device_bytes" in result:
+    out["per_device_gib"] = round(result["per_device_bytes"] / GIB, 3)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    out["rows"] = sharding_lib.check_row_assignment(mesh, sharding_lib.rules_from_config(config),
+                                                    config.train.batch_size)
+    if config.plan.roofline:
+      out.update(_rounded(roofline(config, devices, target.chip, chips)))
+  per_slice = chips // slices
+  if result["fits"]:
+    log(f"plan: fits: {out['per_device_gib']:.2f} of {hbm / GIB:.2f} GiB per chip"
+        + (f"; roofline {out['step_s_roofline']:.3f} s/step, MFU <= "
+           f"{100 * out['mfu_roofline']:.0f}% ({out['bound']} bound)." if "mfu_roofline" in out
+           else "."))
+  else:
+    log(f"plan: does NOT fit {target.name}: "
+        + (out.get("out_of_memory") or f"{out['per_device_gib']:.2f} GiB per chip"))
+  roomy = result["fits"] and result.get("per_device_bytes", 0) < ROOM * hbm
+  if config.plan.search and (not result["fits"] or roomy):
+    current = current_setting(config, result["mesh"]) if "mesh" in result else None
+    found = search(config, devices, hbm, per_slice, slices, target.platform,
+                   current if result["fits"] else None, log)
+    if found:
+      suggestion = {"overrides": found["overrides"], "fits": True,
+                    "per_device_gib": round(found["per_device_bytes"] / GIB, 3),
+                    "mesh": found["mesh"], "compile_s": round(found["compile_s"], 1)}
+      if config.plan.roofline:
+        suggestion.update(_rounded(roofline(with_overrides(config, found["setting"]), devices,
+                                            target.chip, chips)))
+      out["suggested"] = suggestion
+      log(f"plan: suggested (fits, {suggestion['per_device_gib']:.2f} GiB per chip"
+          + (f", MFU <= {100 * suggestion['mfu_roofline']:.0f}%" if "mfu_roofline" in suggestion
+             else "") + f"): {found['overrides']}")
+    elif not result["fits"]:
+      out["suggested"] = None
+      log("plan: no setting searched fits; use a larger slice (or more slices).")
+  return out
+
+
+def _rounded(d: dict) -> dict:
+  return {k: (round(v, 4) if isinstance(v, float) and abs(v) < 1e6 else v) for k, v in d.items()}
+
+
+def _libtpu_version() -> str:
+  try:
+    from importlib import metadata
+    return f"libtpu {metadata.version('libtpu')}"
+  except Exception:  # noqa: BLE001 - a nightly or vendored libtpu has no metadata
+    return "libtpu"
+

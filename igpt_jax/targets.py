@@ -1,0 +1,157 @@
+"""Accelerators `plan` can compile for: the names users type into gcloud / their cluster, mapped to
+a TPU topology (for libtpu's compile-only devices) and to per-chip figures for the roofline.
+
+Per-chip figures (dense bfloat16 peak, HBM capacity, HBM bandwidth) are the vendors' published
+specifications:
+  TPU v4:  275 TFLOP/s, 32 GiB, 1,200 GB/s    cloud.google.com/tpu/docs/v4
+  TPU v5e: 197 TFLOP/s, 16 GiB,   819 GB/s    cloud.google.com/tpu/docs/v5e
+  TPU v5p: 459 TFLOP/s, 95 GiB, 2,765 GB/s    cloud.google.com/tpu/docs/v5p
+  TPU v6e: 918 TFLOP/s, 32 GiB, 1,640 GB/s    cloud.google.com/tpu/docs/v6e
+  A100 80GB SXM: 312 TFLOP/s,  80 GB, 2,039 GB/s   NVIDIA A100 datasheet
+  H100 SXM:      989 TFLOP/s,  80 GB, 3,350 GB/s   NVIDIA H100 datasheet (dense, no sparsity)
+  H200 SXM:      989 TFLOP/s, 141 GB, 4,800 GB/s   NVIDIA H200 datasheet
+Name conventions (gcloud accelerator types): v4-N and v5p-N count TensorCores (2 per chip, one
+megacore device per chip); v5litepod-N (alias v5e-N) and v6e-N count chips. Multi-host slices
+have 4 chips per host; v5e/v6e slices of up to 8 chips are one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from igpt_jax.config import UserError
+
+GIB, GB, TERA = 2**30, 10**9, 10**12
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  generation: str  # topology prefix libtpu knows ('v5e'), or 'gpu'
+  hbm_bytes: int
+  peak_flops: float  # dense bfloat16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+  cores_in_name: int  # the accelerator name counts chips x this
+  dims: int  # 2-D or 3-D torus
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GIB, 275 * TERA, 1200 * GB, 2, 3),
+    "v5litepod": Chip("v5e", 16 * GIB, 197 * TERA, 819 * GB, 1, 2),
+    "v5p": Chip("v5p", 95 * GIB, 459 * TERA, 2765 * GB, 2, 3),
+    "v6e": Chip("v6e", 32 * GIB, 918 * TERA, 1640 * GB, 1, 2),
+}
+ALIASES = {"v5e": "v5litepod"}
+GPUS = {
+    "a100-80gb": Chip("gpu", 80 * GB, 312 * TERA, 2039 * GB, 1, 0),
+    "h100": Chip("gpu", 80 * GB, 989 * TERA, 3350 * GB, 1, 0),
+    "h200": Chip("gpu", 141 * GB, 989 * TERA, 4800 * GB, 1, 0),
+}
+EXAMPLES = "v4-32, v5litepod-64, v5p-128, v6e-64, h100, h200-8, a100-80gb"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str  # as the user typed it
+  platform: str  # 'tpu' | 'gpu'
+  chips: int  # per slice
+  chip: Chip
+  topology: str = ""  # libtpu topology name, e.g. 'v5e:8x8' (TPU only)
+  chips_per_host: tuple = ()  # chips_per_host_bounds for libtpu; () = its default
+
+  @property
+  def hbm_bytes(self) -> int:
+    return self.chip.hbm_bytes
+
+
+def topology_shape(chips: int, dims: int) -> tuple[int, ...]:
+  """The slice shape of `chips` chips: 2-D (v5e, v6e: 8x8) or 3-D (v4, v5p: 4x4x8)."""
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(chips)
+  e = chips.bit_length() - 1
+  if dims == 2:
+    return (2 ** (e // 2), 2 ** (e - e // 2))
+  if chips == 4:
+    return (2, 2, 1)
+  return (2 ** (e // 3), 2 ** ((e + 1) // 3), 2 ** ((e + 2) // 3))
+
+
+def parse(name: str) -> Target:
+  """'v5litepod-64' -> Target; a one-line UserError for anything else."""
+  text = name.strip().lower()
+  gpu = re.fullmatch(r"(a100-80gb|h100|h200)(?:-(\d+))?", text)
+  if gpu:
+    return Target(name, "gpu", int(gpu.group(2) or 1), GPUS[gpu.group(1)])
+  tpu = re.fullmatch(r"(v4|v5litepod|v5e|v5p|v6e)-(\d+)", text)
+  if not tpu:
+    raise UserError(f"--config.plan.target={name!r} is not an accelerator this plan knows; "
+                    f"use a name like {EXAMPLES}.")
+  chip = CHIPS[ALIASES.get(tpu.group(1), tpu.group(1))]
+  count = int(tpu.group(2))
+  chips = count // chip.cores_in_name
+  if count % chip.cores_in_name or chips < 1 or chips & (chips - 1) or chips > 8192:
+    raise UserError(f"--config.plan.target={name!r}: {tpu.group(1)} slices come in powers of two "
+                    f"{'TensorCores (2 per chip)' if chip.cores_in_name == 2 else 'chips'}, "
+                    f"e.g. {tpu.group(1)}-{16 * chip.cores_in_name}.")
+  shape = topology_shape(chips, chip.dims)
+  # Single-host v5e/v6e machines carry up to 8 chips; libtpu's default is 4 per host.
+  per_host = (2, 4, 1) if chip.dims == 2 and chips == 8 else ()
+  return Target(name, "tpu", chips, chip, f"{chip.generation}:{'x'.join(map(str, shape))}",
+                per_host)
+
+
+def topology_devices(target: Target, slices: int = 1) -> list:
+  """libtpu's compile-only devices of `slices` slices of the target: every chip with its host
+  (process_index), coordinates and slice. Nothing is allocated; no TPU is needed."""
+  quiet_libtpu_without_tpu()
+  try:
+    from jax.experimental import topologies
+    kwargs = {"num_slices": slices}
+    if target.chip.cores_in_name == 2:
+      kwargs["chip_config_name"] = "megacore"  # one device per chip, as JAX runs v4/v5p
+    if target.chips_per_host:
+      kwargs["chips_per_host_bounds"] = target.chips_per_host
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                             **kwargs).devices)
+  except (ImportError, RuntimeError) as e:
+    if isinstance(e, ImportError) or "not found" in str(e).lower() or "no such" in str(e).lower():
+      raise UserError(f"Planning for {target.name} needs libtpu's compiler: pip install "
+                      f"'jax[tpu]==<your jax version>' (or `pip install -e .[tpu]`). ({e})") from e
+    raise
+
+
+def has_tpu() -> bool:
+  """A TPU VM exposes its chips as /dev/accel* (v4, v5e) or /dev/vfio (v5p, v6e)."""
+  import glob
+  import os
+  return bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+
+
+def quiet_libtpu_without_tpu() -> None:
+  """On a machine without a TPU, an installed libtpu still looks for a TPU VM's metadata server
+  and host list when JAX starts, and prints a screen of warnings about each; these settings
+  (left alone where a user set them, never set on a TPU VM) tell it there is nothing to find."""
+  import os
+  if has_tpu():
+    return
+  # Compile-only use: several processes (a test and the CLI it starts) may load libtpu at once.
+  for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                     ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", "v5litepod-8")):
+    os.environ.setdefault(key, value)
+
+
+def hosts(devices) -> int:
+  return len({d.process_index for d in devices})
+
+
+def roofline(flops_per_device: float, bytes_per_device: float, chip: Chip) -> float:
+  """Seconds per step if the step ran at the chip's peak compute or HBM bandwidth, whichever
+  binds; communication and imperfect overlap make real steps slower."""
+  return max(flops_per_device / chip.peak_flops, bytes_per_device / chip.hbm_bandwidth)
+
+
+def divisors_pow2(n: int) -> list[int]:
+  return [2**i for i in range(int(math.log2(n)) + 1) if n % 2**i == 0]
