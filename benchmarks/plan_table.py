@@ -1,60 +1,71 @@
-"""The smallest TPU v5e / H100 mesh on which each paper-size model trains at batch 128.
+"""The plan table: each paper-size config, as shipped, compiled for TPU slices by libtpu's own
+compiler (no TPU needed) -- per-chip memory, whether it fits, the roofline step time and MFU
+from the compiler's FLOPs and HBM bytes, and compile time -- plus GPU rows from XLA's CPU
+compiler (labelled estimates: this JAX has no compile-only CUDA devices).
 
-For each config and device count 1, 2, 4, ... 256 (simulated CPU devices), runs the `plan`
-stage: compiles the real train step on a ZeRO-3 mesh (fsdp = all devices; past 128 devices,
-tensor=2 so the batch of 128 still splits evenly) with bfloat16 compute and full remat, and reads
-per-device bytes from XLA's memory analysis. Prints a markdown table and, last, one JSON line.
-CPU-compiled memory is an estimate of what TPU/GPU compilers will use.
+  .venv/bin/python benchmarks/plan_table.py [--configs igpt_s igpt_l] [--targets v5litepod-64 ...]
 
-  .venv/bin/python benchmarks/plan_table.py [--configs igpt_s igpt_m] [--max_devices 256]
+Without --targets each config is planned on its reference slice (named in its docstring) and on
+the next smaller slice of the same kind. Prints a markdown table and, last, one JSON line.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import time
 
-HBM_GIB = {"TPU v5e (16 GiB)": 16, "H100 (80 GiB)": 80}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = {"igpt_s": ["v5litepod-16", "v5litepod-8", "h100"],
+           "igpt_m": ["v5litepod-32", "v5litepod-16", "h100"],
+           "igpt_l": ["v5litepod-64", "v5litepod-32", "h100-8"],
+           "igpt_xl": ["v5p-256", "v5p-128"]}
 
 
-def plan(config: str, devices: int) -> dict:
-  fsdp, tensor = (devices, 1) if devices <= 128 else (devices // 2, 2)
+def plan(config: str, target: str) -> dict:
   cmd = [sys.executable, "-m", "igpt_jax.main", f"--config={REPO}/configs/{config}.py",
-         "--config.stage=plan", f"--config.plan.num_devices={devices}", "--config.mesh.data=1",
-         f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
-         "--config.model.dtype=bfloat16", "--config.model.remat=full",
-         "--config.train.batch_size=128", "--workdir=/tmp/igpt_plan_table"]
+         "--config.stage=plan", f"--config.plan.target={target}", "--config.plan.search=false",
+         "--workdir=/tmp/igpt_plan_table"]
+  began = time.time()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                         env={**os.environ, "XLA_FLAGS": ""})
   if proc.returncode:
-    return {"error": proc.stderr.strip().splitlines()[-1][:200]}
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out["wall_s"] = round(time.time() - began, 1)
+  return out
+
+
+def row(config: str, target: str, out: dict) -> str:
+  if "error" in out:
+    return f"| {config} | {target} | error: {out['error']} |"
+  gib = (f"{out['per_device_gib']:.2f}" if "per_device_gib" in out
+         else "out of memory")
+  mfu = f"{100 * out['mfu_roofline']:.0f}% ({out['bound']})" if "mfu_roofline" in out else "-"
+  step = f"{out['step_s_roofline']:.3f}" if "step_s_roofline" in out else "-"
+  mesh = out.get("mesh") or {}
+  mesh_text = "x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) or "1"
+  return (f"| {config} | {target} ({out['compiler']}) | {out['chips']} / {out['hosts']} | "
+          f"{mesh_text} | {gib} of {out['hbm_gib']:.0f} | {'yes' if out['fits'] else 'no'} | "
+          f"{step} | {mfu} | {out['compile_s']} |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", nargs="+", default=["igpt_s", "igpt_m", "igpt_l", "igpt_xl"])
-  parser.add_argument("--max_devices", type=int, default=256)
+  parser.add_argument("--configs", nargs="+", default=list(TARGETS))
+  parser.add_argument("--targets", nargs="+", default=None)
   args = parser.parse_args()
-  rows = {}
+  results = {}
+  lines = ["| config | target (compiler) | chips / hosts | mesh | GiB per chip | fits | "
+           "roofline s/step | roofline MFU | compile s |", "|---" * 9 + "|"]
   for config in args.configs:
-    smallest, n = {}, 1
-    while n <= args.max_devices and len(smallest) < len(HBM_GIB):
-      out = plan(config, n)
-      gib = out.get("per_device_bytes", float("inf")) / 2**30
-      print(f"{config} on {n} devices: {gib:.1f} GiB per device {out.get('error', '')}", flush=True)
-      for chip, hbm in HBM_GIB.items():
-        if chip not in smallest and gib <= hbm:
-          smallest[chip] = {"devices": n, "gib_per_device": round(gib, 1), "mesh": out["mesh"]}
-      n *= 2
-    rows[config] = smallest
-  print("\n| config | " + " | ".join(HBM_GIB) + " |\n|---|" + "---|" * len(HBM_GIB))
-  for config, smallest in rows.items():
-    cells = [f"{s['devices']} ({s['gib_per_device']} GiB/device)" if (s := smallest.get(chip))
-             else f"> {args.max_devices}" for chip in HBM_GIB]
-    print(f"| {config} | " + " | ".join(cells) + " |")
-  print(json.dumps({"benchmark": "plan_table", "batch_size": 128, "rows": rows}))
+    for target in args.targets or TARGETS[config]:
+      out = plan(config, target)
+      results[f"{config}@{target}"] = out
+      lines.append(row(config, target, out))
+      print(lines[-1], flush=True)
+  print("\n" + "\n".join(lines))
+  print(json.dumps({"benchmark": "plan_table", "rows": results}))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,51 @@ def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
   for name in ("report.md", "evaluate.json", "probe/results.json", "samples/completions.png",
                "finetune/metrics.jsonl", "palette.npz"):
     assert os.path.exists(tmp_path / "two" / name), name
+
+
+INTERLEAVED = r'''
+import sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from igpt_jax import distributed, sharding
+from igpt_jax.data import pipeline, sources
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+# A TPU-like device order: the data axis alternates between the processes' devices, so each
+# process holds rows 0-1 and 4-5 (or 2-3 and 6-7) of a batch of 8: not one contiguous range.
+devices = sorted(jax.devices(), key=lambda d: (d.id % 2, d.process_index))
+mesh = jax.sharding.Mesh(np.asarray(devices).reshape(4, 1, 1), sharding.MESH_AXES)
+rows = sharding.host_rows(mesh, sharding.DEFAULT_RULES, 8)
+assert rows[-1] - rows[0] + 1 != len(rows), rows
+images = np.arange(40 * 4, dtype=np.uint8).reshape(40, 2, 2, 1) % 251
+data = sources.from_arrays(images, np.arange(40))
+mine = pipeline.train_batches(data, batch_size=8, seed=3, rows=rows, prefetch=0)
+whole = pipeline.train_batches(data, batch_size=8, seed=3, prefetch=0)
+for step in range(6):
+  local, full = next(mine), next(whole)
+  g = sharding.global_batch({k: local[k] for k in ("images", "labels")}, mesh,
+                            sharding.DEFAULT_RULES, 8)
+  doubled = jax.jit(lambda x: x * 2)(g["labels"])  # a step over the mesh
+  for key, value in (("images", g["images"]), ("labels", g["labels"])):
+    np.testing.assert_array_equal(multihost_utils.process_allgather(value, tiled=True), full[key])
+  np.testing.assert_array_equal(multihost_utils.process_allgather(doubled, tiled=True),
+                                2 * full["labels"])
+print("ok", jax.process_index(), rows.tolist(), flush=True)
+'''
+
+
+def test_two_processes_feed_an_interleaved_device_order(tmp_path):
+  """What a TPU slice's device order does to the input: each process feeds the non-contiguous
+  rows its devices hold, and the global batch is the one a single process would build."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "interleaved.py"
+  script.write_text(INTERLEAVED)
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], cwd=REPO,
+                            env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "ok 0 [0, 1, 4, 5]" in outs[0] and "ok 1 [2, 3, 6, 7]" in outs[1], outs

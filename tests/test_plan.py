@@ -140,6 +140,9 @@ def test_readme_recipe_fits_its_slice_through_the_cli():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["fits"] and out["hosts"] == 16 and out["chips"] == 64
   assert "v5litepod-64" in open(f"{REPO}/configs/igpt_l.py").read()
+  readme = open(f"{REPO}/README.md").read()  # the README's "Plan your pod" command is this one
+  assert ("--config=configs/igpt_l.py --config.stage=plan \\\n    --config.plan.target=v5litepod-64"
+          in readme)
   assert "WARNING" not in proc.stderr  # libtpu told there is no TPU VM to look for
 
 
