@@ -39,14 +39,14 @@ def plan(config: str, target: str) -> dict:
 def row(config: str, target: str, out: dict) -> str:
   if "error" in out:
     return f"| {config} | {target} | error: {out['error']} |"
-  gib = (f"{out['per_device_gib']:.2f}" if "per_device_gib" in out
-         else "out of memory")
+  gib = (f"{out['per_device_gib']:.2f} of {out['hbm_gib']:.0f}" if "per_device_gib" in out
+         else f"out of memory ({out['hbm_gib']:.0f})")
   mfu = f"{100 * out['mfu_roofline']:.0f}% ({out['bound']})" if "mfu_roofline" in out else "-"
   step = f"{out['step_s_roofline']:.3f}" if "step_s_roofline" in out else "-"
   mesh = out.get("mesh") or {}
-  mesh_text = "x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) or "1"
+  mesh_text = ("x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) or "1") if mesh else "-"
   return (f"| {config} | {target} ({out['compiler']}) | {out['chips']} / {out['hosts']} | "
-          f"{mesh_text} | {gib} of {out['hbm_gib']:.0f} | {'yes' if out['fits'] else 'no'} | "
+          f"{mesh_text} | {gib} | {'yes' if out['fits'] else 'no'} | "
           f"{step} | {mfu} | {out['compile_s']} |")
 
 
