@@ -31,6 +31,8 @@ setup(
         # libtpu, the TPU compiler and runtime; it must match jax's version exactly. Without a
         # TPU, `plan --config.plan.target=v5litepod-64` compiles with it for a whole slice.
         "tpu": [TPU],
+        # XLA's CUDA compiler, for `plan` on GPU targets without a GPU (several GB).
+        "gpu-plan": [f"jax[cuda12]=={JAX_VERSION}"],
         "test": [
             TPU,  # the tests compile for TPU slices
             "pytest>=8",

@@ -1,7 +1,8 @@
 """The plan table: each paper-size config, as shipped, compiled for TPU slices by libtpu's own
 compiler (no TPU needed) -- per-chip memory, whether it fits, the roofline step time and MFU
-from the compiler's FLOPs and HBM bytes, and compile time -- plus GPU rows from XLA's CPU
-compiler (labelled estimates: this JAX has no compile-only CUDA devices).
+from the compiler's FLOPs and HBM bytes, and compile time -- plus GPU rows from XLA's CUDA
+compiler without a GPU where jax's CUDA plugin is installed (`.[gpu-plan]`), else from XLA's
+CPU compiler (labelled `cpu-estimate`).
 
   .venv/bin/python benchmarks/plan_table.py [--configs igpt_s igpt_l] [--targets v5litepod-64 ...]
 

@@ -138,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan.num_devices = 0  # > 0: simulate that many CPU devices for planning
   c.plan.device_memory_gb = 0.0  # > 0: report whether the step fits this per-device memory
   # An accelerator to compile for with its own compiler (TPU: libtpu, no TPU needed):
-  # v4-32, v5litepod-64, v5p-128, v6e-64; GPUs (h100, h200-8, a100-80gb) are CPU-estimated.
+  # v4-32, v5litepod-64, v5p-128, v6e-64; GPUs (h100, h200-8, a100-80gb): XLA's CUDA compiler
+  # where jax's CUDA plugin is installed (no GPU needed), else a CPU-compiled estimate.
   c.plan.target = ""
   c.plan.slices = 0  # slices of the target; 0 = mesh.slices
   # When the step does not fit, or fits with room to spare, search the settings a user can

@@ -236,7 +236,7 @@ def plan_devices_needed(config) -> int:
     return 0
   from igpt_jax import targets
   target = targets.parse(config.plan.target)
-  return target.chips if target.platform == "gpu" else 0
+  return target.chips if target.platform == "gpu" and not targets.has_cuda_compiler() else 0
 
 
 def replan_with_simulated_devices(config, needed: int) -> None:
@@ -258,6 +258,11 @@ def main(argv):
   config = _CONFIG.value
   from igpt_jax import targets
   targets.quiet_libtpu_without_tpu()  # before JAX starts its backends
+  if config.stage == "plan" and config.plan.target:
+    # Compile-only devices need no accelerator: leave this machine's TPU or GPU to its jobs.
+    import jax
+    if not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
   try:
     if config.stage == "prepare":
       pass  # one process: it decodes with a pool of its own

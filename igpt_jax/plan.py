@@ -97,6 +97,8 @@ def compiler_cost(config, devices) -> dict:
     compiled, _ = compile_step(twin, devices)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:
+      return {}  # XLA's CUDA compiler offers no cost analysis
     costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
   (f1, b1), (f2, b2) = costs
   depth = config.model.num_layers - 1
@@ -107,6 +109,8 @@ def roofline(config, devices, chip: targets_lib.Chip, chips: int) -> dict:
   """Step time if compute or HBM traffic ran at the chip's peak (whichever binds), and the MFU
   that time implies (model FLOPs: 6N + attention, as training's MFU counts them)."""
   cost = compiler_cost(config, devices)
+  if not cost:
+    return {"roofline": "unavailable: this compiler gives no cost analysis"}
   step_s = targets_lib.roofline(cost["flops"], cost["bytes"], chip)
   cfg = model_lib.ModelConfig.from_config(config)
   tokens = config.train.batch_size * cfg.seq_len
@@ -169,7 +173,12 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
       log(f"plan: search stopped after {max_compiles} compiles.")
       break
     tried += 1
-    result = try_compile(with_overrides(config, setting), devices, hbm_bytes)
+    try:
+      result = try_compile(with_overrides(config, setting), devices, hbm_bytes)
+    except Exception as e:  # noqa: BLE001 - a candidate the compiler rejects is not a plan's end
+      log(f"plan: tried {overrides_text(setting)}: compile error "
+          f"({str(e).splitlines()[0][:160]})")
+      continue
     verdict = (f"{result['per_device_bytes'] / GIB:.2f} GiB" if "per_device_bytes" in result
                else "out of memory")
     log(f"plan: tried {overrides_text(setting)}: {verdict} ({result['compile_s']:.1f} s)")
@@ -228,20 +237,38 @@ def plan_tpu(config, target: targets_lib.Target, log) -> dict:
 
 
 def plan_gpu(config, target: targets_lib.Target, log) -> dict:
-  """GPUs: no compile-only CUDA devices in this JAX, so the step compiles for simulated CPU
-  devices (main starts the stage with as many as the target has GPUs); the memory figure is
-  XLA's CPU estimate, labelled so."""
-  devices = jax.devices()[:target.chips]
-  if len(devices) < target.chips or devices[0].platform != "cpu":
-    raise UserError(f"Planning for {target.name} needs {target.chips} simulated CPU devices; "
-                    f"run the plan stage through igpt_jax.main, which provides them.")
-  log(f"plan: {target.name}: {target.chips} GPU(s), compiled for {target.chips} simulated CPU "
-      "devices (an estimate: XLA's CPU compiler, not the CUDA compiler).")
-  out = {"target": target.name, "compiler": "cpu-estimate", "chips": target.chips,
-         "hosts": max(1, target.chips // 8), "slices": 1, "hbm_bytes": target.hbm_bytes,
-         "hbm_gib": round(target.hbm_bytes / GIB, 2)}
+  """GPUs: XLA's CUDA compiler on compile-only devices when jax's CUDA plugin is installed (no
+  GPU needed); otherwise simulated CPU devices (main starts the stage with as many as the
+  target has GPUs) and XLA's CPU compiler, labelled an estimate."""
+  devices = targets_lib.gpu_devices(target)
+  if devices:
+    from importlib import metadata
+    plugin = next((p for p in ("jax-cuda12-plugin", "jax-cuda13-plugin")
+                   if _installed(metadata, p)), "jax cuda plugin")
+    compiler = f"xla-cuda ({plugin} {_installed(metadata, plugin) or ''})".replace(" )", ")")
+    log(f"plan: {target.name}: {target.chips} GPU(s) on {targets_lib.hosts(devices)} host(s); "
+        "compiling with XLA's CUDA compiler (no GPU needed)...")
+  else:
+    devices = jax.devices()[:target.chips]
+    if len(devices) < target.chips or devices[0].platform != "cpu":
+      raise UserError(f"Planning for {target.name} needs {target.chips} simulated CPU devices; "
+                      f"run the plan stage through igpt_jax.main, which provides them.")
+    compiler = "cpu-estimate"
+    log(f"plan: {target.name}: {target.chips} GPU(s), compiled for {target.chips} simulated CPU "
+        "devices: an estimate from XLA's CPU compiler (pip install 'jax[cuda12]' for the CUDA "
+        "compiler, no GPU needed).")
+  out = {"target": target.name, "compiler": compiler, "chips": target.chips,
+         "hosts": -(-target.chips // targets_lib.GPUS_PER_HOST), "slices": 1,
+         "hbm_bytes": target.hbm_bytes, "hbm_gib": round(target.hbm_bytes / GIB, 2)}
   out.update(_verdict(config, devices, target, target.chips, 1, log))
   return out
+
+
+def _installed(metadata, name: str) -> str | None:
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
 
 
 def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:

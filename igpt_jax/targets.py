@@ -10,6 +10,9 @@ specifications:
   A100 80GB SXM: 312 TFLOP/s,  80 GB, 2,039 GB/s   NVIDIA A100 datasheet
   H100 SXM:      989 TFLOP/s,  80 GB, 3,350 GB/s   NVIDIA H100 datasheet (dense, no sparsity)
   H200 SXM:      989 TFLOP/s, 141 GB, 4,800 GB/s   NVIDIA H200 datasheet
+GPU targets compile with XLA's CUDA compiler without a GPU when jax's CUDA plugin is installed
+(`pip install "jax[cuda12]"`): compile-only devices from a device description (`gpu_config`,
+the fields XLA reads from a real device: SMs, shared memory, L2, clock, compute capability).
 Name conventions (gcloud accelerator types): v4-N and v5p-N count TensorCores (2 per chip, one
 megacore device per chip); v5litepod-N (alias v5e-N) and v6e-N count chips. Multi-host slices
 have 4 chips per host; v5e/v6e slices of up to 8 chips are one host.
@@ -34,6 +37,8 @@ class Chip:
   hbm_bandwidth: float  # bytes/s
   cores_in_name: int  # the accelerator name counts chips x this
   dims: int  # 2-D or 3-D torus
+  gpu: tuple = ()  # GPUs: (name, compute capability, SMs, shared memory per SM and per block
+  #                  opt-in, L2 bytes, clock GHz) for XLA's device description
 
 
 CHIPS = {
@@ -44,10 +49,14 @@ CHIPS = {
 }
 ALIASES = {"v5e": "v5litepod"}
 GPUS = {
-    "a100-80gb": Chip("gpu", 80 * GB, 312 * TERA, 2039 * GB, 1, 0),
-    "h100": Chip("gpu", 80 * GB, 989 * TERA, 3350 * GB, 1, 0),
-    "h200": Chip("gpu", 141 * GB, 989 * TERA, 4800 * GB, 1, 0),
+    "a100-80gb": Chip("gpu", 80 * GB, 312 * TERA, 2039 * GB, 1, 0,
+                      ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 167936, 166912, 40 * 2**20, 1.41)),
+    "h100": Chip("gpu", 80 * GB, 989 * TERA, 3350 * GB, 1, 0,
+                 ("NVIDIA H100 80GB HBM3", (9, 0), 132, 233472, 232448, 50 * 2**20, 1.98)),
+    "h200": Chip("gpu", 141 * GB, 989 * TERA, 4800 * GB, 1, 0,
+                 ("NVIDIA H200", (9, 0), 132, 233472, 232448, 50 * 2**20, 1.98)),
 }
+GPUS_PER_HOST = 8
 EXAMPLES = "v4-32, v5litepod-64, v5p-128, v6e-64, h100, h200-8, a100-80gb"
 
 
@@ -141,6 +150,49 @@ def quiet_libtpu_without_tpu() -> None:
                      ("TPU_WORKER_HOSTNAMES", "localhost"),
                      ("TPU_ACCELERATOR_TYPE", "v5litepod-8")):
     os.environ.setdefault(key, value)
+
+
+def gpu_config(chip: Chip) -> str:
+  """XLA's GpuTargetConfig (text proto) for a GPU model: what the CUDA compiler would read from
+  the device, so it can compile without one."""
+  name, (major, minor), sms, smem_core, smem_optin, l2, clock = chip.gpu
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} threads_per_core_limit: 2048 core_count: {sms}
+  fpus_per_core: {64 if major < 9 else 128} block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {int(chip.hbm_bandwidth)}
+  l2_cache_size: {l2} clock_rate_ghz: {clock} device_memory_size: {chip.hbm_bytes}
+  shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+
+
+def has_cuda_compiler() -> bool:
+  """Whether jax's CUDA plugin (with XLA's CUDA compiler) is installed; no GPU is needed."""
+  import importlib.util
+  return any(importlib.util.find_spec(m) is not None
+             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def gpu_devices(target: Target) -> list:
+  """Compile-only CUDA devices of the target (GPUS_PER_HOST per host), or [] when jax's CUDA
+  plugin is not installed."""
+  if not has_cuda_compiler():
+    return []
+  from jax.experimental import topologies
+  per_host = min(target.chips, GPUS_PER_HOST)
+  if target.chips % per_host:
+    raise UserError(f"--config.plan.target={target.name}: {target.chips} GPUs do not fill hosts "
+                    f"of {GPUS_PER_HOST}.")
+  return list(topologies.get_topology_desc(
+      target.name, platform="cuda", topology=f"1x{target.chips // per_host}x{per_host}",
+      target_config=gpu_config(target.chip)).devices)
 
 
 def hosts(devices) -> int:
