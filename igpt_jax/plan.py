@@ -4,7 +4,8 @@ its own compiler, then say whether it fits, how fast it could go, and what to ch
 
 TPU targets compile with libtpu against compile-only devices of the whole slice (every chip,
 host and slice, `targets.topology_devices`): XLA's real TPU compiler and memory analysis, no TPU.
-GPU targets compile for simulated CPU devices and are labelled as estimates.
+GPU targets compile with XLA's CUDA compiler against compile-only devices when jax's CUDA
+plugin is installed, else for simulated CPU devices, labelled as estimates.
 
 FLOPs come from the compiler's cost analysis. XLA counts a loop body once, and the layers (and
 micro-batches) are loops, so the step's FLOPs and HBM bytes are measured on unrolled 1- and
@@ -26,8 +27,8 @@ from igpt_jax import train as train_lib
 from igpt_jax.config import UserError
 
 GIB = 2**30
-# Remat policies the search tries, least recomputation first, with the share of the forward
-# pass each recomputes (the ranking's estimate; the chosen setting's time is the compiler's).
+# Remat policies the search tries, least recomputation first; the values only order them (a
+# rough share of the forward pass each recomputes). The chosen setting's figures are the compiler's.
 REMAT_COST = {"none": 0.0, "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
 ROOM = 0.5  # a step using under this share of HBM "fits with room to spare"
 
