@@ -7,10 +7,12 @@ with or without it. The work is small: two matmuls per image for crop + resize (
 32x32 from a 64-pixel side) and one table lookup per pixel, against ~0.5 TFLOP per image of
 training for iGPT-S.
 
-Crop + resize follow `tf.image.crop_and_resize` (bilinear, box corners on pixel centres) to
-twice the input resolution, then a 2x2 average (an antialiased halving), then rounding to uint8
-levels; the palette lookup is exact (`palette.Quantizer.uint8_lut`). This is what the tf.data
-pipeline of earlier versions computed, so batches match it (to float rounding of a level at .5).
+Crop + resize is exact area resampling: output pixel j averages the crop's source pixels
+weighted by how much of each its footprint covers (a box filter, as `tf.image.resize(...,
+"area")` and PIL's BOX for whole-number factors). An image already at the model's resolution
+with the whole-image box passes through unchanged, and a 2x shrink is the plain 2x2 mean; a
+bilinear resize would blur both. Levels are then rounded (half to even) to uint8, and the
+palette lookup is exact (`palette.Quantizer.uint8_lut`).
 """
 
 from __future__ import annotations
@@ -67,28 +69,26 @@ def eval_boxes(n: int, augment: str) -> np.ndarray:
 
 # -- crop, resize, quantize (JAX) -------------------------------------------------------------
 
-def _resize_matrix(lo, hi, size: int, out: int):
-  """[b, out, size]: bilinear samples at 2 * out points of [lo, hi] (crop_and_resize's
-  coordinates), averaged in pairs."""
-  n = 2 * out
-  step = (hi - lo) * (size - 1) / (n - 1)
-  coord = lo[:, None] * (size - 1) + jnp.arange(n, dtype=jnp.float32)[None, :] * step[:, None]
-  coord = jnp.clip(coord, 0.0, size - 1)
-  top = jnp.floor(coord)
-  frac = coord - top
-  top = top.astype(jnp.int32)
-  bottom = jnp.minimum(top + 1, size - 1)
-  weights = (jax.nn.one_hot(top, size) * (1.0 - frac)[..., None]
-             + jax.nn.one_hot(bottom, size) * frac[..., None])  # [b, 2 * out, size]
-  return 0.5 * (weights[:, 0::2] + weights[:, 1::2])
+def _area_matrix(lo, hi, size: int, out: int):
+  """[b, out, size]: the weight of source pixel k in output pixel j, for a crop [lo, hi] (as
+  fractions of the `size`-pixel side): the share of j's footprint, [lo + j s, lo + (j + 1) s) x
+  size with s = (hi - lo) / out, that pixel [k, k + 1) covers."""
+  width = (hi - lo) * size / out  # [b] source pixels per output pixel
+  start = lo[:, None] * size + jnp.arange(out, dtype=jnp.float32)[None, :] * width[:, None]
+  end = start + width[:, None]
+  k = jnp.arange(size, dtype=jnp.float32)
+  overlap = jnp.clip(jnp.minimum(end[..., None], k + 1.0) - jnp.maximum(start[..., None], k),
+                     0.0, None)  # [b, out, size]
+  # Normalised by the covered length: a footprint that leaves the image averages what is inside.
+  return overlap / jnp.maximum(jnp.sum(overlap, -1, keepdims=True), 1e-12)
 
 
 def resize_levels(images, boxes, resolution: int):
   """uint8 [b, H, W, C] + boxes [b, 4] -> float32 pixel levels [b, r, r, C], rounded to
   integers in [0, 255]."""
   b, h, w, c = images.shape
-  rows = _resize_matrix(boxes[:, 0], boxes[:, 2], h, resolution)
-  cols = _resize_matrix(boxes[:, 1], boxes[:, 3], w, resolution)
+  rows = _area_matrix(boxes[:, 0], boxes[:, 2], h, resolution)
+  cols = _area_matrix(boxes[:, 1], boxes[:, 3], w, resolution)
   x = images.astype(jnp.float32)
   hi = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the same levels on every backend
   x = jnp.einsum("brh,bhwc->brwc", rows, x, precision=hi)
