@@ -254,7 +254,7 @@ def test_crops_average_exactly_the_area_they_cover():
   big = images.astype(np.float64).repeat(k, axis=1).repeat(k, axis=2)
   boxes, want = [], []
   for image in big:
-    q = int(rng.integers(10, 17))  # footprint of q quarter-pixels... per 1/16 of the side
+    q = int(rng.integers(10, 17))  # each output pixel covers q x q quarter-pixels
     extent = out * q  # crop side in quarter-pixels: a whole number per output pixel
     y, x = (int(v) for v in rng.integers(0, side * k - extent + 1, size=2))
     boxes.append(np.array([y, x, y + extent, x + extent], np.float32) / (side * k))
