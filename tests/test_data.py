@@ -60,6 +60,14 @@ def test_folder_split_is_a_stable_hash(tmp_path):
   assert len(train) + len(test) == 40 and 3 <= len(test) <= 20
   assert not set(train.images[:, 0, 0, 0]) & set(test.images[:, 0, 0, 0])
   assert (train.labels == -1).all()  # flat folder: unlabelled
+  # Through the config: the run's seed does not move an image from test to train.
+  config = config_lib.base_config()
+  config.data.source, config.data.path, config.data.resolution = "folder", str(tmp_path), 8
+  tests = []
+  for seed in (0, 7):
+    config.seed = seed
+    tests.append(sorted(sources.load_split(config, "test").images[:, 0, 0, 0].tolist()))
+  assert tests[0] == tests[1]
 
 
 def test_iterator_started_at_step_s_continues_exactly():

@@ -160,10 +160,15 @@ def test_validation_split_is_disjoint_and_deterministic(prepared_set):
   assert rows(train) | rows(validation) == rows(whole) and rows(pretrain) == rows(train)
   again = sources.load(config, "validation")
   np.testing.assert_array_equal(again.images[np.arange(20)], validation.images[np.arange(20)])
+  # The run's seed does not move it: a probe or fine-tune with another seed still validates on
+  # images its model was not pretrained on.
   config.seed = 1
-  other = sources.load(config, "validation")
+  other, other_train = sources.load(config, "validation"), sources.load(config, "pretrain")
   config.seed = 0
-  assert rows(other) != rows(validation)
+  assert rows(other) == rows(validation) and rows(other_train) == rows(train)
+  # A different split seed is a different split (the choice is a real draw, not a fixed slice).
+  _, moved = sources.holdout(len(whole), 0.1, seed=1)
+  assert rows(whole.subset(moved, "moved")) != rows(validation)
 
 
 def test_two_hosts_read_disjoint_rows_covering_each_global_batch(prepared_set):

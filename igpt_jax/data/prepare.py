@@ -39,7 +39,7 @@ def _plan(config, pool, log):
     side, out = sources.storage_side(d.resolution), {}
     class_names = []
     for split in ("train", "test"):
-      files, labels, class_names = sources.folder_files(d.path, split, config.seed)
+      files, labels, class_names = sources.folder_files(d.path, split)
 
       def read(lo, hi, files=files, labels=labels):
         decoded = sources.decode_files(files[lo:hi], d.channels, side, pool)

@@ -10,9 +10,11 @@ larger. Images of varying size (image folders, imagenet2012) are stored at
 `storage_side(resolution)` so the random crop still has pixels to choose from.
 
 Splits ("roles"): pretrain, train, validation, test. Validation is held out from the source's
-train split (a seeded choice of `validation_fraction` of it: the paper held out 4% of ImageNet
-and 10% of CIFAR) and is excluded from pretrain and train; test is the source's test split,
-for final numbers only.
+train split (a fixed-seed choice of `validation_fraction` of it: the paper held out 4% of
+ImageNet and 10% of CIFAR) and is excluded from pretrain and train; test is the source's test
+split, for final numbers only. Held-out membership depends on the data alone (`SPLIT_SEED`),
+never on `config.seed`: a probe or fine-tune run with another seed must still validate on
+images its model was not pretrained on.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def validation_fraction(config) -> float:
   return 0.04 if name in IMAGENET_NAMES else 0.1
 
 
-def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+SPLIT_SEED = 0  # held-out splits (validation, an image folder's test files); not config.seed
+
+
+def holdout(n: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
   """(train, validation) indices of a train split of n examples: a seeded choice of
   round(fraction * n) for validation, both sorted. Deterministic for (n, fraction, seed)."""
   order = np.random.default_rng([seed, 0x5A11D]).permutation(n)
@@ -204,7 +209,7 @@ def _in_eval_split(relpath: str, seed: int, eval_fraction: float) -> bool:
   return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
 
 
-def folder_files(root: str, role: str, seed: int = 0, eval_fraction: float = 0.1):
+def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: float = 0.1):
   """(files, labels, class names) of the `role` split of an image folder: root/<class>/*.png
   (labels from folder names) or root/*.png (unlabelled, label -1). The train/test split is a
   seeded hash of each file's path, so it never changes as files are added."""
@@ -236,7 +241,7 @@ def decode_files(files: list[str], channels: int, side: int, pool=None) -> list:
   return list(pool.map(decode, files, chunksize=16))
 
 
-def load_folder(root: str, role: str, channels: int, resolution: int, seed: int = 0,
+def load_folder(root: str, role: str, channels: int, resolution: int, seed: int = SPLIT_SEED,
                 eval_fraction: float = 0.1, log=print) -> ImageSet:
   """An image folder's split in memory (see `folder_files`); unreadable files are skipped and
   each is logged once."""
@@ -394,7 +399,7 @@ def load_split(config, split: str, log=print) -> ImageSet:
   if d.source == "tfds":
     return load_tfds(d.name, split, d.channels, d.resolution, data_dir=d.path, log=log)
   if d.source == "folder":
-    return load_folder(d.path, role, d.channels, d.resolution, seed=config.seed, log=log)
+    return load_folder(d.path, role, d.channels, d.resolution, log=log)
   if d.source == "numpy":
     if not d.path or not os.path.exists(d.path):
       raise DataError(f"data.source='numpy' needs --config.data.path to an .npz with "
@@ -434,7 +439,7 @@ def load(config, role: str, log=print) -> ImageSet:
   data = load_split(config, "train", log)
   if fraction == 0:
     return data
-  train_idx, val_idx = holdout(len(data), fraction, config.seed)
+  train_idx, val_idx = holdout(len(data), fraction)
   if role == "validation":
     return data.subset(val_idx, f"{data.name}[validation {fraction:g}]")
   return data.subset(train_idx, f"{data.name}[without validation]")
