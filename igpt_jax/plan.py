@@ -26,7 +26,7 @@ from igpt_jax import targets as targets_lib
 from igpt_jax import train as train_lib
 from igpt_jax.config import UserError
 
-GIB = 2**30
+GIB = targets_lib.GIB
 # Remat policies the search tries, least recomputation first; the values only order them (a
 # rough share of the forward pass each recomputes). The chosen setting's figures are the compiler's.
 REMAT_COST = {"none": 0.0, "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
@@ -69,7 +69,7 @@ def _out_of_memory(error: Exception) -> str | None:
 
 def try_compile(config, devices, hbm_bytes: int) -> dict:
   """Compiles the step; the compiler's out-of-memory error is an answer (fits: false), not a
-  crash. Returns memory figures, `fits` and `compile_s`."""
+  crash. Returns memory figures, `fits`, every host's row assignment (checked) and `compile_s`."""
   began = time.perf_counter()
   try:
     compiled, mesh = compile_step(config, devices)
@@ -80,7 +80,11 @@ def try_compile(config, devices, hbm_bytes: int) -> dict:
     return {"fits": False, "out_of_memory": why, "compile_s": time.perf_counter() - began}
   out = train_lib.memory_report(compiled)
   out["mesh"] = dict(mesh.shape)
+  if "per_device_bytes" in out:
+    out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   out["fits"] = out.get("per_device_bytes", 0) <= hbm_bytes
+  out["rows"] = sharding_lib.check_row_assignment(mesh, sharding_lib.rules_from_config(config),
+                                                  config.train.batch_size)
   out["compile_s"] = time.perf_counter() - began
   return out
 
@@ -136,7 +140,7 @@ def candidates(config, chips: int, slices: int, platform: str) -> list[dict]:
   for remat in REMAT_COST:
     for accum in (1, 2, 4, 8, 16):
       for tensor in (1, 2, 4, 8):
-        if chips % tensor or heads % tensor or tensor > chips:
+        if chips % tensor or heads % tensor:
           continue
         shards = chips // tensor
         if batch % (shards * slices * accum):
@@ -180,7 +184,7 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
       log(f"plan: tried {overrides_text(setting)}: compile error "
           f"({str(e).splitlines()[0][:160]})")
       continue
-    verdict = (f"{result['per_device_bytes'] / GIB:.2f} GiB" if "per_device_bytes" in result
+    verdict = (f"{result['per_device_gib']:.2f} GiB" if "per_device_gib" in result
                else "out of memory")
     log(f"plan: tried {overrides_text(setting)}: {verdict} ({result['compile_s']:.1f} s)")
     if result["fits"]:
@@ -243,10 +247,9 @@ def plan_gpu(config, target: targets_lib.Target, log) -> dict:
   target has GPUs) and XLA's CPU compiler, labelled an estimate."""
   devices = targets_lib.gpu_devices(target)
   if devices:
-    from importlib import metadata
-    plugin = next((p for p in ("jax-cuda12-plugin", "jax-cuda13-plugin")
-                   if _installed(metadata, p)), "jax cuda plugin")
-    compiler = f"xla-cuda ({plugin} {_installed(metadata, plugin) or ''})".replace(" )", ")")
+    plugin = next(((p, v) for p in ("jax-cuda12-plugin", "jax-cuda13-plugin")
+                   if (v := _installed(p))), None)
+    compiler = f"xla-cuda ({plugin[0]} {plugin[1]})" if plugin else "xla-cuda"
     log(f"plan: {target.name}: {target.chips} GPU(s) on {targets_lib.hosts(devices)} host(s); "
         "compiling with XLA's CUDA compiler (no GPU needed)...")
   else:
@@ -265,7 +268,9 @@ def plan_gpu(config, target: targets_lib.Target, log) -> dict:
   return out
 
 
-def _installed(metadata, name: str) -> str | None:
+def _installed(name: str) -> str | None:
+  """The installed version of package `name`, or None."""
+  from importlib import metadata
   try:
     return metadata.version(name)
   except metadata.PackageNotFoundError:
@@ -277,13 +282,8 @@ def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
   result = try_compile(config, devices, hbm)
   out = {k: v for k, v in result.items() if k != "compile_s"}
   out["compile_s"] = round(result["compile_s"], 1)
-  if "per_device_bytes" in result:
-    out["per_device_gib"] = round(result["per_device_bytes"] / GIB, 3)
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-    out["rows"] = sharding_lib.check_row_assignment(mesh, sharding_lib.rules_from_config(config),
-                                                    config.train.batch_size)
-    if config.plan.roofline:
-      out.update(_rounded(roofline(config, devices, target.chip, chips)))
+  if "per_device_bytes" in result and config.plan.roofline:
+    out.update(_rounded(roofline(config, devices, target.chip, chips)))
   per_slice = chips // slices
   if result["fits"]:
     log(f"plan: fits: {out['per_device_gib']:.2f} of {hbm / GIB:.2f} GiB per chip"
@@ -300,7 +300,7 @@ def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
                    current if result["fits"] else None, log)
     if found:
       suggestion = {"overrides": found["overrides"], "fits": True,
-                    "per_device_gib": round(found["per_device_bytes"] / GIB, 3),
+                    "per_device_gib": found["per_device_gib"],
                     "mesh": found["mesh"], "compile_s": round(found["compile_s"], 1)}
       if config.plan.roofline:
         suggestion.update(_rounded(roofline(with_overrides(config, found["setting"]), devices,
@@ -320,9 +320,6 @@ def _rounded(d: dict) -> dict:
 
 
 def _libtpu_version() -> str:
-  try:
-    from importlib import metadata
-    return f"libtpu {metadata.version('libtpu')}"
-  except Exception:  # noqa: BLE001 - a nightly or vendored libtpu has no metadata
-    return "libtpu"
+  version = _installed("libtpu")  # None for a library given by TPU_LIBRARY_PATH
+  return f"libtpu {version}" if version else "libtpu"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -143,12 +144,21 @@ def rows_by_process(mesh, rules, global_rows: int) -> dict[int, np.ndarray]:
   whose devices hold replicas of the same rows (tensor parallelism across hosts) get the same
   set. Works on compile-only devices too, so `plan` can check every host of a slice.
   """
-  sharding = batch_sharding(mesh, rules, 1)
+  return _rows_by_process(batch_sharding(mesh, rules, 1), global_rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _rows_by_process(sharding: NamedSharding, global_rows: int) -> dict[int, np.ndarray]:
+  """Cached: the input path asks for every batch, and the answer walks every device of the
+  pod. Keyed by the (hashable) batch sharding; the arrays are read-only, being shared."""
   held: dict[int, set] = {}
   for device, index in sharding.devices_indices_map((global_rows,)).items():
     start, stop, _ = index[0].indices(global_rows)
     held.setdefault(device.process_index, set()).update(range(start, stop))
-  return {p: np.fromiter(sorted(rows), np.int64) for p, rows in held.items()}
+  out = {p: np.fromiter(sorted(rows), np.int64) for p, rows in held.items()}
+  for rows in out.values():
+    rows.setflags(write=False)
+  return out
 
 
 def host_rows(mesh, rules, global_rows: int, process_index: int | None = None) -> np.ndarray:
@@ -174,8 +184,7 @@ def check_row_assignment(mesh, rules, global_rows: int) -> dict:
       raise AssertionError(f"process {device.process_index} does not feed rows {start}-{stop} "
                            f"that its device {device.id} holds")
     copies[start:stop] += 1
-  replicas = math.prod(size for axis, size in mesh.shape.items()
-                       if axis not in _batch_axes(mesh, rules))
+  replicas = mesh.devices.size // batch_shards(mesh, rules)
   if not np.all(copies == replicas):
     raise AssertionError(f"rows are held {sorted(set(copies.tolist()))} times; {replicas} expected")
   distinct = {tuple(r.tolist()) for r in by_process.values()}

@@ -21,7 +21,6 @@ have 4 chips per host; v5e/v6e slices of up to 8 chips are one host.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 from igpt_jax.config import UserError
@@ -113,21 +112,25 @@ def parse(name: str) -> Target:
 def topology_devices(target: Target, slices: int = 1) -> list:
   """libtpu's compile-only devices of `slices` slices of the target: every chip with its host
   (process_index), coordinates and slice. Nothing is allocated; no TPU is needed."""
+  if not has_libtpu():
+    raise UserError(f"Planning for {target.name} needs libtpu's compiler: pip install "
+                    "'jax[tpu]==<your jax version>' (or `pip install -e .[tpu]`).")
   quiet_libtpu_without_tpu()
-  try:
-    from jax.experimental import topologies
-    kwargs = {"num_slices": slices}
-    if target.chip.cores_in_name == 2:
-      kwargs["chip_config_name"] = "megacore"  # one device per chip, as JAX runs v4/v5p
-    if target.chips_per_host:
-      kwargs["chips_per_host_bounds"] = target.chips_per_host
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                             **kwargs).devices)
-  except (ImportError, RuntimeError) as e:
-    if isinstance(e, ImportError) or "not found" in str(e).lower() or "no such" in str(e).lower():
-      raise UserError(f"Planning for {target.name} needs libtpu's compiler: pip install "
-                      f"'jax[tpu]==<your jax version>' (or `pip install -e .[tpu]`). ({e})") from e
-    raise
+  from jax.experimental import topologies
+  kwargs = {"num_slices": slices}
+  if target.chip.cores_in_name == 2:
+    kwargs["chip_config_name"] = "megacore"  # one device per chip, as JAX runs v4/v5p
+  if target.chips_per_host:
+    kwargs["chips_per_host_bounds"] = target.chips_per_host
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                           **kwargs).devices)
+
+
+def has_libtpu() -> bool:
+  """Whether JAX can find libtpu: the `libtpu` package, or a library named by TPU_LIBRARY_PATH."""
+  import importlib.util
+  import os
+  return importlib.util.find_spec("libtpu") is not None or bool(os.environ.get("TPU_LIBRARY_PATH"))
 
 
 def has_tpu() -> bool:
@@ -203,7 +206,3 @@ def roofline(flops_per_device: float, bytes_per_device: float, chip: Chip) -> fl
   """Seconds per step if the step ran at the chip's peak compute or HBM bandwidth, whichever
   binds; communication and imperfect overlap make real steps slower."""
   return max(flops_per_device / chip.peak_flops, bytes_per_device / chip.hbm_bandwidth)
-
-
-def divisors_pow2(n: int) -> list[int]:
-  return [2**i for i in range(int(math.log2(n)) + 1) if n % 2**i == 0]
