@@ -71,6 +71,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
                         "run `--config.stage=prepare`")
   assert_one_line_error(cli(demo, "--config.data.augment=False", w),
                         "--config.data.augment='False' is not one of auto, paper, crop, none")
+  assert_one_line_error(cli(demo, "--config.train.profile_steps=10", w), "must be 'START,END'")
+  assert_one_line_error(cli(demo, "--config.train.profile_steps=20,10", w), "START is after END")
+  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.slices=2", w),
+                        "does not divide the 1 devices")
 
 
 def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
