@@ -66,15 +66,17 @@ def test_bits_per_dim(config, workdir, examples: int) -> dict:
 
 
 def run(args) -> dict:
-  from igpt_jax import loop, palette, probe
+  from igpt_jax import loop, probe
+  from igpt_jax.stages import fit_palette
+  from igpt_jax.stages import pretrain as pretrain_stage
   results, minutes = {}, {}
   for objective in ("ar", "bert"):
     config = make_config(objective, args)
     workdir = os.path.join(args.workdir, objective)
     if not os.path.exists(config.palette.path):
-      _, t = stage("fit palette", palette.fit_stage, config, args.workdir)
+      _, t = stage("fit palette", fit_palette.run, config, args.workdir)
       minutes["palette"] = t / 60
-    _, t = stage(f"{objective}: pretrain", loop.pretrain, config, workdir)
+    _, t = stage(f"{objective}: pretrain", pretrain_stage.run, config, workdir)
     minutes[f"{objective} pretrain"] = t / 60
     ev, t = stage(f"{objective}: test bits/dim", test_bits_per_dim, config, workdir,
                   args.eval_examples)

@@ -93,10 +93,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
 
   mesh = sharding_lib.make_mesh(config.mesh)  # first: a mesh that does not fit fails at once
   rules = sharding_lib.rules_from_config(config)
-  if stage == "pretrain":
-    centers = workdir_lib.load_or_fit_palette(config, workdir, log)
-  else:
-    centers = workdir_lib.load_palette(config, workdir)
+  centers = workdir_lib.load_palette(config, workdir)  # stages.pretrain fits one if missing
   data = sources.load(config, "pretrain" if stage == "pretrain" else "train", log=log)
   eval_data = eval_split(config, log)
   test_data = lambda: sources.load(config, "test", log=log)  # noqa: E731

@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpt_jax import config as config_lib
+from igpt_jax import stages
 from igpt_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -49,116 +50,6 @@ def log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def prepare(config, workdir: str) -> dict:
-  from igpt_jax.data import prepare as prepare_lib
-  return prepare_lib.run(config, log=log)
-
-
-def fit_palette(config, workdir: str) -> dict:
-  from igpt_jax import palette as palette_lib
-  return palette_lib.fit_stage(config, workdir, log=log)
-
-
-def plan(config, workdir: str) -> dict:
-  """Sizes the model and compiles its train step, allocating nothing: for this machine's devices,
-  plan.num_devices simulated CPUs, or a named accelerator (plan.target) with its own compiler;
-  see igpt_jax/plan.py."""
-  from igpt_jax import plan as plan_lib
-  return plan_lib.run(config, log=log)
-
-
-def pretrain(config, workdir: str) -> dict:
-  from igpt_jax import loop
-  return loop.pretrain(config, workdir, log=log)
-
-
-def evaluate(config, workdir: str) -> dict:
-  from igpt_jax import loop
-  return loop.evaluate_stage(config, workdir, log=log)
-
-
-def probe(config, workdir: str) -> dict:
-  from igpt_jax import probe as probe_lib
-  return probe_lib.run(config, workdir, log=log)
-
-
-def finetune(config, workdir: str) -> dict:
-  from igpt_jax import loop
-  return loop.finetune(config, workdir, log=log)
-
-
-def sample(config, workdir: str) -> dict:
-  from igpt_jax import sample as sample_lib
-  return sample_lib.run(config, workdir, log=log)
-
-
-CHAIN = ("pretrain", "evaluate", "probe", "finetune", "sample")
-
-
-def run_all(config, workdir: str) -> dict:
-  """Stage all: fit_palette (unless there is one) -> pretrain -> evaluate -> probe -> finetune
-  -> sample, then a one-screen summary and report.md in the workdir."""
-  import time
-  results, start = {}, time.time()
-  from igpt_jax import distributed
-  if distributed.any_process(not workdir_lib.palette_path(config, workdir).exists()):
-    results["fit_palette"] = fit_palette(config, workdir)
-  for stage in CHAIN:
-    log(f"=== {stage} ===")
-    results[stage] = STAGES[stage](config, workdir)
-  results["minutes"] = (time.time() - start) / 60
-  report = summary(results, workdir)
-  report_path = workdir_lib.path(workdir) / "report.md"
-  workdir_lib.write_text(report_path, report)
-  log(report)
-  return {"stage": "all", "report": str(report_path),
-          "eval_bits_per_dim": results["evaluate"]["eval_bits_per_dim"],
-          "best_layer": results["probe"]["best_layer"],
-          "best_accuracy": results["probe"]["best_accuracy"],
-          "random_init_accuracy": results["probe"]["random_init_accuracy"],
-          "raw_pixel_accuracy": results["probe"]["raw_pixel_accuracy"],
-          "finetune_accuracy": results["finetune"].get("test_accuracy"),
-          "minutes": results["minutes"]}
-
-
-def summary(results: dict, workdir: str) -> str:
-  p, e, f, s = results["probe"], results["evaluate"], results["finetune"], results["sample"]
-  probe_dir = workdir_lib.path(workdir) / "probe"
-  lines = [
-      "# igpt_jax run report", "",
-      f"Workdir: `{workdir}` ({results['minutes']:.1f} minutes)", "",
-      f"- Test bits/dim: **{e['test_bits_per_dim']:.4f}** ({e['test_loss']:.4f} nats/token)"
-      + (f"; validation {e['validation_bits_per_dim']:.4f}" if "validation_bits_per_dim" in e else ""),
-      f"- Linear probe, best layer {p['best_layer']}: **{p['best_accuracy']:.4f}** "
-      f"(random-init model {p['random_init_accuracy']:.4f}, raw pixels {p['raw_pixel_accuracy']:.4f});"
-      f" by layer: `{probe_dir / 'results.md'}`, plot `{probe_dir / 'accuracy_by_layer.png'}`",
-      f"- Fine-tuned test accuracy: **{f.get('test_accuracy', float('nan')):.4f}** (validation "
-      f"{f.get('eval_accuracy', float('nan')):.4f})",
-      f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
-      "", "Against the paper's findings (ImageNet, models 1,000x larger, 1M steps):", "",
-  ]
-  ft = f.get("test_accuracy", float("nan"))
-  checks = [
-      (p["best_accuracy"] > p["random_init_accuracy"], "pretrained features beat a random-init "
-       "model", "pretraining this short has not yet taught the model more than its random "
-       "projection of the pixels gives"),
-      (p["best_accuracy"] > p["raw_pixel_accuracy"], "pretrained features beat raw pixels "
-       "(the paper's features beat pixels by far)", f"a linear model on these raw pixels is "
-       f"already at {p['raw_pixel_accuracy']:.2f}; features of a briefly trained small model are not there yet"),
-      (ft > p["best_accuracy"], "fine-tuning beats the best linear probe", "the fine-tuning "
-       "here is a few hundred steps at most, too short to train the class head and adapt the "
-       "model; `experiments/RESULTS.md` runs it longer"),
-  ]
-  for held, claim, why in checks:
-    lines.append(f"- {'Holds' if held else 'Does not hold here'}: {claim}."
-                 + ("" if held else f" Why at this scale: {why}."))
-  return "\n".join(lines) + "\n"
-
-
-STAGES = {"prepare": prepare, "fit_palette": fit_palette, "pretrain": pretrain, "evaluate": evaluate, "probe": probe,
-          "finetune": finetune, "sample": sample, "plan": plan, "all": run_all}
-
-
 def simulate_cpu_devices(n: int) -> None:
   """Must run before JAX starts its backend: the plan stage then sees n CPU devices."""
   flags_now = os.environ.get("XLA_FLAGS", "")
@@ -174,13 +65,13 @@ def default_workdir(config_path: str) -> str:
 def run(config, workdir: str) -> dict:
   stage = config.stage
   config_lib.validate(config)
-  if stage not in STAGES:
+  if stage not in stages.NAMES:
     raise config_lib.UserError(f"Stage {stage!r} is not available in this version of igpt_jax.")
   outputs = config.data.prepared if stage == "prepare" else workdir  # prepare makes no run
   if stage != "prepare":
     workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
                            config.to_json_best_effort(indent=2))
-  result = STAGES[stage](config, workdir)
+  result = stages.get(stage)(config, workdir, log=log)
   log(f"{stage} done; outputs in {workdir_lib.path(outputs)}")
   print(json.dumps(result), flush=True)
   return result

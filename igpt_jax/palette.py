@@ -33,16 +33,13 @@ class Palette:
   def channels(self) -> int:
     return self.centers.shape[1]
 
-  def save(self, path) -> None:
-    """Written by process 0, whole or not at all: readers on other hosts never see half a
-    palette."""
+  def to_bytes(self) -> bytes:
+    """palette.npz's bytes (written atomically by `workdir.save_palette`)."""
     import io
-
-    from igpt_jax import workdir as workdir_lib
     buffer = io.BytesIO()
     np.savez(buffer, centers=self.centers.astype(np.float32), k=self.k, channels=self.channels,
              dataset=self.dataset, seed=self.seed)
-    workdir_lib.write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
   @classmethod
   def load(cls, path) -> "Palette":
@@ -288,36 +285,3 @@ def uniform_grid(k: int, channels: int) -> np.ndarray:
   axis = np.linspace(-1.0, 1.0, per_axis, dtype=np.float32)
   grid = np.stack(np.meshgrid(*([axis] * channels), indexing="ij"), axis=-1)
   return grid.reshape(-1, channels)
-
-
-def fit_stage(config, workdir, log=print) -> dict:
-  """Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz.
-
-  Pixels are taken from images at the model's input resolution, viewed as evaluation sees them
-  (a palette fitted at storage resolution would see colours that resizing averages away). Only
-  the sampled images are read. Process 0 fits and writes; the others wait for it."""
-  import math
-
-  from igpt_jax import distributed
-  from igpt_jax import workdir as workdir_lib
-  from igpt_jax.data import sources, transform
-  path = workdir_lib.path(workdir) / PALETTE_FILE
-  if distributed.is_chief():
-    data = sources.load(config, "pretrain", log=log)
-    res = config.data.resolution
-    num_images = min(len(data), max(4 * math.ceil(config.palette.samples / res ** 2), 1000))
-    rng = np.random.default_rng([config.seed, 0xC0102])
-    chosen = np.sort(rng.choice(len(data), num_images, replace=False))
-    augment = transform.resolve_augment(config.data.augment, data.full_size)
-    small = transform.pixels_at_resolution(np.asarray(data.images[chosen]),
-                                           transform.eval_boxes(num_images, augment), res)
-    log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
-        f"{num_images} images of {data.name} at {res}x{res}.")
-    pixels = sample_pixels(small, config.palette.samples, seed=config.seed)
-    centers = fit(pixels, config.palette.k, seed=config.seed, iters=config.palette.iters, log=log)
-    Palette(centers, dataset=data.name, seed=config.seed).save(path)
-    log(f"Palette written to {path}")
-  distributed.barrier("fit_palette")
-  centers = Palette.load(path).centers
-  return {"stage": "fit_palette", "palette": str(path), "k": config.palette.k,
-          "channels": int(centers.shape[1])}

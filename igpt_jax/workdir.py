@@ -71,15 +71,9 @@ def load_palette(config, workdir) -> np.ndarray:
   return palette.centers
 
 
-def load_or_fit_palette(config, workdir, log=print) -> np.ndarray:
-  """The configured palette; fitted first (by process 0, the others wait) when the default
-  one is missing."""
-  from igpt_jax import palette as palette_lib
-  where = palette_path(config, workdir)
-  if not config.palette.path and distributed.any_process(not where.exists()):
-    log(f"No palette at {where}; fitting one first (stage fit_palette).")
-    palette_lib.fit_stage(config, workdir, log=log)
-  return load_palette(config, workdir)
+def save_palette(palette, target) -> None:
+  """Process 0 writes palette.npz, whole or not at all: readers on other hosts never see half."""
+  write_bytes(target, palette.to_bytes())
 
 
 # -- stage hand-off ---------------------------------------------------------------------------

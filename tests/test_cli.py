@@ -78,9 +78,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
 
 
 def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
-  from igpt_jax import loop
+  from igpt_jax.stages import pretrain as pretrain_stage
   from test_train import tiny_config
-  loop.pretrain(tiny_config(steps=2), str(tmp_path), log=lambda *_: None)
+  pretrain_stage.run(tiny_config(steps=2), str(tmp_path), log=lambda *_: None)
   tiny = ["--config.model.num_layers=2", "--config.model.num_heads=4", "--config.train.steps=4",
           "--config.train.batch_size=16", "--config.palette.samples=20000"]
   out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from igpt_jax import loop, probe
+from igpt_jax import probe
+from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax.data import sources
 from test_stages import QUIET, stage_config
 
@@ -24,7 +25,7 @@ def test_tensorboard_gets_scalars_sample_grids_and_probe_accuracy(tmp_path):
   workdir = str(tmp_path)
   config = stage_config("pretrain")
   config.train.sample_every = 4
-  loop.pretrain(config, workdir, log=QUIET)
+  pretrain_stage.run(config, workdir, log=QUIET)
   acc = read_events(os.path.join(workdir, "tensorboard"))
   for tag in ("loss", "bits_per_dim", "lr", "grad_norm", "tokens_per_s"):
     assert [e.step for e in acc.Scalars(tag)] == list(range(1, 9))

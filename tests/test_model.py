@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
-from igpt_jax import main as main_lib
+from igpt_jax import stages
 from igpt_jax import model as model_lib
 from igpt_jax.config import load_config_file
 from igpt_jax import objectives
@@ -45,7 +45,7 @@ def tokens(cfg, batch=3, seed=1):
 def test_paper_sizes_exact(name, expected):
   config = load_config(name)
   config.stage = "plan"
-  assert main_lib.plan(config, "")["params"] == expected
+  assert stages.get("plan")(config, "")["params"] == expected
 
 
 def test_plan_stage_cli_prints_json_last_line():

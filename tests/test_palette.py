@@ -7,6 +7,7 @@ import pytest
 from igpt_jax.config import UserError
 
 from igpt_jax import palette as P
+from igpt_jax import workdir as workdir_lib
 from igpt_jax.data import sources
 
 
@@ -74,7 +75,7 @@ def test_dequantize_uses_release_rounding():
 def test_save_load_and_foreign_formats(tmp_path):
   centers = P.uniform_grid(8, 3)
   pal = P.Palette(centers, dataset="cifar10", seed=7)
-  pal.save(str(tmp_path / "palette.npz"))
+  workdir_lib.save_palette(pal, str(tmp_path / "palette.npz"))
   back = P.Palette.load(str(tmp_path / "palette.npz"))
   np.testing.assert_array_equal(back.centers, centers)
   assert (back.k, back.channels, back.dataset, back.seed) == (8, 3, "cifar10", 7)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from igpt_jax import config as config_lib
 from igpt_jax import palette as P
-from igpt_jax.data import pipeline, prepare, prepared, sources, transform
+from igpt_jax.data import pipeline, prepared, sources, transform
+from igpt_jax.stages import prepare
 
 QUIET = lambda *_: None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +103,8 @@ def test_prepare_refuses_without_a_destination(tmp_path):
 
 SLOW_PREPARE = """
 import sys, time
-from igpt_jax.data import prepare, prepared
+from igpt_jax.data import prepared
+from igpt_jax.stages import prepare
 from igpt_jax import config as config_lib
 write = prepared.write_shard
 def slow(*args, **kwargs):
@@ -282,7 +284,8 @@ def test_pretraining_from_a_prepared_set_without_tensorflow(prepared_set, tmp_pa
   script = HIDE_TF + textwrap.dedent(f"""
       import json, sys
       import numpy as np
-      from igpt_jax import config as config_lib, loop
+      from igpt_jax import config as config_lib
+      from igpt_jax.stages import pretrain as pretrain_stage
       from igpt_jax.data import pipeline, sources, transform
       c = config_lib.base_config()
       c.data.source, c.data.prepared, c.data.resolution = "prepared", {prepared_set.data.prepared!r}, 8
@@ -290,7 +293,7 @@ def test_pretraining_from_a_prepared_set_without_tensorflow(prepared_set, tmp_pa
       c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 16, 2
       c.train.steps, c.train.batch_size, c.train.warmup_steps, c.train.log_every = 3, 8, 1, 1
       c.train.eval_every, c.train.eval_batches, c.train.sample_every = 3, 1, 0
-      out = loop.pretrain(c, {str(tmp_path / "run")!r}, log=lambda *_: None)
+      out = pretrain_stage.run(c, {str(tmp_path / "run")!r}, log=lambda *_: None)
       assert sys.modules["tensorflow"] is None  # still hidden: nothing imported it
       data = sources.load(c, "pretrain")
       batch = next(pipeline.train_batches(data, batch_size=8, seed=0, augment="crop"))
@@ -335,14 +338,15 @@ def test_tfds_download_and_prepare_offline(tmp_path, monkeypatch):
 
 PRETRAIN_RSS = """
 import json, resource, sys
-from igpt_jax import config as config_lib, loop
+from igpt_jax import config as config_lib
+from igpt_jax.stages import pretrain as pretrain_stage
 c = config_lib.base_config()
 c.data.source, c.data.prepared, c.data.resolution, c.data.channels = "prepared", sys.argv[1], 32, 1
 c.palette.k, c.palette.samples, c.palette.iters = 16, 2000, 2
 c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 16, 2
 c.train.steps, c.train.batch_size, c.train.warmup_steps, c.train.log_every = 4, 16, 1, 2
 c.train.eval_every, c.train.eval_batches, c.train.sample_every = 4, 2, 0
-out = loop.pretrain(c, sys.argv[2], log=lambda *_: None)
+out = pretrain_stage.run(c, sys.argv[2], log=lambda *_: None)
 print(json.dumps({"step": out["step"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

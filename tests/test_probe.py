@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpt_jax import features, logreg, loop, probe
+from igpt_jax import features, logreg, probe
+from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import workdir as workdir_lib
@@ -25,7 +26,7 @@ def stores(tmp_path_factory):
   import jax
   workdir = str(tmp_path_factory.mktemp("probe"))
   config = tiny_config(steps=30, warmup_steps=5)
-  loop.pretrain(config, workdir, log=lambda *_: None)
+  pretrain_stage.run(config, workdir, log=lambda *_: None)
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.DEFAULT_RULES
   cfg, params, centers, _ = workdir_lib.load_pretrained(config, workdir, mesh, rules)

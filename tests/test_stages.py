@@ -10,6 +10,7 @@ from igpt_jax import main as main_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import loop, probe, sample
+from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.config import UserError
 from igpt_jax.data import sources
@@ -33,7 +34,7 @@ def stage_config(stage):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stages"))
-  loop.pretrain(stage_config("pretrain"), workdir, log=QUIET)
+  pretrain_stage.run(stage_config("pretrain"), workdir, log=QUIET)
   return workdir
 
 
@@ -77,7 +78,7 @@ def test_stages_refuse_another_model_or_palette(pretrained, tmp_path):
       fn(wider, workdir, log=QUIET)
   path = os.path.join(workdir, palette_lib.PALETTE_FILE)
   pal = palette_lib.Palette.load(path)
-  palette_lib.Palette(np.clip(pal.centers + 0.05, -1, 1)).save(path)
+  workdir_lib.save_palette(palette_lib.Palette(np.clip(pal.centers + 0.05, -1, 1)), path)
   for fn in (probe.run, sample.run, loop.finetune):
     with pytest.raises(checkpoint_lib.CheckpointMismatch, match="different palette"):
       fn(stage_config("probe"), workdir, log=QUIET)

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import loop
+from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
@@ -103,10 +104,10 @@ def read_metrics(workdir):
 def test_resume_is_bit_exact(tmp_path):
   config = tiny_config(steps=20, warmup_steps=5)
   config.checkpoint.every = 7  # the interruption at 10 is not on a checkpoint interval
-  loop.pretrain(config, str(tmp_path / "straight"), log=lambda *_: None)
-  loop.pretrain(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=10)
+  pretrain_stage.run(config, str(tmp_path / "straight"), log=lambda *_: None)
+  pretrain_stage.run(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=10)
   logs = []
-  loop.pretrain(config, str(tmp_path / "resumed"), log=logs.append)
+  pretrain_stage.run(config, str(tmp_path / "resumed"), log=logs.append)
   assert any("Resumed from checkpoint step 10" in line for line in logs)
   a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
   assert [r["step"] for r in b] == list(range(1, 21))
@@ -202,21 +203,21 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path):
 @needs_fmnist
 def test_checkpoint_of_another_model_or_optimizer_is_refused_and_left_in_place(tmp_path):
   config = tiny_config(steps=2)
-  loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+  pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
   ckpt_dir = tmp_path / "checkpoints" / "pretrain"
   before = sorted(os.listdir(ckpt_dir))
   wider = tiny_config(steps=4)
   wider.model.d_model = 64
   with pytest.raises(checkpoint_lib.CheckpointMismatch,
                      match="different model: d_model saved 32 vs configured 64"):
-    loop.pretrain(wider, str(tmp_path), log=lambda *_: None)
+    pretrain_stage.run(wider, str(tmp_path), log=lambda *_: None)
   # No clipping: optax's chain loses a state entry, so the optimizer-state tree differs.
   unclipped = tiny_config(steps=4, grad_clip=0.0)
   with pytest.raises(checkpoint_lib.CheckpointMismatch,
                      match=r"different optimizer state than the config makes \(train.grad_clip "
                            r"saved 1.0 vs configured 0.0\): set it back to resume this run, or use "
                            r"a new --workdir"):
-    loop.pretrain(unclipped, str(tmp_path), log=lambda *_: None)
+    pretrain_stage.run(unclipped, str(tmp_path), log=lambda *_: None)
   assert sorted(os.listdir(ckpt_dir)) == before == ["2"]
 
 
@@ -275,7 +276,7 @@ def test_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):
   config.checkpoint.every = 1
   with pytest.raises(loop.NonFiniteLoss, match=r"3 steps in a row up to step 3 .* last good "
                                                r"checkpoint \(step 2\) is kept"):
-    loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+    pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
   ckpt_dir = str(tmp_path / "checkpoints" / "pretrain")
   assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]
   trainer = train_lib.Trainer(model_lib.ModelConfig.from_config(config), config,
@@ -331,7 +332,7 @@ def test_evaluation_during_training_compiles_once(tmp_path, caplog):
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
-      loop.pretrain(config, str(tmp_path), log=lambda *_: None)
+      pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
   finally:
     jax.config.update("jax_log_compiles", False)
   evaluated = [r["step"] for r in read_metrics(tmp_path) if "eval_loss" in r]
@@ -364,7 +365,7 @@ def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
   config = tiny_config(steps=4, warmup_steps=1)
   config.train.profile_steps = "2,3"
   logs = []
-  loop.pretrain(config, str(tmp_path), log=logs.append)
+  pretrain_stage.run(config, str(tmp_path), log=logs.append)
   traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0, list((tmp_path / "profile").rglob("*"))
   assert any("Profile of steps 2-3" in line for line in logs)

@@ -33,7 +33,7 @@ def test_only_process_zero_writes_and_writes_are_whole(tmp_path, monkeypatch):
 
 def test_palette_round_trip_through_epath(tmp_path):
   centers = palette_lib.uniform_grid(16, 1)
-  palette_lib.Palette(centers, dataset="x", seed=3).save(tmp_path / "p" / "palette.npz")
+  workdir_lib.save_palette(palette_lib.Palette(centers, dataset="x", seed=3), tmp_path / "p" / "palette.npz")
   loaded = palette_lib.Palette.load(tmp_path / "p" / "palette.npz")
   np.testing.assert_array_equal(loaded.centers, centers)
   assert (loaded.dataset, loaded.seed) == ("x", 3)

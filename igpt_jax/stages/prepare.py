@@ -76,7 +76,8 @@ def _plan(config, pool, log):
   return d.source + (f":{d.path}" if d.path else ""), side, False, class_names, out
 
 
-def run(config, log=print) -> dict:
+def run(config, workdir=None, log=print) -> dict:
+  del workdir  # a prepared set lives at data.prepared, shared by runs
   d = config.data
   if not d.prepared:
     raise DataError("The prepare stage writes to --config.data.prepared=DIR (local or gs://); "

@@ -1,0 +1,50 @@
+"""Stage fit_palette: k-means on a pixel sample of the pretraining split -> palette.npz."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from igpt_jax import distributed
+from igpt_jax import palette as palette_lib
+from igpt_jax import workdir as workdir_lib
+from igpt_jax.data import sources, transform
+
+
+def run(config, workdir, log=print) -> dict:
+  """Pixels are taken from images at the model's input resolution, viewed as evaluation sees
+  them (a palette fitted at storage resolution would see colours that resizing averages away).
+  Only the sampled images are read. Process 0 fits and writes; the others wait for it."""
+  path = workdir_lib.path(workdir) / palette_lib.PALETTE_FILE
+  if distributed.is_chief():
+    data = sources.load(config, "pretrain", log=log)
+    res = config.data.resolution
+    num_images = min(len(data), max(4 * math.ceil(config.palette.samples / res ** 2), 1000))
+    rng = np.random.default_rng([config.seed, 0xC0102])
+    chosen = np.sort(rng.choice(len(data), num_images, replace=False))
+    augment = transform.resolve_augment(config.data.augment, data.full_size)
+    small = transform.pixels_at_resolution(np.asarray(data.images[chosen]),
+                                           transform.eval_boxes(num_images, augment), res)
+    log(f"Fitting a {config.palette.k}-colour palette on {config.palette.samples} pixels of "
+        f"{num_images} images of {data.name} at {res}x{res}.")
+    pixels = palette_lib.sample_pixels(small, config.palette.samples, seed=config.seed)
+    centers = palette_lib.fit(pixels, config.palette.k, seed=config.seed,
+                              iters=config.palette.iters, log=log)
+    workdir_lib.save_palette(palette_lib.Palette(centers, dataset=data.name, seed=config.seed),
+                             path)
+    log(f"Palette written to {path}")
+  distributed.barrier("fit_palette")
+  centers = palette_lib.Palette.load(path).centers
+  return {"stage": "fit_palette", "palette": str(path), "k": config.palette.k,
+          "channels": int(centers.shape[1])}
+
+
+def ensure(config, workdir, log=print) -> dict | None:
+  """Fits the default palette when it is missing (process 0 fits, the others wait); a
+  configured palette.path is never fitted over. The stage's result, or None if nothing ran."""
+  where = workdir_lib.palette_path(config, workdir)
+  if not config.palette.path and distributed.any_process(not where.exists()):
+    log(f"No palette at {where}; fitting one first (stage fit_palette).")
+    return run(config, workdir, log=log)
+  return None

@@ -1,0 +1,10 @@
+"""Stage pretrain: L_AR or L_BERT on the pretraining split (the palette is fitted first if the
+workdir has none); resumes from the newest intact checkpoint."""
+
+from igpt_jax import loop
+from igpt_jax.stages import fit_palette
+
+
+def run(config, workdir, log=print, stop_after: int | None = None) -> dict:
+  fit_palette.ensure(config, workdir, log=log)
+  return loop.pretrain(config, workdir, log=log, stop_after=stop_after)
