@@ -59,8 +59,10 @@ def prepared_set(directory: str, resolution: int, n: int):
   shards = [prepared.write_shard(directory, "train", j, images[lo:lo + 1024],
                                  np.zeros(len(images[lo:lo + 1024])))
             for j, lo in enumerate(range(0, n, 1024))]
-  prepared.write_manifest(directory, source="skimage", side=side, channels=3, full_size=True,
-                          class_names=[], splits={"train": shards})
+  record = prepared.settings(source="skimage", side=side, channels=3, full_size=True,
+                             shard_size=1024, split_seed=sources.SPLIT_SEED)
+  prepared.write_manifest(directory, settings_record=record, class_names=[],
+                          splits={"train": shards})
   return sources.load_prepared(directory, "train"), images
 
 

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_fraction = -1.0  # held out of train; -1 = the paper's (ImageNet 4%, else 10%)
   c.data.shard_size = 10_000  # examples per prepared shard (the unit prepare resumes by)
   c.data.workers = 0  # prepare's decoding processes; 0 = all cores
+  c.data.overwrite = False  # prepare into a directory made with other settings: start over
+  c.data.verify = False  # check every prepared shard's sha256 when a run opens the set
+  c.data.upsample = False  # allow images smaller than data.resolution (upsampled: blurred)
   c.data.prefetch = 2  # batches read ahead by the input thread
 
   c.palette = ml_collections.ConfigDict()

@@ -135,7 +135,7 @@ def test_fashion_mnist_from_local_idx_files():
   if directory is None:
     pytest.skip("Debian's dataset-fashion-mnist is not installed")
   config = config_lib.base_config()
-  config.data.source, config.data.channels = "fashion_mnist", 1
+  config.data.source, config.data.channels, config.data.resolution = "fashion_mnist", 1, 28
   train, test = sources.load(config, "pretrain"), sources.load(config, "test")
   validation = sources.load(config, "validation")
   # 10% of the 60k train images held out for validation (the paper's CIFAR fraction).

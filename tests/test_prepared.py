@@ -141,6 +141,63 @@ def test_killed_prepare_resumes_to_the_same_manifest(tmp_path):
           == json.loads((whole / prepared.MANIFEST).read_text()))
 
 
+def directory_state(directory) -> dict:
+  return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_prepare_resumes_only_with_the_same_settings(tmp_path):
+  write_numpy_source(tmp_path / "src.npz", n_train=100, n_test=20)
+  src, prep = tmp_path / "src.npz", tmp_path / "prep"
+  prepare.run(config_for("numpy", src, prep, shard_size=10), log=QUIET)
+  before = directory_state(prep)
+  assert json.loads(before["prepare.json"])["shard_size"] == 10
+  with pytest.raises(sources.DataError, match="other settings \\(shard_size 10 there vs 16 now\\); "
+                     "nothing was changed"):
+    prepare.run(config_for("numpy", src, prep, shard_size=16), log=QUIET)
+  with pytest.raises(sources.DataError, match="channels 3 there vs 1 now"):
+    prepare.run(config_for("numpy", src, prep, shard_size=10, channels=1), log=QUIET)
+  assert directory_state(prep) == before
+  # A damaged shard of a matching set is written again on resume; the rest are kept.
+  with open(prep / "train-00003.images", "r+b") as f:
+    f.truncate(100)
+  logs = []
+  prepare.run(config_for("numpy", src, prep, shard_size=10), log=logs.append)
+  assert [line.split(",")[0] for line in logs if "images/s" in line] == ["train: shard 4/10"]
+  assert directory_state(prep) == before
+  # overwrite starts over: the old set's files are gone, the result is a fresh set's.
+  prepare.run(config_for("numpy", src, prep, shard_size=16, overwrite=True), log=QUIET)
+  prepare.run(config_for("numpy", src, tmp_path / "fresh", shard_size=16), log=QUIET)
+  assert directory_state(prep) == directory_state(tmp_path / "fresh")
+  assert not (prep / "train-00009.images").exists()
+
+
+def test_prepare_refuses_shards_of_unknown_settings(tmp_path):
+  write_numpy_source(tmp_path / "src.npz", n_train=30, n_test=10)
+  (tmp_path / "prep").mkdir()
+  (tmp_path / "prep" / "train-00000.images").write_bytes(b"old")
+  (tmp_path / "prep" / "notes.txt").write_text("mine")
+  with pytest.raises(sources.DataError, match="unknown settings"):
+    prepare.run(config_for("numpy", tmp_path / "src.npz", tmp_path / "prep"), log=QUIET)
+  prepare.run(config_for("numpy", tmp_path / "src.npz", tmp_path / "prep", overwrite=True),
+              log=QUIET)
+  assert (tmp_path / "prep" / "notes.txt").read_text() == "mine"  # only the set's files go
+  assert len(sources.load(as_prepared(config_for("numpy", "", tmp_path / "prep")), "test")) == 10
+
+
+def test_prepare_with_other_settings_is_one_error_line_on_the_cli(tmp_path):
+  write_numpy_source(tmp_path / "src.npz", n_train=30, n_test=10)
+  args = [sys.executable, "-m", "igpt_jax.main", "--config=configs/demo.py",
+          "--config.stage=prepare", "--config.data.source=numpy",
+          f"--config.data.path={tmp_path / 'src.npz'}", f"--config.data.prepared={tmp_path / 'p'}"]
+  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = subprocess.run(args + ["--config.data.shard_size=7"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 2
+  assert again.stderr.strip().splitlines() == [again.stderr.strip()]
+  assert again.stderr.startswith("error: ") and "shard_size 10000 there vs 7 now" in again.stderr
+
+
 @pytest.fixture(scope="module")
 def prepared_set(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("prepared")
@@ -171,6 +228,61 @@ def test_validation_split_is_disjoint_and_deterministic(prepared_set):
   # A different split seed is a different split (the choice is a real draw, not a fixed slice).
   _, moved = sources.holdout(len(whole), 0.1, seed=1)
   assert rows(whole.subset(moved, "moved")) != rows(validation)
+
+
+def copy_of(prepared_set, tmp_path):
+  import copy
+  import shutil
+  config = copy.deepcopy(prepared_set)
+  shutil.copytree(config.data.prepared, tmp_path / "copy")
+  config.data.prepared = str(tmp_path / "copy")
+  return config
+
+
+def test_the_split_seed_is_the_prepared_sets_own(prepared_set, tmp_path):
+  config = copy_of(prepared_set, tmp_path)
+  manifest_path = tmp_path / "copy" / prepared.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  assert manifest["split_seed"] == sources.SPLIT_SEED and "holdout" in manifest["split_rule"]
+  whole = sources.load_split(config, "train")
+  val = sources.load(config, "validation")
+  manifest["split_seed"] = 5
+  manifest_path.write_text(json.dumps(manifest))
+  moved = sources.load(config, "validation")
+  _, want = sources.holdout(len(whole), 0.1, seed=5)
+  np.testing.assert_array_equal(moved.images[np.arange(len(moved))], whole.images[want])
+  assert not np.array_equal(moved.images[np.arange(20)], val.images[np.arange(20)])
+
+
+def test_a_run_refuses_data_the_set_was_not_made_for(prepared_set):
+  import copy
+  config = copy.deepcopy(prepared_set)  # stored at 16x16x3
+  config.data.resolution = 32
+  with pytest.raises(sources.DataError, match=r"has 16x16 images but data.resolution=32 would "
+                     r"upsample them .* --config.data.upsample=True"):
+    sources.load(config, "pretrain")
+  config.data.upsample = True  # asked for: allowed
+  assert sources.load(config, "pretrain").images.shape[1:] == (16, 16, 3)
+  config.data.resolution, config.data.channels = 16, 1
+  with pytest.raises(sources.DataError, match="has 3-channel images but data.channels=1"):
+    sources.load(config, "test")
+
+
+def test_damaged_shards_are_found_on_open_or_by_verify(prepared_set, tmp_path):
+  config = copy_of(prepared_set, tmp_path)
+  with open(tmp_path / "copy" / "train-00002.images", "r+b") as f:
+    f.write(bytes([255 - f.read(1)[0]]))  # same size, other bytes: only the hash can tell
+  assert len(sources.load(config, "train")) == 180
+  config.data.verify = True
+  with pytest.raises(sources.DataError, match="shard.s. train-00002 do not match"):
+    sources.load(config, "train")
+  assert len(sources.load(config, "test")) == 30  # verifies the split it opens
+  config.data.verify = False
+  with open(tmp_path / "copy" / "train-00004.images", "r+b") as f:
+    f.truncate(1000)
+  with pytest.raises(config_lib.UserError, match=r"damaged: train-00004.images is 1000 bytes, the "
+                     r"manifest says 32 rows of 768 bytes"):
+    sources.load(config, "pretrain")
 
 
 def test_two_hosts_read_disjoint_rows_covering_each_global_batch(prepared_set):
@@ -367,8 +479,9 @@ def test_pretraining_memory_does_not_grow_with_the_data_set(tmp_path):
                                          rng.integers(0, 10, count)))
     test = [prepared.write_shard(directory, "test", 0, np.zeros((20, 64, 64, 1), np.uint8),
                                  np.zeros(20))]
-    prepared.write_manifest(directory, source="synthetic", side=64, channels=1, full_size=False,
-                            class_names=[str(i) for i in range(10)],
+    record = prepared.settings(source="synthetic", side=64, channels=1, full_size=False,
+                               shard_size=5_000, split_seed=0)
+    prepared.write_manifest(directory, settings_record=record, class_names=[str(i) for i in range(10)],
                             splits={"train": shards, "test": test})
     proc = subprocess.run([sys.executable, "-c", PRETRAIN_RSS, str(directory),
                            str(tmp_path / f"run_{name}")], cwd=ROOT, capture_output=True,

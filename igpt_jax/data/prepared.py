@@ -2,8 +2,10 @@
 
 Layout of a prepared directory (local or gs://):
 
-  manifest.json                 source, storage side, channels, class names, per split its
-                                shards (file, count, sha256) and the files it skipped
+  prepare.json                  the settings the set is made with (SETTINGS), written first:
+                                a later `prepare` resumes only with the same settings
+  manifest.json                 those settings, class names, per split its shards (file, count,
+                                sha256) and the files it skipped; written last
   <split>-00000.images          uint8 rows [count, side, side, channels], C order, no header
   <split>-00000.labels          int32 little-endian [count] (-1 where unlabelled)
   <split>-00000.done.json       written last for each shard: what makes `prepare` resumable
@@ -29,7 +31,13 @@ import numpy as np
 from igpt_jax.config import UserError
 
 MANIFEST = "manifest.json"
-FORMAT = "igpt_jax.prepared/1"
+SETTINGS_FILE = "prepare.json"
+FORMAT = "igpt_jax.prepared/2"
+# What a set is made with, and what a run or a resumed `prepare` must match.
+SETTINGS = ("format", "source", "side", "channels", "full_size", "shard_size", "split_seed",
+            "split_rule")
+SPLIT_RULE = ("validation: holdout(n, fraction, split_seed) of train; folder test: "
+              "sha256(f'{split_seed}:{relpath}') < 0.1")
 
 
 def _path(directory):
@@ -44,7 +52,7 @@ def shard_name(split: str, index: int) -> str:
 # -- writing ----------------------------------------------------------------------------------
 
 def write_shard(directory, split: str, index: int, images: np.ndarray, labels: np.ndarray,
-                skipped: list[str] = ()) -> dict:
+                skipped: list[str] = (), source_count: int | None = None) -> dict:
   """Writes one shard, images and labels first and its .done.json last, each atomically: a
   shard without .done.json is rewritten by the next `prepare`."""
   from igpt_jax import workdir as workdir_lib
@@ -59,23 +67,85 @@ def write_shard(directory, split: str, index: int, images: np.ndarray, labels: n
   workdir_lib.write_bytes(root / f"{name}.images", images.tobytes())
   workdir_lib.write_bytes(root / f"{name}.labels", labels.tobytes())
   done = {"name": name, "count": int(len(images)), "sha256": digest.hexdigest(),
-          "skipped": list(skipped)}
+          "skipped": list(skipped),
+          "source_count": int(len(images) + len(skipped) if source_count is None else source_count)}
   workdir_lib.write_json(root / f"{name}.done.json", done)
   return done
 
 
-def done_shard(directory, split: str, index: int) -> dict | None:
-  path = _path(directory) / f"{shard_name(split, index)}.done.json"
-  return json.loads(path.read_text()) if path.exists() else None
+def done_shard(directory, split: str, index: int, source_count: int,
+               row_shape: tuple[int, int, int]) -> dict | None:
+  """The shard's .done.json record if the shard is whole: it covers `source_count` source
+  examples and its files hold exactly its rows; None means (re)write it."""
+  root, name = _path(directory), shard_name(split, index)
+  path = root / f"{name}.done.json"
+  if not path.exists():
+    return None
+  done = json.loads(path.read_text())
+  if done.get("source_count") != source_count or shard_size_problem(root, name, done["count"],
+                                                                    row_shape):
+    return None
+  return done
 
 
-def write_manifest(directory, *, source: str, side: int, channels: int, full_size: bool,
-                   class_names: list[str], splits: dict[str, list[dict]]) -> dict:
+def shard_size_problem(root, name: str, count: int, row_shape) -> str | None:
+  """Why the shard's files are not `count` rows long (a truncated or foreign file), or None."""
+  for suffix, row_bytes in ((".images", int(np.prod(row_shape))), (".labels", 4)):
+    path = _path(root) / f"{name}{suffix}"
+    size = path.stat().length if path.exists() else None
+    if size != count * row_bytes:
+      return (f"{name}{suffix} is {'missing' if size is None else f'{size} bytes'}, the manifest "
+              f"says {count} rows of {row_bytes} bytes")
+  return None
+
+
+def settings(*, source: str, side: int, channels: int, full_size: bool, shard_size: int,
+             split_seed: int) -> dict:
+  return {"format": FORMAT, "source": source, "side": int(side), "channels": int(channels),
+          "full_size": bool(full_size), "shard_size": int(shard_size),
+          "split_seed": int(split_seed), "split_rule": SPLIT_RULE}
+
+
+def existing_settings(directory) -> dict | None:
+  """What the directory was prepared with: its prepare.json, or a manifest's copy; {} for a
+  directory that holds shard files of unknown settings; None for an empty or new one."""
+  root = _path(directory)
+  for name in (SETTINGS_FILE, MANIFEST):
+    if (root / name).exists():
+      record = json.loads((root / name).read_text())
+      return {k: record.get(k) for k in SETTINGS}
+  if root.exists() and any(_is_ours(p.name) for p in root.iterdir()):
+    return {}
+  return None
+
+
+def _is_ours(name: str) -> bool:
+  bare = name.removeprefix(".").removesuffix(".tmp")
+  return bare in (MANIFEST, SETTINGS_FILE) or bare.endswith((".images", ".labels", ".done.json"))
+
+
+def clear(directory) -> int:
+  """Removes every file of a prepared set from the directory (nothing else); how many."""
+  root, removed = _path(directory), 0
+  if root.exists():
+    for p in root.iterdir():
+      if _is_ours(p.name):
+        p.unlink()
+        removed += 1
+  return removed
+
+
+def write_settings(directory, record: dict) -> None:
+  from igpt_jax import workdir as workdir_lib
+  workdir_lib.write_json(_path(directory) / SETTINGS_FILE, record)
+
+
+def write_manifest(directory, *, settings_record: dict, class_names: list[str],
+                   splits: dict[str, list[dict]]) -> dict:
   """splits: split -> its shards' done records, in order."""
   from igpt_jax import workdir as workdir_lib
   manifest = {
-      "format": FORMAT, "source": source, "side": side, "channels": channels,
-      "full_size": full_size, "class_names": list(class_names),
+      **settings_record, "class_names": list(class_names),
       "splits": {split: {"count": sum(s["count"] for s in shards),
                          "skipped": [f for s in shards for f in s["skipped"]],
                          "shards": [{k: s[k] for k in ("name", "count", "sha256")} for s in shards]}
@@ -95,8 +165,18 @@ def read_manifest(directory) -> dict:
   manifest = json.loads(path.read_text())
   if manifest.get("format") != FORMAT:
     raise UserError(f"{path} is format {manifest.get('format')!r}, expected {FORMAT!r}: "
-                    "prepare the data set again with this version.")
+                    "prepare the data set again with this version (--config.data.overwrite=True).")
   return manifest
+
+
+def check_shards(directory, shards: list[dict], row_shape) -> None:
+  """One stat per file: a truncated or replaced shard stops the run when it opens the set,
+  not at the step that first reads past its end."""
+  for s in shards:
+    problem = shard_size_problem(directory, s["name"], s["count"], row_shape)
+    if problem:
+      raise UserError(f"The prepared data set at {directory} is damaged: {problem}. Prepare it "
+                      "again (--config.stage=prepare --config.data.overwrite=True).")
 
 
 class ShardedRows:
@@ -164,12 +244,15 @@ def read_labels(directory, shards: list[dict]) -> np.ndarray:
   return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
-def verify(directory) -> list[str]:
-  """Names of the shards whose bytes do not match the manifest's sha256 (reads everything)."""
+def verify(directory, splits=None) -> list[str]:
+  """Names of the shards (of `splits`, default all) whose bytes do not match the manifest's
+  sha256 (reads them all)."""
   manifest = read_manifest(directory)
   root, bad = _path(directory), []
-  for split in manifest["splits"].values():
-    for s in split["shards"]:
+  for split, info in manifest["splits"].items():
+    if splits is not None and split not in splits:
+      continue
+    for s in info["shards"]:
       digest = hashlib.sha256((root / f"{s['name']}.images").read_bytes())
       digest.update((root / f"{s['name']}.labels").read_bytes())
       if digest.hexdigest() != s["sha256"]:

@@ -360,8 +360,9 @@ def _centre_square(im, side: int) -> np.ndarray:
 
 # -- prepared data sets ----------------------------------------------------------------------
 
-def load_prepared(directory: str, split: str) -> ImageSet:
-  """A split of a prepared data set, read lazily (see `prepared.ShardedRows`)."""
+def load_prepared(directory: str, split: str, verify: bool = False) -> ImageSet:
+  """A split of a prepared data set, read lazily (see `prepared.ShardedRows`). Its shards'
+  sizes are checked on open (one stat each); `verify` also checks their sha256 (reads all)."""
   from igpt_jax.data import prepared
   manifest = prepared.read_manifest(directory)
   if split not in manifest["splits"]:
@@ -369,10 +370,47 @@ def load_prepared(directory: str, split: str) -> ImageSet:
                     f"{', '.join(manifest['splits'])}).")
   info = manifest["splits"][split]
   side, channels = manifest["side"], manifest["channels"]
+  prepared.check_shards(directory, info["shards"], (side, side, channels))
+  if verify:
+    bad = prepared.verify(directory, [split])
+    if bad:
+      raise DataError(f"The prepared data set at {directory} is damaged: shard(s) "
+                      f"{', '.join(bad)} do not match the manifest's sha256. Prepare it again "
+                      "(--config.stage=prepare --config.data.overwrite=True).")
   rows = prepared.ShardedRows(directory, info["shards"], (side, side, channels))
   return ImageSet(rows, prepared.read_labels(directory, info["shards"]),
                   manifest["class_names"], f"prepared:{directory}:{split}",
                   skipped_files=info["skipped"], full_size=manifest["full_size"])
+
+
+def split_seed(config) -> int:
+  """The seed of the held-out splits: a prepared set's own (from its manifest), else SPLIT_SEED."""
+  if config.data.source == "prepared" and config.data.prepared:
+    from igpt_jax.data import prepared
+    return int(prepared.read_manifest(config.data.prepared).get("split_seed", SPLIT_SEED))
+  return SPLIT_SEED
+
+
+def check_fits_config(data: ImageSet, config) -> ImageSet:
+  """Refuses data a run would silently misuse: other channels than data.channels (bits/dim
+  counts them), or images smaller than data.resolution (upsampled: blurred pixels the model
+  was never meant to see) unless data.upsample says so."""
+  d = config.data
+  side, channels = data.images.shape[1], data.images.shape[-1]
+  where = (f"the prepared data set at {d.prepared}" if d.source == "prepared" else data.name)
+  if channels != d.channels:
+    raise DataError(f"{where} has {channels}-channel images but data.channels={d.channels}: "
+                    f"set --config.data.channels={channels}, or prepare the set again with "
+                    f"--config.data.channels={d.channels}.")
+  if min(data.images.shape[1:3]) < d.resolution and not d.upsample:
+    hint = (f"prepare it for resolution {d.resolution} (stored side "
+            f"{storage_side(d.resolution)} for full-size images)" if d.source == "prepared"
+            else "use larger images")
+    raise DataError(f"{where} has {side}x{data.images.shape[2]} images but data.resolution="
+                    f"{d.resolution} would upsample them (blurred pixels): {hint}, lower "
+                    f"--config.data.resolution to at most {min(data.images.shape[1:3])}, or set "
+                    "--config.data.upsample=True to accept it.")
+  return data
 
 
 # -- dispatch ---------------------------------------------------------------------------------
@@ -388,7 +426,7 @@ def load_split(config, split: str, log=print) -> ImageSet:
                       "made by --config.stage=prepare).")
     from igpt_jax.data import prepared
     have = prepared.read_manifest(d.prepared)["splits"]
-    return load_prepared(d.prepared, split if split in have else role)
+    return load_prepared(d.prepared, split if split in have else role, verify=d.verify)
   if d.source == "fashion_mnist":
     directory = fashion_mnist_dir(d.path)
     if directory is not None:
@@ -429,6 +467,10 @@ def load(config, role: str, log=print) -> ImageSet:
   with the validation examples held out of pretrain and train."""
   if role not in ROLES:
     raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+  return check_fits_config(_load_role(config, role, log), config)
+
+
+def _load_role(config, role: str, log) -> ImageSet:
   if role == "test":
     return load_split(config, "test", log)
   fraction = validation_fraction(config)
@@ -439,7 +481,7 @@ def load(config, role: str, log=print) -> ImageSet:
   data = load_split(config, "train", log)
   if fraction == 0:
     return data
-  train_idx, val_idx = holdout(len(data), fraction)
+  train_idx, val_idx = holdout(len(data), fraction, split_seed(config))
   if role == "validation":
     return data.subset(val_idx, f"{data.name}[validation {fraction:g}]")
   return data.subset(train_idx, f"{data.name}[without validation]")

@@ -5,6 +5,11 @@ tf.data's parallel map for TFDS). Work is cut into shards of data.shard_size sou
 each finished shard is recorded by its .done.json, so a rerun after a crash or a preemption
 skips the shards already written and produces the same manifest as an uninterrupted run.
 Unreadable files are skipped, counted and named in the manifest.
+
+The settings a set is made with (source, stored side, channels, shard size, split rule) are
+written to prepare.json before the first shard. A rerun resumes only with the same settings; a
+directory made with others is refused in one line and left as it is, unless
+--config.data.overwrite=True, which removes the old set's files and starts over.
 """
 
 from __future__ import annotations
@@ -87,14 +92,19 @@ def run(config, workdir=None, log=print) -> dict:
   # spawn, not fork: this process may already run JAX or TF threads.
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
     source, side, full_size, class_names, splits = _plan(config, pool, log)
+    record = prepared.settings(source=source, side=side, channels=d.channels,
+                               full_size=full_size, shard_size=d.shard_size,
+                               split_seed=sources.SPLIT_SEED)
+    _claim_directory(d.prepared, record, d.overwrite, log)
     log(f"Preparing {source} into {d.prepared}: splits "
         + ", ".join(f"{k} ({v.count} examples)" for k, v in splits.items())
         + f", stored at {side}x{side}x{d.channels}, {workers} decoding workers.")
     records = {}
     for split, part in splits.items():
-      records[split] = _prepare_split(d.prepared, split, part, d.shard_size, log)
-  manifest = prepared.write_manifest(d.prepared, source=source, side=side, channels=d.channels,
-                                     full_size=full_size, class_names=class_names, splits=records)
+      records[split] = _prepare_split(d.prepared, split, part, d.shard_size,
+                                      (side, side, d.channels), log)
+  manifest = prepared.write_manifest(d.prepared, settings_record=record,
+                                     class_names=class_names, splits=records)
   counts = {k: v["count"] for k, v in manifest["splits"].items()}
   skipped = {k: len(v["skipped"]) for k, v in manifest["splits"].items()}
   log(f"Prepared {counts} ({skipped} unreadable files skipped) in "
@@ -103,17 +113,38 @@ def run(config, workdir=None, log=print) -> dict:
           "full_size": full_size, "examples": counts, "skipped": skipped}
 
 
-def _prepare_split(directory, split: str, part: _Split, shard_size: int, log) -> list[dict]:
+def _claim_directory(directory, record: dict, overwrite: bool, log) -> None:
+  """Writes prepare.json, or checks the one there: resume only what these settings made;
+  data.overwrite removes a set that is there and starts over."""
+  have = prepared.existing_settings(directory)
+  if have is not None and overwrite:
+    log(f"data.overwrite: removing the {prepared.clear(directory)} files of the set prepared "
+        f"in {directory}; starting over.")
+  elif have is not None and have != record:
+    if not have:
+      raise DataError(f"{directory} already holds prepared shards of unknown settings (no "
+                      f"{prepared.SETTINGS_FILE}): prepare into an empty directory, or add "
+                      "--config.data.overwrite=True to remove them and start over.")
+    diff = ", ".join(f"{k} {have.get(k)!r} there vs {record[k]!r} now"
+                     for k in prepared.SETTINGS if have.get(k) != record[k])
+    raise DataError(f"{directory} was prepared with other settings ({diff}); nothing was "
+                    "changed. Prepare into another directory, or add "
+                    "--config.data.overwrite=True to remove that set and start over.")
+  prepared.write_settings(directory, record)
+
+
+def _prepare_split(directory, split: str, part: _Split, shard_size: int, row_shape,
+                   log) -> list[dict]:
   num_shards = max(math.ceil(part.count / shard_size), 1)
   records, written, begin = [], 0, time.perf_counter()
   for j in range(num_shards):
-    done = prepared.done_shard(directory, split, j)
+    lo, hi = j * shard_size, min((j + 1) * shard_size, part.count)
+    done = prepared.done_shard(directory, split, j, hi - lo, row_shape)
     if done is None:
-      lo, hi = j * shard_size, min((j + 1) * shard_size, part.count)
       images, labels, skipped = part.read(lo, hi)
       for f in skipped:
         log(f"warning: skipping unreadable image {f}")
-      done = prepared.write_shard(directory, split, j, images, labels, skipped)
+      done = prepared.write_shard(directory, split, j, images, labels, skipped, hi - lo)
       written += hi - lo
       rate = written / max(time.perf_counter() - begin, 1e-9)
       remaining = part.count - min((j + 1) * shard_size, part.count)
