@@ -48,8 +48,15 @@ def write_atomic(target, data: bytes) -> None:
   target = epath.Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(target)
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(target)
+  except BaseException:  # a full disk, a quota, Ctrl-C: no half-written file stays behind
+    try:
+      tmp.unlink()
+    except OSError:
+      pass
+    raise
 
 
 def write_text(target, text: str) -> None:

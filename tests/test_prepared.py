@@ -198,6 +198,30 @@ def test_prepare_with_other_settings_is_one_error_line_on_the_cli(tmp_path):
   assert again.stderr.startswith("error: ") and "shard_size 10000 there vs 7 now" in again.stderr
 
 
+def test_a_write_error_is_one_line_leaves_no_partial_file_and_resumes(tmp_path):
+  """A real write failure from the OS (the file size limit: EFBIG, as a full disk gives
+  ENOSPC) in the middle of a shard."""
+  write_numpy_source(tmp_path / "src.npz", n_train=100, n_test=20)
+  args = [sys.executable, "-m", "igpt_jax.main", "--config=configs/demo.py",
+          "--config.stage=prepare", "--config.data.source=numpy", "--config.data.shard_size=40",
+          f"--config.data.path={tmp_path / 'src.npz'}", f"--config.data.prepared={tmp_path / 'p'}"]
+  limit = 40 * 12 * 12 - 1  # one byte short of a shard of 40 gray 12x12 rows
+  limited = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource."
+             f"RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.executable, sys.argv[1:])", *args]
+  proc = subprocess.run(limited, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.startswith("error: Preparing ") and "File too large" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not [p.name for p in (tmp_path / "p").iterdir() if p.name.endswith(".tmp")]
+  assert not (tmp_path / "p" / "train-00000.done.json").exists()
+  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  fresh = subprocess.run(args[:-1] + [f"--config.data.prepared={tmp_path / 'fresh'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+  assert fresh.returncode == 0
+  assert directory_state(tmp_path / "p") == directory_state(tmp_path / "fresh")
+
+
 @pytest.fixture(scope="module")
 def prepared_set(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("prepared")
@@ -439,10 +463,17 @@ def test_tfds_download_and_prepare_offline(tmp_path, monkeypatch):
     for i in range(n):
       h, w = rng.integers(20, 40, 2)
       Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(manual / f"{i % 2}_{i:03d}.png")
+  # A truncated PNG: TFDS stores its bytes as they are, and it fails only when decoded.
+  broken = data_dir / "downloads" / "manual" / "train" / "1_021.png"
+  broken.write_bytes((broken.parent / "0_000.png").read_bytes()[:70])
   config = config_for("tfds", data_dir, tmp_path / "prep", shard_size=8, name="igpt_tiny_shapes")
-  result = prepare.run(config, log=QUIET)
+  logs = []
+  result = prepare.run(config, log=logs.append)
   assert result["examples"] == {"train": 20, "test": 6} and result["full_size"]
+  assert result["skipped"] == {"train": 1, "test": 0}
   assert (data_dir / "igpt_tiny_shapes" / "1.0.0").is_dir()  # TFDS prepared it itself
+  [name] = prepared.read_manifest(config.data.prepared)["splits"]["train"]["skipped"]
+  assert name.startswith("igpt_tiny_shapes:train[") and any(name in line for line in logs)
   data = sources.load_split(as_prepared(config), "train")
   assert data.images.shape == (20, 16, 16, 3) and data.class_names == ["dark", "light"]
   assert set(data.labels.tolist()) == {0, 1}

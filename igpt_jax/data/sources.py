@@ -295,15 +295,22 @@ def tfds_info(builder) -> tuple[list[str], bool]:
 
 
 def read_tfds(builder, split: str, lo: int | None, hi: int | None, channels: int, side: int):
-  """Examples [lo, hi) (None: all) of a TFDS split -> (uint8 [n, S, S, C], int32 labels). Decoding and
-  resizing run in parallel on the host's cores (tf.data); images of varying size get their
-  short side resized to `side` (bicubic, antialiased) and the centre square kept; fixed-size
-  images are kept as they are."""
-  import tensorflow as tf
-  _, full_size = tfds_info(builder)
+  """Examples [lo, hi) (None: all) of a TFDS split -> (uint8 [n, S, S, C], int32 labels, names
+  of the examples that did not decode). Decoding and resizing run in parallel on the host's
+  cores (tf.data); images of varying size get their short side resized to `side` (bicubic,
+  antialiased) and the centre square kept; fixed-size images are kept as they are.
 
-  def convert(ex):
-    image = ex["image"]
+  An example whose image does not decode (a truncated or foreign file that TFDS stored as it
+  was) is skipped and named `<name>:<split>[<index>]`, as an image folder names its files:
+  one bad JPEG among ImageNet's 1.28M must not stop a preparation of hours."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  _, full_size = tfds_info(builder)
+  feature = builder.info.features["image"]
+  piece = split if lo is None else f"{split}[{lo}:{hi}]"
+
+  def convert(index, ex):
+    image = feature.decode_example(ex["image"])
     if full_size:
       shape = tf.cast(tf.shape(image)[:2], tf.float32)
       scale = side / tf.reduce_min(shape)
@@ -313,18 +320,24 @@ def read_tfds(builder, split: str, lo: int | None, hi: int | None, channels: int
       image = tf.cast(tf.clip_by_value(tf.round(image[top:top + side, left:left + side]), 0, 255),
                       tf.uint8)
     label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
-    return image, label
+    return index, image, label
 
-  ds = builder.as_dataset(split=split if lo is None else f"{split}[{lo}:{hi}]",
-                          shuffle_files=False)
-  ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  images, labels = [], []
-  for image, label in ds.batch(256).prefetch(2).as_numpy_iterator():
+  ds = builder.as_dataset(split=piece, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  indices, images, labels = [], [], []
+  for index, image, label in ds.ignore_errors().batch(256).prefetch(2).as_numpy_iterator():
+    indices.append(index)
     images.append(image)
     labels.append(label)
+  expected = builder.info.splits[piece].num_examples if builder.info.splits else None
+  got = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+  missing = sorted(set(range(expected if expected is not None else len(got))) - set(got.tolist()))
+  skipped = [f"{builder.name}:{split}[{(lo or 0) + i}]" for i in missing]
   if not images:
-    return np.zeros((0, side, side, channels), np.uint8), np.zeros(0, np.int32)
-  return to_channels(np.concatenate(images), channels), np.concatenate(labels).astype(np.int32)
+    return np.zeros((0, side, side, channels), np.uint8), np.zeros(0, np.int32), skipped
+  return (to_channels(np.concatenate(images), channels),
+          np.concatenate(labels).astype(np.int32), skipped)
 
 
 def load_tfds(name: str, role: str, channels: int, resolution: int, data_dir: str = "",
@@ -340,10 +353,14 @@ def load_tfds(name: str, role: str, channels: int, resolution: int, data_dir: st
     log(f"warning: loading all {splits[split].num_examples} images of {name}:{split} into memory; "
         "for data this size run --config.stage=prepare and train with "
         "--config.data.source=prepared.")
-  images, labels = read_tfds(builder, split, None, None, channels, storage_side(resolution))
+  images, labels, skipped = read_tfds(builder, split, None, None, channels,
+                                      storage_side(resolution))
+  for example in skipped:
+    log(f"warning: skipping undecodable example {example}")
   if not len(images):
     raise DataError(f"TFDS split {name}:{split} is empty.")
-  return ImageSet(images, labels, class_names, f"tfds:{name}:{split}", full_size=full_size)
+  return ImageSet(images, labels, class_names, f"tfds:{name}:{split}", skipped,
+                  full_size=full_size)
 
 
 def _centre_square(im, side: int) -> np.ndarray:

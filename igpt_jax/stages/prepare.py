@@ -65,8 +65,8 @@ def _plan(config, pool, log):
       if role == "pretrain" and split == sources.tfds_split(d.name, "train"):
         continue
       out[role] = _Split(builder.info.splits[split].num_examples,
-                         lambda lo, hi, split=split: (*sources.read_tfds(
-                             builder, split, lo, hi, d.channels, side), []))
+                         lambda lo, hi, split=split: sources.read_tfds(
+                             builder, split, lo, hi, d.channels, side))
     return f"tfds:{d.name}", side, full_size, class_names, out
   # In-memory sources (numpy, fashion_mnist): stored at their own size.
   out, side, class_names = {}, None, []
@@ -100,11 +100,17 @@ def run(config, workdir=None, log=print) -> dict:
         + ", ".join(f"{k} ({v.count} examples)" for k, v in splits.items())
         + f", stored at {side}x{side}x{d.channels}, {workers} decoding workers.")
     records = {}
-    for split, part in splits.items():
-      records[split] = _prepare_split(d.prepared, split, part, d.shard_size,
-                                      (side, side, d.channels), log)
-  manifest = prepared.write_manifest(d.prepared, settings_record=record,
-                                     class_names=class_names, splits=records)
+    try:
+      for split, part in splits.items():
+        records[split] = _prepare_split(d.prepared, split, part, d.shard_size,
+                                        (side, side, d.channels), log)
+      manifest = prepared.write_manifest(d.prepared, settings_record=record,
+                                         class_names=class_names, splits=records)
+    except OSError as e:  # disk full, quota, permissions, a bucket that went away
+      raise DataError(f"Preparing {d.prepared} failed: "
+                      f"{e.strerror or e} ({getattr(e, 'filename', None) or 'a shard'}). Finished "
+                      "shards are kept and no partial file is left: fix that and run the same "
+                      "prepare again to resume.") from e
   counts = {k: v["count"] for k, v in manifest["splits"].items()}
   skipped = {k: len(v["skipped"]) for k, v in manifest["splits"].items()}
   log(f"Prepared {counts} ({skipped} unreadable files skipped) in "
@@ -143,7 +149,7 @@ def _prepare_split(directory, split: str, part: _Split, shard_size: int, row_sha
     if done is None:
       images, labels, skipped = part.read(lo, hi)
       for f in skipped:
-        log(f"warning: skipping unreadable image {f}")
+        log(f"warning: skipping unreadable image {f}")  # a file, or a TFDS example
       done = prepared.write_shard(directory, split, j, images, labels, skipped, hi - lo)
       written += hi - lo
       rate = written / max(time.perf_counter() - begin, 1e-9)
