@@ -479,6 +479,49 @@ def test_tfds_download_and_prepare_offline(tmp_path, monkeypatch):
   assert set(data.labels.tolist()) == {0, 1}
 
 
+def build_tiny_tfds(data_dir, n_train=20, n_test=6, seed=2):
+  import tensorflow_datasets as tfds
+  import tiny_tfds  # noqa: F401 - registers igpt_tiny_shapes
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", n_train), ("test", n_test)):
+    manual = data_dir / "downloads" / "manual" / split
+    manual.mkdir(parents=True)
+    for i in range(n):
+      h, w = rng.integers(20, 40, 2)
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(manual / f"{i % 2}_{i:03d}.png")
+  tfds.builder("igpt_tiny_shapes", data_dir=str(data_dir)).download_and_prepare()
+
+
+def test_two_processes_prepare_a_tfds_source_once_on_first_use(tmp_path, monkeypatch):
+  """data.source=tfds in a stage: process 0 prepares it under the workdir, the other waits,
+  both train from the prepared set (no process holds the split in memory)."""
+  pytest.importorskip("tensorflow_datasets")
+  monkeypatch.syspath_prepend(os.path.dirname(__file__))
+  from test_multihost import local
+  build_tiny_tfds(tmp_path / "tfds", n_train=40)
+  workdir = tmp_path / "run"
+  code, out = local(2, 1, "--config=configs/demo.py", "--config.stage=pretrain",
+                    "--config.data.source=tfds", "--config.data.name=igpt_tiny_shapes",
+                    f"--config.data.path={tmp_path / 'tfds'}", "--config.data.resolution=8",
+                    "--config.data.channels=3", "--config.palette.k=8",
+                    "--config.palette.samples=2000", "--config.model.num_layers=1",
+                    "--config.model.d_model=16", "--config.model.num_heads=2",
+                    "--config.train.steps=3", "--config.train.batch_size=4",
+                    "--config.train.eval_every=0", "--config.train.sample_every=0",
+                    f"--workdir={workdir}", timeout=600)
+  assert code == 0, out[-3000:]
+  assert out.count("preparing it once into") == 1
+  manifest = prepared.read_manifest(workdir / "prepared" / "igpt_tiny_shapes-8px-3ch")
+  assert manifest["source"] == "tfds:igpt_tiny_shapes" and manifest["splits"]["train"]["count"] == 40
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) >= 1
+  # The prepared set is the source from now on: a stage run again prepares nothing.
+  config = config_for("tfds", tmp_path / "tfds", "", name="igpt_tiny_shapes")
+  logs = []
+  resolved = prepare.resolved(config, str(workdir), log=logs.append)
+  assert resolved.data.source == "prepared" and not logs
+  assert config.data.source == "tfds"  # the caller's config is not changed
+
+
 PRETRAIN_RSS = """
 import json, resource, sys
 from igpt_jax import config as config_lib

@@ -10,12 +10,14 @@ from igpt_jax import distributed
 from igpt_jax import palette as palette_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.data import sources, transform
+from igpt_jax.stages import prepare
 
 
 def run(config, workdir, log=print) -> dict:
   """Pixels are taken from images at the model's input resolution, viewed as evaluation sees
   them (a palette fitted at storage resolution would see colours that resizing averages away).
   Only the sampled images are read. Process 0 fits and writes; the others wait for it."""
+  config = prepare.resolved(config, workdir, log=log)  # TFDS: prepared first, once
   path = workdir_lib.path(workdir) / palette_lib.PALETTE_FILE
   if distributed.is_chief():
     data = sources.load(config, "pretrain", log=log)

@@ -14,6 +14,7 @@ directory made with others is refused in one line and left as it is, unless
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing
 import os
@@ -22,6 +23,8 @@ from concurrent import futures
 
 import numpy as np
 
+from igpt_jax import distributed
+from igpt_jax import workdir as workdir_lib
 from igpt_jax.data import prepared, sources
 from igpt_jax.data.sources import DataError
 
@@ -160,3 +163,48 @@ def _prepare_split(directory, split: str, part: _Split, shard_size: int, row_sha
       log(f"{split}: shard {j + 1}/{num_shards} already prepared")
     records.append(done)
   return records
+
+
+# -- prepare on first use ---------------------------------------------------------------------
+
+def cache_dir(config, workdir) -> str:
+  """Where a TFDS source is prepared on first use: data.prepared when set (share it between
+  runs: a local path or gs://), else under the workdir, named by what the set depends on."""
+  d = config.data
+  if d.prepared:
+    return d.prepared
+  name = f"{d.name.replace('/', '_')}-{d.resolution}px-{d.channels}ch"
+  return str(workdir_lib.path(workdir) / "prepared" / name)
+
+
+def resolved(config, workdir, log=print, poll_s: float = 10.0):
+  """The config a stage reads its data with. A TFDS source is prepared on first use -- once, by
+  process 0, into `cache_dir`; the other processes wait for its manifest -- and then read as a
+  prepared set: each process reads only its batches' rows, so host memory does not grow with
+  the data set (loading imagenet_resized/32x32 whole would hold 1.28M images per process).
+  Other sources are returned as they are."""
+  if config.data.source != "tfds":
+    return config
+  out = copy.deepcopy(config)
+  out.data.prepared = directory = cache_dir(config, workdir)
+  manifest = workdir_lib.path(directory) / prepared.MANIFEST
+  if not manifest.exists():
+    if distributed.is_chief():
+      log(f"TFDS {config.data.name}: preparing it once into {directory} (later runs with "
+          f"--config.data.prepared={directory} skip this).")
+      run(out, log=log)
+    else:
+      waited = 0.0
+      while not manifest.exists():
+        if waited and waited % 300 < poll_s:
+          log(f"Waiting for process 0 to prepare {directory} ({waited / 60:.0f} min).")
+        time.sleep(poll_s)
+        waited += poll_s
+    distributed.barrier("prepare_on_first_use")
+  have = prepared.read_manifest(directory)
+  if have["source"] != f"tfds:{config.data.name}":
+    raise DataError(f"data.prepared={directory} holds {have['source']}, not tfds:"
+                    f"{config.data.name}: point data.prepared elsewhere (or at nothing, to "
+                    "prepare under the workdir).")
+  out.data.source = "prepared"
+  return out

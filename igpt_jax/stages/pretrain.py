@@ -2,9 +2,10 @@
 workdir has none); resumes from the newest intact checkpoint."""
 
 from igpt_jax import loop
-from igpt_jax.stages import fit_palette
+from igpt_jax.stages import fit_palette, prepare
 
 
 def run(config, workdir, log=print, stop_after: int | None = None) -> dict:
+  config = prepare.resolved(config, workdir, log=log)
   fit_palette.ensure(config, workdir, log=log)
   return loop.pretrain(config, workdir, log=log, stop_after=stop_after)
