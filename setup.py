@@ -19,6 +19,8 @@ setup(
         "orbax-checkpoint>=0.11",
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.7",
+        "fsspec>=2024.6",  # ranged reads of prepared sets on gs:// (gcsfs) or any fsspec URL
+        "gcsfs>=2024.6",
         "importlib_resources>=6",  # TFDS download-and-prepare imports it (through etils)
         "ml-collections>=1.0",
         "einops>=0.8",

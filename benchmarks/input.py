@@ -5,9 +5,12 @@ stored at twice the input side, as `prepare` stores full-size images) and turn i
 tokens for pretraining with the paper's augmentation (random crop of 224/U(256, 384) of the
 side, resized to the input resolution), 512 colours:
 
-- igpt_jax: `pipeline.train_batches` (gather of the batch's uint8 rows, crop boxes, one batch
-  ahead in a thread) + `transform.Tokenizer` (crop, resize, exact lookup-table quantization,
-  jitted; in training this part runs on the accelerator, here on the CPU: the worst case).
+- igpt_jax: `pipeline.train_batches` (step -> rows -> reads of the batch's uint8 rows -> crop
+  boxes), as tf.data (parallel steps, prefetch) and as its Python twin (one step ahead in a
+  thread), + `transform.Tokenizer` (crop, resize, exact lookup-table quantization, jitted; in
+  training this part runs on the accelerator, here on the CPU: the worst case). Also the host
+  share alone, and the host share reading the set through an fsspec URL whose local backend
+  counts bytes (`counting_fs.py`: remote storage with ranged reads), with bytes read per image.
 - PyTorch: a map-style Dataset whose __getitem__ does torchvision's RandomResizedCrop on the
   uint8 tensor (crop, then `F.interpolate(bilinear, antialias=True)`, which is what
   `RandomResizedCrop` calls for tensors; torchvision itself is not installed here) and a
@@ -16,7 +19,8 @@ side, resized to the input resolution), 512 colours:
 
 The process is pinned to one core (`--cores`), each side gets the same cores: XLA's and torch's
 thread pools, DataLoader num_workers = cores - 1 (0 for one core: work in the main process).
-Prints a table, then one JSON line with images/s per core for both, `ratio` (ours / PyTorch)
+Prints a table, then one JSON line with images/s per core for each, `ratio` (ours, tf.data /
+PyTorch)
 and the host cores needed to feed one H100 at the iGPT-S and iGPT-M rates of RESULTS.md
 (counting the transform on the host; in training it runs on the GPU, leaving the host only the
 gather, reported as the host share).
@@ -66,12 +70,14 @@ def prepared_set(directory: str, resolution: int, n: int):
   return sources.load_prepared(directory, "train"), images
 
 
-def ours(data, centers, resolution, batch, seconds, transform_on_host=True):
+def ours(data, centers, resolution, batch, seconds, transform_on_host=True, pipeline="python"):
   """images/s of the whole path on the host, or (transform_on_host=False) of the host's share
-  when the transform runs on the accelerator: gather + crop boxes."""
-  from igpt_jax.data import pipeline, transform
+  when the transform runs on the accelerator: step -> rows -> reads -> crop boxes."""
+  from igpt_jax.data import pipeline as pipeline_lib
+  from igpt_jax.data import transform
   tokenizer = transform.Tokenizer(centers, resolution)
-  batches = pipeline.train_batches(data, batch_size=batch, seed=0, augment="paper")
+  batches = pipeline_lib.train_batches(data, batch_size=batch, seed=0, augment="paper",
+                                       pipeline=pipeline)
   tokenizer(*(next(batches)[k] for k in ("images", "boxes"))).block_until_ready()  # compile
   n, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
@@ -80,6 +86,34 @@ def ours(data, centers, resolution, batch, seconds, transform_on_host=True):
       tokenizer(b["images"], b["boxes"]).block_until_ready()
     n += batch
   return n / (time.perf_counter() - start)
+
+
+class CountedRows:
+  """Rows of a prepared split that count how many images were asked for."""
+
+  def __init__(self, rows):
+    self.rows, self.shape, self.dtype, self.asked = rows, rows.shape, rows.dtype, 0
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, index):
+    out = self.rows[index]
+    self.asked += 1 if out.ndim == 3 else len(out)
+    return out
+
+
+def remote(data, directory):
+  """The same prepared set read through an fsspec URL whose backend counts bytes."""
+  import dataclasses
+
+  import counting_fs
+  from igpt_jax.data import prepared
+  manifest = prepared.read_manifest(directory)
+  rows = CountedRows(prepared.ShardedRows(counting_fs.url(directory),
+                                          manifest["splits"]["train"]["shards"],
+                                          data.images.shape[1:]))
+  return dataclasses.replace(data, images=rows), counting_fs.CountingFileSystem
 
 
 def pytorch(data, centers, resolution, batch, seconds, workers):
@@ -143,26 +177,38 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
       data, images = prepared_set(tmp, res, args.images)
       centers = P.fit(P.sample_pixels(images, 50_000), 512, seed=0, iters=10)
-      ours_ips = ours(data, centers, res, args.batch, args.seconds)
-      host_ips = ours(data, centers, res, args.batch, args.seconds, transform_on_host=False)
+      far, counter = remote(data, tmp)
+      for pipe in ("python", "tf.data"):
+        key = f"{res}_{pipe.replace('.', '')}"
+        whole = ours(data, centers, res, args.batch, args.seconds, pipeline=pipe)
+        host = ours(data, centers, res, args.batch, args.seconds, False, pipeline=pipe)
+        counter.reset()
+        far.images.asked = 0
+        remote_ips = ours(far, centers, res, args.batch, args.seconds, False, pipeline=pipe)
+        per_image = counter.bytes_read / max(far.images.asked, 1)
+        result[f"igpt_jax_{key}_images_per_s_per_core"] = round(whole / args.cores, 1)
+        result[f"igpt_jax_{key}_host_share_images_per_s_per_core"] = round(host / args.cores, 1)
+        result[f"igpt_jax_{key}_remote_host_share_images_per_s_per_core"] = round(
+            remote_ips / args.cores, 1)
+        result[f"igpt_jax_{key}_remote_bytes_per_image"] = round(per_image)
+        rows.append((res, pipe, whole / args.cores, host / args.cores, remote_ips / args.cores,
+                     per_image))
       torch_ips = pytorch(data, centers, res, args.batch, args.seconds, args.cores - 1)
-    per_core = ours_ips / args.cores
-    result[f"igpt_jax_{res}_images_per_s_per_core"] = round(per_core, 1)
     result[f"pytorch_{res}_images_per_s_per_core"] = round(torch_ips / args.cores, 1)
-    result[f"igpt_jax_{res}_host_share_images_per_s_per_core"] = round(host_ips / args.cores, 1)
-    result[f"ratio_{res}"] = round(ours_ips / torch_ips, 2)
-    rows.append(f"| {res}x{res} | {per_core:,.0f} | {host_ips / args.cores:,.0f} | "
-                f"{torch_ips / args.cores:,.0f} | {ours_ips / torch_ips:.1f}x |")
+    best = result[f"igpt_jax_{res}_tfdata_images_per_s_per_core"] * args.cores
+    result[f"ratio_{res}"] = round(best / torch_ips, 2)
+    rows.append((res, "PyTorch DataLoader", torch_ips / args.cores, None, None, None))
     if res == 32:  # transform on the host too: the conservative count
       for model, rate in H100_IMAGES_PER_S.items():
-        result[f"cores_per_h100_{model}"] = round(rate / per_core, 2)
-  print("| input | igpt_jax images/s/core (all on host) | host share only (transform on the "
-        "accelerator) | PyTorch images/s/core | ratio |")
-  print("|---|---|---|---|---|")
-  print("\n".join(rows))
+        result[f"cores_per_h100_{model}"] = round(rate * args.cores / best, 2)
+  print("| input | pipeline | images/s/core, all on host | host share only (transform on the "
+        "accelerator) | host share, remote storage | bytes read per image, remote |")
+  print("|---|---|---|---|---|---|")
+  for res, pipe, whole, host, far_ips, per_image in rows:
+    cells = [f"{v:,.0f}" if v is not None else "" for v in (whole, host, far_ips, per_image)]
+    print(f"| {res}x{res} | {pipe} | " + " | ".join(cells) + " |")
   result["ratio"] = result.get("ratio_32")
   print(json.dumps(result))
-
 
 if __name__ == "__main__":
   main()

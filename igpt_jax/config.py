@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.overwrite = False  # prepare into a directory made with other settings: start over
   c.data.verify = False  # check every prepared shard's sha256 when a run opens the set
   c.data.upsample = False  # allow images smaller than data.resolution (upsampled: blurred)
-  c.data.prefetch = 2  # batches read ahead by the input thread
+  c.data.prefetch = 2  # batches read ahead (0 = tf.data's AUTOTUNE, or none without TF)
+  # 'auto' = tf.data where TensorFlow is installed, else 'python' (a thread); same batches.
+  c.data.pipeline = "auto"
 
   c.palette = ml_collections.ConfigDict()
   c.palette.k = 512
@@ -168,6 +170,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 CHOICES = {
     "data.source": ("prepared", "fashion_mnist", "tfds", "folder", "numpy"),
     "data.augment": ("auto", "paper", "crop", "none"),
+    "data.pipeline": ("auto", "tf.data", "python"),
     "model.objective": ("ar", "bert"),
     "probe.solver": ("auto", "lbfgs", "adam"),
     "model.dtype": ("float32", "bfloat16", "float16"),

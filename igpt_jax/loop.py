@@ -141,7 +141,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   batches = pipeline.train_batches(
       data, batch_size=tcfg.batch_size, seed=config.seed, start_step=start,
       num_steps=max(total - start, 0), rows=rows, augment=config.data.augment,
-      crop_min=config.data.crop_min, prefetch=config.data.prefetch, log=log)
+      crop_min=config.data.crop_min, prefetch=config.data.prefetch,
+      pipeline=config.data.pipeline, log=log)
 
   progress = metrics_lib.Progress(total, start, log=log if distributed.is_chief() else None)
   flops_per_token = model_lib.flops_per_token(cfg)

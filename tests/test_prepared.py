@@ -340,6 +340,47 @@ def test_resume_at_step_s_gives_the_batches_of_an_uninterrupted_run(prepared_set
       np.testing.assert_array_equal(got[key], want[key])
 
 
+@pytest.mark.parametrize("rows", [None, np.r_[2:6, 10:14]])
+def test_tf_data_and_its_python_twin_give_the_same_bytes(prepared_set, rows):
+  """Equality, not a tolerance: the same images, labels, boxes and steps, across an epoch
+  boundary, from a resumed step, for a host's interleaved rows."""
+  pytest.importorskip("tensorflow")
+  data = sources.load(prepared_set, "pretrain")
+  kw = dict(batch_size=16, seed=3, augment="paper", start_step=5, num_steps=12, rows=rows)
+  tf_batches = list(pipeline.train_batches(data, pipeline="tf.data", prefetch=0, **kw))
+  py_batches = list(pipeline.train_batches(data, pipeline="python", **kw))
+  assert [b["step"] for b in tf_batches] == [b["step"] for b in py_batches] == list(range(5, 17))
+  for a, b in zip(tf_batches, py_batches):
+    for key in ("images", "boxes", "labels"):
+      assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+      assert a[key].tobytes() == b[key].tobytes()
+  assert pipeline.resolve_pipeline("auto") == "tf.data"  # TensorFlow is here
+
+
+def test_remote_reads_are_ranged_and_coalesced(prepared_set, monkeypatch):
+  """A prepared set behind an fsspec URL (a local backend that counts bytes and requests):
+  the same rows as local reads, under 2x the bytes of the rows asked for, and one request
+  for a contiguous run."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import counting_fs
+  manifest = prepared.read_manifest(prepared_set.data.prepared)
+  shards = manifest["splits"]["train"]["shards"]
+  local = prepared.ShardedRows(prepared_set.data.prepared, shards, (16, 16, 3))
+  remote = prepared.ShardedRows(counting_fs.url(prepared_set.data.prepared), shards, (16, 16, 3))
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    idx = rng.integers(0, len(local), 48)
+    counting_fs.CountingFileSystem.reset()
+    np.testing.assert_array_equal(remote[idx], local[idx])
+    assert counting_fs.CountingFileSystem.bytes_read < 2 * 48 * local.row_bytes
+  counting_fs.CountingFileSystem.reset()
+  np.testing.assert_array_equal(remote[np.arange(40, 60)], local[np.arange(40, 60)])
+  assert counting_fs.CountingFileSystem.requests == 1  # rows 40..59 sit in shard 1 (32..63)
+  assert counting_fs.CountingFileSystem.bytes_read == 20 * local.row_bytes
+  assert prepared.coalesce(np.array([0, 1, 2, 3, 10, 11, 13, 20, 100])) == [
+      (0, 4), (10, 14), (20, 21), (100, 101)]
+
+
 def test_paper_crop_boxes():
   boxes = transform.train_boxes(np.arange(2000), seed=0, augment="paper")
   side = boxes[:, 2] - boxes[:, 0]
@@ -347,6 +388,11 @@ def test_paper_crop_boxes():
   # 224 / U(256, 384): sides between 0.583 and 0.875 of the stored (short-side) square.
   assert 0.583 < side.min() < 0.6 and 0.86 < side.max() <= 0.875 + 1e-6
   assert boxes.min() >= 0 and boxes.max() <= 1
+  np.testing.assert_allclose(np.mean(224 / side), 320, rtol=0.01)  # U(256, 384): mean 320
+  # A box depends on (seed, position) only: any subset of positions draws the same boxes.
+  np.testing.assert_array_equal(transform.train_boxes(np.arange(1500, 1600), 0, "paper"),
+                                boxes[1500:1600])
+  assert not np.array_equal(transform.train_boxes(np.arange(2000), 1, "paper"), boxes)
   centre = transform.eval_boxes(3, "paper")[0]
   np.testing.assert_allclose(centre, [1 / 16, 1 / 16, 15 / 16, 15 / 16])
   assert transform.resolve_augment("auto", full_size=True) == "paper"

@@ -1,4 +1,4 @@
-"""ImageSet -> batches of uint8 rows, crop boxes and labels; no TensorFlow.
+"""ImageSet -> batches of uint8 rows, crop boxes and labels: tf.data, or its TF-free twin.
 
 Determinism: the examples of step s are a pure function of (seed, s). Global example position
 p = s * batch + i maps to index perm(seed, epoch = p // N)[p % N], and its crop box is drawn
@@ -12,14 +12,17 @@ data parallelism, equal for processes that hold replicas);
 of its rows (`data.images[indices]`: `pread` or ranged reads for prepared sets), so host
 memory does not grow with the data set.
 
-The host work per batch is a gather and the crop boxes, done one batch ahead in a thread;
-crop, resize and quantization run in JAX (`transform.Tokenizer`), on the accelerator in
-training.
-"""
+The host work per step (`step_batch`: positions -> indices -> reads -> crop boxes) runs in a
+tf.data pipeline (steps read in parallel, in order, prefetched) where TensorFlow is installed,
+and otherwise one step ahead in a thread; both call the same function, so the bytes are the
+same. Crop, resize and quantization run in JAX (`transform.Tokenizer`), on the accelerator in
+training: the host never does per-pixel work, and the tokens do not depend on which pipeline
+fed them."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import queue
 import threading
 
@@ -56,29 +59,84 @@ def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.n
   return out
 
 
+PIPELINES = ("auto", "tf.data", "python")
+
+
+def resolve_pipeline(pipeline: str) -> str:
+  """'auto': tf.data where TensorFlow is installed, else the Python twin (GPU images often
+  lack TensorFlow). Both give bit-identical batches."""
+  if pipeline not in PIPELINES:
+    raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+  if pipeline != "auto":
+    return pipeline
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    return "python"
+  return "tf.data"
+
+
+def step_batch(data: ImageSet, step: int, *, batch_size: int, rows: np.ndarray, seed: int,
+               augment: str, crop_min: float) -> dict:
+  """The host work of one step, a pure function of (seed, step): this host's rows of the
+  global batch -> example indices -> their uint8 rows (read), labels and crop boxes."""
+  positions = step_positions(step, batch_size, rows)
+  idx = example_indices(positions, len(data), seed)
+  return {"images": np.asarray(data.images[idx]), "labels": data.labels[idx],
+          "boxes": transform.train_boxes(positions, seed, augment, crop_min), "step": step}
+
+
 def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None, rows=None,
-                  augment: str = "auto", crop_min: float = 0.75, prefetch: int = 2, log=print):
+                  num_steps: int | None = None, rows=None, augment: str = "auto",
+                  crop_min: float = 0.75, prefetch: int = 2, pipeline: str = "auto", log=print):
   """Iterator of {'images': uint8 [b, H, W, C], 'boxes': float32 [b, 4], 'labels': int32 [b],
-  'step': int} from start_step; b = len(rows) rows of each global batch (see `step_positions`)."""
-  n = len(data)
+  'step': int} from start_step; b = len(rows) rows of each global batch (see `step_positions`).
+
+  pipeline 'tf.data': steps -> `step_batch` in parallel (num_parallel_calls=AUTOTUNE,
+  deterministic order) -> prefetch; 'python': the same `step_batch` one step ahead in a thread.
+  The batches are the same bytes either way (a test asserts equality)."""
   rows = batch_rows(rows, batch_size)
-  augment = transform.resolve_augment(augment, data.full_size)
+  read = functools.partial(step_batch, data, batch_size=batch_size, rows=rows, seed=seed,
+                           augment=transform.resolve_augment(augment, data.full_size),
+                           crop_min=crop_min)
+  end = None if num_steps is None else start_step + num_steps
+  if resolve_pipeline(pipeline) == "tf.data":
+    batches = _tf_data_batches(read, start_step, end, prefetch)
+  else:
+    steps = itertools.count(start_step) if end is None else range(start_step, end)
+    batches = prefetched(map(read, steps), prefetch)
+  return _note_epochs(batches, len(data), batch_size, data.skipped_files, log)
 
-  def generate():
-    step, last_epoch = start_step, None
-    while num_steps is None or step < start_step + num_steps:
-      positions = step_positions(step, batch_size, rows)
-      epoch = int(positions[0] // n)
-      if last_epoch is not None and epoch != last_epoch and data.skipped_files:
-        log(f"epoch {last_epoch} done; {len(data.skipped_files)} unreadable file(s) were skipped.")
-      last_epoch = epoch
-      idx = example_indices(positions, n, seed)
-      yield {"images": np.asarray(data.images[idx]), "labels": data.labels[idx],
-             "boxes": transform.train_boxes(positions, seed, augment, crop_min), "step": step}
-      step += 1
 
-  return prefetched(generate(), prefetch)
+def _tf_data_batches(read, start: int, end: int | None, prefetch: int):
+  import tensorflow as tf
+
+  def host_work(step):
+    b = read(int(step))
+    return b["images"], b["labels"], b["boxes"]
+
+  def mapped(step):
+    images, labels, boxes = tf.numpy_function(host_work, [step],
+                                              (tf.uint8, tf.int32, tf.float32), stateful=False)
+    return step, images, labels, boxes
+
+  ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max if end is None else end)
+  ds = ds.map(mapped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(prefetch if prefetch > 0 else tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  for step, images, labels, boxes in ds.with_options(options).as_numpy_iterator():
+    yield {"images": images, "labels": labels, "boxes": boxes, "step": int(step)}
+
+
+def _note_epochs(batches, n: int, batch_size: int, skipped_files, log):
+  last_epoch = None
+  for batch in batches:
+    epoch = batch["step"] * batch_size // n
+    if last_epoch is not None and epoch != last_epoch and skipped_files:
+      log(f"epoch {last_epoch} done; {len(skipped_files)} unreadable file(s) were skipped.")
+    last_epoch = epoch
+    yield batch
 
 
 def prefetched(iterator, depth: int):

@@ -40,9 +40,23 @@ def resolve_augment(augment: str, full_size: bool) -> str:
   return augment
 
 
+def position_uniforms(seed: int, positions: np.ndarray, stream: int) -> np.ndarray:
+  """float64 U[0, 1) per global position, a pure function of (seed, position, stream):
+  SplitMix64 of a counter, vectorised (a generator per example cost ~20 us, the whole host
+  budget of a 50k images/s input path)."""
+  with np.errstate(over="ignore"):
+    x = (np.asarray(positions, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + np.uint64((seed * 0x632BE59BD9B4E019 + (stream + 1) * 0xD1B54A32D192ED03)
+                     % 2 ** 64))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+  return (x >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
 def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float = 0.75):
-  """Crop boxes [b, 4] (y1, x1, y2, x2 in [0, 1]) of the examples at global `positions`; one
-  generator per position, so a box depends on (seed, position) only.
+  """Crop boxes [b, 4] (y1, x1, y2, x2 in [0, 1]) of the examples at global `positions`; a
+  box depends on (seed, position) only, so any host reading any rows draws the same boxes.
 
   'paper': short side drawn from [256, 384], a random 224 crop (Chen et al. 2020, as in
            ResNet training), on the stored centre square: a square of side 224 / U(256, 384).
@@ -51,13 +65,10 @@ def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float 
   """
   if augment == "none":
     return eval_boxes(len(positions), "none")
-  boxes = np.empty((len(positions), 4), np.float32)
-  for i, p in enumerate(positions):
-    rng = np.random.default_rng([seed, 1, int(p)])
-    side = 224.0 / rng.uniform(256.0, 384.0) if augment == "paper" else rng.uniform(crop_min, 1.0)
-    y, x = rng.uniform(0.0, 1.0 - side, size=2)
-    boxes[i] = (y, x, y + side, x + side)
-  return boxes
+  u = [position_uniforms(seed, positions, k) for k in range(3)]
+  side = 224.0 / (256.0 + 128.0 * u[0]) if augment == "paper" else crop_min + (1 - crop_min) * u[0]
+  y, x = u[1] * (1.0 - side), u[2] * (1.0 - side)
+  return np.stack([y, x, y + side, x + side], axis=-1).astype(np.float32)
 
 
 def eval_boxes(n: int, augment: str) -> np.ndarray:
