@@ -58,11 +58,79 @@ def is_chief() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """All processes wait here for each other (no-op with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+# A barrier a process has not reached after this long stops every process with an error that
+# names the ones missing (a hung live host, which heartbeats cannot catch). Long enough for
+# process 0's own work behind a barrier (fitting a palette).
+BARRIER_TIMEOUT_S = 3600
+
+
+class PeerError(RuntimeError):
+  """Another process did not arrive or does not agree: this run cannot go on."""
+
+
+_uses: dict[str, int] = {}
+
+
+def _unique_key(kind: str, name: str) -> str:
+  """A fresh coordination-service key per use; every process calls these in the same order,
+  so the n-th use of a name is the same key everywhere."""
+  base = f"igpt_jax/{kind}/{name}"
+  _uses[base] = _uses.get(base, 0) + 1
+  return f"{base}/{_uses[base]}"
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+  """All processes wait here for each other (no-op with one process). After `timeout_s`
+  (default BARRIER_TIMEOUT_S) every waiting process raises PeerError naming the processes
+  that never arrived."""
+  if jax.process_count() == 1:
+    return
+  timeout_s = BARRIER_TIMEOUT_S if timeout_s is None else timeout_s
+  key = _unique_key("barrier", name)
+  client = _client()
+  client.key_value_set(f"{key}/{jax.process_index()}", "arrived")
+  try:
+    client.wait_at_barrier(key, int(timeout_s * 1000))
+  except Exception as e:  # noqa: BLE001 - the coordination service's DEADLINE_EXCEEDED
+    arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(f"{key}/")}
+    missing = sorted(set(range(jax.process_count())) - arrived)
+    raise PeerError(f"Process {jax.process_index()}: process(es) {missing} did not reach the "
+                    f"{name!r} barrier within {timeout_s:.0f} s ({type(e).__name__}); stopping "
+                    "rather than waiting forever. Their logs say why.") from e
+
+
+def from_chief(name: str, value: str, timeout_s: float | None = None) -> str:
+  """Process 0's `value` on every process (e.g. the default workdir, which has a timestamp)."""
+  if jax.process_count() == 1:
+    return value
+  key = _unique_key("from_chief", name)
+  if is_chief():
+    _client().key_value_set(key, value)
+    return value
+  return _client().blocking_key_value_get(key, int((timeout_s or BARRIER_TIMEOUT_S) * 1000))
+
+
+def agree(name: str, value: str, what: str) -> None:
+  """Every process must hold the same `value` (a description of what it sees); else every
+  process raises UserError naming those that differ from process 0, and what they see."""
+  if jax.process_count() == 1:
+    return
+  key = _unique_key("agree", name)
+  client = _client()
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  barrier(f"agree_{name}")
+  seen = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(f"{key}/")}
+  differ = sorted(i for i, v in seen.items() if v != seen[0])
+  if differ:
+    raise UserError(f"Processes disagree on {what}: process 0 sees {seen[0]!r} but "
+                    + "; ".join(f"process {i} sees {seen[i]!r}" for i in differ[:4])
+                    + ". Every process must see the same shared storage (a shared file system "
+                    "or gs://) and the same arguments.")
 
 
 def allgather(values) -> np.ndarray:
@@ -87,6 +155,18 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after a preemption signal; the same command resumes
+
+
+class Preempted(Exception):
+  """A training stage saved after a preemption signal and stopped before its last step. The
+  CLI exits with EXIT_PREEMPTED and `all` starts no later stage."""
+
+  def __init__(self, result: dict):
+    super().__init__(f"preempted at step {result.get('step')}")
+    self.result = result
 
 
 class PreemptionWatch:

@@ -112,6 +112,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   tcfg = trainer.train_cfg
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, stage),
                                      keep=config.checkpoint.keep)
+  distributed.agree(f"{stage}_checkpoint_steps", str(ckpt.all_steps()),
+                    f"the checkpoint steps in {ckpt.directory}")
   restored = ckpt.restore_latest(
       trainer.abstract_state, config=config.to_dict(), log=log,
       check_meta=lambda meta: workdir_lib.check_same_model(meta, cfg, ckpt.directory))
@@ -156,6 +158,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                       distributed.is_chief() or tcfg.profile_all_hosts, log)
   watchdog = Watchdog(tcfg.watchdog_factor, log=log)
   input_s = 0.0  # this host's own time per log interval: reading and assembling its rows
+  signalled = False
   try:
     with preemption, watchdog:
       for step in range(start + 1, total + 1):
@@ -169,7 +172,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
         profiler.after(step, state)
         watchdog.beat(step)
         is_last = step == total
-        preempted = step == stop_after or preemption.should_stop(step)
+        signalled = preemption.should_stop(step)  # every process, every step
+        preempted = step == stop_after or signalled
         save = step % config.checkpoint.every == 0 or is_last or preempted
         if step % tcfg.log_every == 0 or is_last or save:
           _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
@@ -189,17 +193,17 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                                             len(jax.devices())), **hosts}
           if jax.process_count() > 1 and distributed.is_chief():
             log(metrics_lib.host_times_line(hosts))
-          with watchdog.paused():
-            if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
+          with watchdog.paused():  # a preempted step saves first: no evaluation in the grace time
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last) and not preempted:
               scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
                                       tcfg.eval_batches))
-            if stage == "finetune" and is_last:  # the final number, on test
+            if stage == "finetune" and is_last and not preempted:  # the final number, on test
               scalars.update(evaluate(trainer, state["params"], test_data(), tokenizer, config,
                                       prefix="test"))
           writer.write(step, scalars)
           progress.update(step, scalars)
           summary = scalars
-        if (stage == "pretrain" and cfg.causal and tcfg.sample_every
+        if (stage == "pretrain" and cfg.causal and tcfg.sample_every and not preempted
             and (step % tcfg.sample_every == 0 or is_last)):
           began = time.perf_counter()
           with watchdog.paused():
@@ -213,8 +217,9 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
         if save:
           ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
         if preempted:
-          log(f"Stopping early: saved step {step}, exiting cleanly." if step == stop_after else
-              f"Preemption signal: saved step {step}, exiting cleanly.")
+          log(f"Stopping early: saved step {step}." if not signalled else
+              f"Preemption signal: saved step {step}, exiting with status "
+              f"{distributed.EXIT_PREEMPTED} (run the same command again to resume).")
           break
   finally:
     profiler.close()
@@ -222,8 +227,11 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
     progress.close()
     writer.close()
     ckpt.close()
-  return {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
-          "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
+  result = {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
+            "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
+  if signalled and step < total:  # saved, not done: the caller exits 75
+    raise distributed.Preempted(result)
+  return result
 
 
 class Profiler:
@@ -254,14 +262,15 @@ class Profiler:
 
 
 def _stop_if_nonfinite(out: dict, step: int, limit: int, ckpt) -> None:
-  """Raises after `limit` non-finite steps in a row. Those steps were never applied, so the
-  state (and any checkpoint) is still the last good one."""
-  streak = int(out["nonfinite_streak"])
+  """Raises once a streak of `limit` non-finite steps in a row has happened, whenever since the
+  last check (the step keeps the longest). Those steps were never applied, and this check runs
+  before every save, so the state (and any checkpoint) is still the last good one."""
+  streak = int(out["nonfinite_longest"])
   if streak >= limit:
     ckpt.wait()
     steps = ckpt.all_steps()
     raise NonFiniteLoss(
-        f"{streak} steps in a row up to step {step} had non-finite gradients or updates and "
+        f"{streak} steps in a row by step {step} had non-finite gradients or updates and "
         f"were skipped; the last good checkpoint (step {steps[-1] if steps else 'none'}) is "
         "kept. Lower the learning rate or lengthen the warmup, then rerun to resume from it.")
 

@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpt_jax import config as config_lib
+from igpt_jax import distributed
 from igpt_jax import stages
 from igpt_jax import workdir as workdir_lib
 
@@ -44,6 +45,9 @@ _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process's ind
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
                                   "A process silent this long is declared dead and the others "
                                   "stop with an error (multi-process runs).")
+_BARRIER_TIMEOUT = flags.DEFINE_integer(
+    "barrier_timeout_seconds", 3600, "A process that has not reached a barrier this long after "
+    "the first is named and every process stops (multi-process runs).")
 
 
 def log(msg: str) -> None:
@@ -68,6 +72,10 @@ def run(config, workdir: str) -> dict:
   if stage not in stages.NAMES:
     raise config_lib.UserError(f"Stage {stage!r} is not available in this version of igpt_jax.")
   outputs = config.data.prepared if stage == "prepare" else workdir  # prepare makes no run
+  if stage not in ("prepare", "plan"):
+    workdir = distributed.from_chief("workdir", workdir)  # a default one has a timestamp
+    workdir_lib.check_same_workdir(workdir)
+    outputs = workdir
   if stage != "prepare":
     workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
                            config.to_json_best_effort(indent=2))
@@ -168,12 +176,18 @@ def main(argv):
         if len(jax.devices()) < devices_needed(config.mesh):
           replan_with_simulated_devices(config, devices_needed(config.mesh))
     else:  # plan compiles on this process alone; every other stage joins its peers
-      from igpt_jax import distributed
       distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
                              _HEARTBEAT.value)
+      distributed.BARRIER_TIMEOUT_S = _BARRIER_TIMEOUT.value
     run(config, _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
   except config_lib.UserError as e:  # includes data, palette and checkpoint mismatches
     exit_with_error(str(e))
+  except distributed.Preempted as e:  # saved; a supervisor reruns the same command
+    print(json.dumps({**e.result, "preempted": True}), flush=True)
+    sys.exit(distributed.EXIT_PREEMPTED)
+  except distributed.PeerError as e:  # another process hung or died: a crash, said in one line
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The train state and the one functional train step under `jax.jit` with explicit shardings
 (the loop around it is loop.py).
 
-The train state is a plain pytree {'params', 'opt_state', 'step', 'nonfinite_streak'}; the
+The train state is a plain pytree {'params', 'opt_state', 'step', 'nonfinite_streak',
+'nonfinite_longest'}; the
 model's graph definition is split off once and merged back inside the jitted step, so the hot
 path never walks Python objects. Everything random is a function of (seed, step): a run resumed
 from a checkpoint computes bit-for-bit what an uninterrupted run would have.
 
 A step whose gradients or updates are not finite is not applied: the step counter advances (the
 data order stays a function of the step), parameters and optimizer state stay as they were, and
-`nonfinite_streak` counts such steps in a row for the loop to stop on.
+`nonfinite_streak` counts such steps in a row. `nonfinite_longest` keeps the longest streak so
+far, so the loop, which looks only at log and save steps, still sees a streak that ended
+between two of them.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class Trainer:
         self.tx, lambda _, s: s, self.abstract_state["opt_state"], param_shardings,
         transform_non_params=lambda _: replicated)
     self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
-                            "step": replicated, "nonfinite_streak": replicated}
+                            "step": replicated, "nonfinite_streak": replicated,
+                            "nonfinite_longest": replicated}
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         self.abstract_state, self.state_shardings)
@@ -80,7 +84,8 @@ class Trainer:
     model = model_lib.ImageGPT(self.cfg, rngs=nnx.Rngs(key))
     params = _pure(nnx.state(model, nnx.Param))
     return {"params": params, "opt_state": self.tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "nonfinite_streak": jnp.zeros((), jnp.int32)}
+            "step": jnp.zeros((), jnp.int32), "nonfinite_streak": jnp.zeros((), jnp.int32),
+            "nonfinite_longest": jnp.zeros((), jnp.int32)}
 
   def init_state(self, seed: int):
     """Parameters are created already sharded: nothing is ever whole on one device."""
@@ -139,8 +144,11 @@ class Trainer:
         "opt_state": keep(opt_state, state["opt_state"]),
         "step": state["step"] + 1,
         "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1)}
+    new_state["nonfinite_longest"] = jnp.maximum(state["nonfinite_longest"],
+                                                 new_state["nonfinite_streak"])
     out = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32),
            "nonfinite_streak": new_state["nonfinite_streak"],
+           "nonfinite_longest": new_state["nonfinite_longest"],
            "lr": optim.learning_rate(self.train_cfg)(state["step"]), **aux}
     return new_state, out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -35,6 +36,22 @@ def checkpoint_dir(workdir, stage: str) -> epath.Path:
 def stage_dir(workdir, stage: str) -> epath.Path:
   """Where a stage's metrics.jsonl and TensorBoard events go: pretraining's at the top."""
   return path(workdir) if stage == "pretrain" else path(workdir) / stage
+
+
+RUN_TOKEN = ".run_token"
+
+
+def check_same_workdir(workdir) -> None:
+  """Every process must see process 0's workdir: process 0 writes a fresh token there and each
+  process reads it back. A host that cannot see the checkpoints would take them for damaged."""
+  if jax.process_count() == 1:
+    return
+  token_path = path(workdir) / RUN_TOKEN
+  if distributed.is_chief():
+    write_atomic(token_path, os.urandom(8).hex().encode())
+  distributed.barrier("run_token_written")
+  seen = token_path.read_text() if token_path.exists() else "nothing (no token file)"
+  distributed.agree("workdir_token", seen, f"the workdir {path(workdir)} (its {RUN_TOKEN})")
 
 
 def write_bytes(target, data: bytes) -> None:
@@ -114,6 +131,8 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
           "trained with.")
 
   ckpt = checkpoint_lib.Checkpointer(directory)
+  distributed.agree("pretrain_checkpoint_steps", str(ckpt.all_steps()),
+                    f"the checkpoint steps in {directory}")
   try:
     restored = ckpt.restore_latest({"params": train_lib.abstract_params(cfg, mesh, rules)},
                                    check_meta=check, log=log)

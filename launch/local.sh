@@ -10,11 +10,12 @@
 # Each line of output is prefixed with its process index ("[1] step 10/200 ..."); the line
 # "[local] process I pid P" names each process, so a test can signal one of them. When one
 # process fails, the others are stopped and the launcher exits with the failed process's
-# status; SIGTERM/SIGINT to the launcher is passed on to every process (a preemption).
+# status; SIGTERM/SIGINT to the launcher is passed on to every process (a preemption): they
+# save, exit 75, and so does the launcher once all have (75 = run the same command to resume).
 set -euo pipefail
 
 NUM=2 DEVICES=1 PORT=""
-usage() { sed -n '2,14p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0"; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) NUM="$2"; shift 2 ;;
@@ -51,7 +52,7 @@ for ((i = 0; i < NUM; i++)); do
   echo "[local] process $i pid $!"
 done
 
-status=0
+status=0 preempted=0
 remaining=("${pids[@]}")
 while [[ ${#remaining[@]} -gt 0 ]]; do
   code=0
@@ -60,7 +61,10 @@ while [[ ${#remaining[@]} -gt 0 ]]; do
   left=()
   for pid in "${remaining[@]}"; do [[ "$pid" != "$done_pid" ]] && left+=("$pid"); done
   remaining=("${left[@]+"${left[@]}"}")
-  if [[ "$code" -ne 0 && "$status" -eq 0 ]]; then
+  if [[ "$code" -eq 75 ]]; then
+    # Preempted after a save: the others are saving the same step; let them finish.
+    preempted=1
+  elif [[ "$code" -ne 0 && "$status" -eq 0 ]]; then
     status=$code
     echo "[local] a process exited with status $code; stopping the others" >&2
     # Not SIGTERM: that would ask them to save a preemption checkpoint with a peer missing.
@@ -69,4 +73,8 @@ while [[ ${#remaining[@]} -gt 0 ]]; do
   unset done_pid
 done
 wait  # the output prefixers
+if [[ "$status" -eq 0 && "$preempted" -eq 1 ]]; then
+  echo "[local] preempted after a save: run the same command again to resume" >&2
+  status=75
+fi
 exit "$status"

@@ -149,7 +149,8 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exac
     time.sleep(0.1)
   os.kill(pids[1], signal.SIGTERM)
   out, _ = launcher.communicate(timeout=240)
-  assert launcher.returncode == 0, out[-3000:]
+  assert launcher.returncode == 75, out[-3000:]  # saved, not done: both processes waited for
+  assert "[local] preempted after a save" in out  # (the launcher killed neither)
   saved = [int(l.split("saved step ")[1].split(",")[0]) for l in out.splitlines()
            if "Preemption signal: saved step" in l]
   assert len(saved) == 2 and saved[0] == saved[1] < STEPS, out[-3000:]
@@ -188,6 +189,52 @@ def test_a_killed_process_makes_the_other_exit_nonzero_quickly(palette_and_refer
   print(f"survivor exited {time.time() - killed:.0f} s after its peer was killed")
   assert procs[0].returncode != 0
   assert "another task died" in procs[0].stderr.read()
+
+
+def two_processes(tmp_path, args, wrap=(None, None), timeout=300):
+  """Processes 0 and 1 started by hand (each may run under its own wrapper command);
+  [(returncode, stderr)] of both."""
+  port = 20000 + (os.getpid() * 7) % 20000
+  procs = [subprocess.Popen(
+      [*(wrap[i] or []), sys.executable, "-m", "igpt_jax.main", *args,
+       f"--coordinator_address=127.0.0.1:{port}", "--process_count=2", f"--process_index={i}",
+       "--heartbeat_timeout_seconds=20"],
+      cwd=REPO, env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+
+
+def test_a_process_that_does_not_see_the_workdir_stops_the_run(tmp_path):
+  """Process 1 runs in its own mount namespace with an empty file system over the workdir:
+  it cannot see what process 0 writes there. Both stop at start, naming process 1."""
+  probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip("cannot make a mount namespace here (needs root): " + probe.stderr.decode()[:80])
+  workdir = tmp_path / "shared"
+  workdir.mkdir()
+  hide = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{workdir}" && exec "$0" "$@"']
+  results = two_processes(tmp_path, [*TINY, "--config.stage=pretrain", f"--workdir={workdir}",
+                                     "--config.train.steps=2"], wrap=(None, hide))
+  for code, err in results:
+    assert code == 2, err[-2000:]
+    assert "error: Processes disagree on the workdir" in err and "process 1 sees 'nothing" in err
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_a_process_missing_a_barrier_is_named(tmp_path):
+  """Process 0 fits the palette (many k-means iterations) while process 1 waits at the
+  palette barrier with a 3 s timeout: process 1 stops in one line naming process 0."""
+  results = two_processes(tmp_path, [*TINY, "--config.stage=fit_palette", f"--workdir={tmp_path}",
+                                     "--config.palette.samples=200000", "--config.palette.iters=300",
+                                     "--barrier_timeout_seconds=3"])
+  code, err = results[1]
+  assert code == 1, err[-2000:]
+  [line] = [l for l in err.splitlines() if l.startswith("error:")]
+  assert "process(es) [0] did not reach the 'fit_palette' barrier within 3 s" in line
 
 
 def make_uneven_numpy_source(path):

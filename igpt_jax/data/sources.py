@@ -277,7 +277,7 @@ def tfds_builder(name: str, data_dir: str = "", log=print):
   tf.config.set_visible_devices([], "GPU")
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
-    if not os.path.isdir(builder.data_dir):
+    if not builder.is_prepared():  # TFDS decides, on gs:// too
       log(f"TFDS {name}: not prepared under {builder.data_dir_root}; downloading and preparing.")
       builder.download_and_prepare()
     return builder

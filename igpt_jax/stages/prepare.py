@@ -183,14 +183,16 @@ def resolved(config, workdir, log=print, poll_s: float = 10.0):
   prepared set: each process reads only its batches' rows, so host memory does not grow with
   the data set (loading imagenet_resized/32x32 whole would hold 1.28M images per process).
   Other sources are returned as they are."""
-  if config.data.source != "tfds":
-    return config
   out = copy.deepcopy(config)
-  out.data.prepared = directory = cache_dir(config, workdir)
+  if out.data.source == "fashion_mnist" and sources.fashion_mnist_dir(out.data.path) is None:
+    out.data.source, out.data.name, out.data.path = "tfds", "fashion_mnist", ""  # its fallback
+  if out.data.source != "tfds":
+    return config
+  out.data.prepared = directory = cache_dir(out, workdir)
   manifest = workdir_lib.path(directory) / prepared.MANIFEST
   if not manifest.exists():
     if distributed.is_chief():
-      log(f"TFDS {config.data.name}: preparing it once into {directory} (later runs with "
+      log(f"TFDS {out.data.name}: preparing it once into {directory} (later runs with "
           f"--config.data.prepared={directory} skip this).")
       run(out, log=log)
     else:
@@ -202,9 +204,9 @@ def resolved(config, workdir, log=print, poll_s: float = 10.0):
         waited += poll_s
     distributed.barrier("prepare_on_first_use")
   have = prepared.read_manifest(directory)
-  if have["source"] != f"tfds:{config.data.name}":
+  if have["source"] != f"tfds:{out.data.name}":
     raise DataError(f"data.prepared={directory} holds {have['source']}, not tfds:"
-                    f"{config.data.name}: point data.prepared elsewhere (or at nothing, to "
+                    f"{out.data.name}: point data.prepared elsewhere (or at nothing, to "
                     "prepare under the workdir).")
   out.data.source = "prepared"
   return out
