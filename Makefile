@@ -6,6 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SYSTEM_STAMP := $(VENV)/.test-system
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 
@@ -31,7 +32,20 @@ $(STAMP): setup.py Makefile
 demo: install
 	$(PY) -m igpt_jax.main --config=configs/demo.py --config.stage=all --workdir=$(WORKDIR)
 
-test: install
+# The tests start a real SLURM on localhost (slurm-wlm + munge from Debian, as root).
+$(SYSTEM_STAMP): Makefile $(STAMP)
+	@if [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge)) >/dev/null \
+	    || echo "note: could not install slurm-wlm and munge; the SLURM test will be skipped"; \
+	  else \
+	    echo "note: slurm-wlm/munge missing and apt not usable as root; the SLURM test will be skipped"; \
+	  fi; \
+	fi
+	touch $(SYSTEM_STAMP)
+
+test: install $(SYSTEM_STAMP)
 	$(PY) -m pytest -q tests
 
 tensorboard: install
