@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# Pretrain igpt_jax on a Cloud TPU VM pod slice: create the slice, copy this checkout to every
-# worker and install it, run the same command on all workers (JAX finds its peers itself), copy the logs back.
+# igpt_jax on a Cloud TPU VM pod slice, as a tool you leave running:
 #
-#   launch/tpu_pod.sh --name igpt-l --zone us-central2-b --type v5litepod-64 \
-#       --config configs/igpt_l.py --workdir gs://BUCKET/runs/igpt_l [--dry-run] [-- --config.train.steps=1000]
+#   launch/tpu_pod.sh create --name igpt-l --zone us-central2-b --type v5litepod-64 [--spot|--queued]
+#   launch/tpu_pod.sh run    --name igpt-l --zone us-central2-b --config configs/igpt_l.py \
+#                            --workdir gs://BUCKET/runs/igpt_l [--supervise] [-- --config.X=Y ...]
+#   launch/tpu_pod.sh status --name igpt-l --zone us-central2-b
+#   launch/tpu_pod.sh logs   --name igpt-l --zone us-central2-b [--worker I] [--lines N]
+#   launch/tpu_pod.sh stop   --name igpt-l --zone us-central2-b    (SIGTERM: save, exit 75)
+#   launch/tpu_pod.sh delete --name igpt-l --zone us-central2-b
 #
-# --dry-run prints every gcloud command instead of running it. Extra arguments after -- go to
-# igpt_jax.main. Requires gcloud with a project and TPU quota; --workdir should be a gs:// path
-# so every worker writes checkpoints to the same place.
+# create reuses a slice that is there (a preempted one is deleted and made again); --spot asks
+# for spot capacity, --queued goes through a queued resource; --version defaults to the
+# software version of the TPU type. Every worker gets this checkout (committed files), Python
+# 3.11 and a venv with the jax[tpu] the project is tested with. run starts the job detached on
+# every worker (setsid nohup: it outlives this shell and the ssh session), each writing
+# ~/igpt_run/train.log and its exit status. run --supervise stays and watches: when the job
+# exits 75 (saved after a preemption) or the slice was preempted and has been made again, it
+# starts the job again, which resumes from the checkpoint, until it exits 0; on any other
+# failure it prints every worker's log tail and exits 1. Run the supervisor itself under
+# tmux/nohup on a machine that stays up. --dry-run prints the gcloud commands instead.
+# The workdir must be a gs:// path (every worker writes checkpoints to the same place).
 set -euo pipefail
 
-NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR="" DRY_RUN=0
-VERSION="v2-alpha-tpuv5-lite"
+COMMAND="${1:-}"
+case "$COMMAND" in
+  create|run|status|logs|stop|delete) shift ;;
+  -h|--help|"") sed -n '2,25p' "$0"; exit 0 ;;
+  *) echo "error: unknown command $COMMAND (create, run, status, logs, stop, delete)" >&2; exit 2 ;;
+esac
+
+NAME="" ZONE="" TYPE="" VERSION="" CONFIG="" WORKDIR="" WORKER="" LINES=50
+SPOT=0 QUEUED=0 SUPERVISE=0 DRY_RUN=0 POLL="${IGPT_POLL_SECONDS:-60}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-TARBALL="${TMPDIR:-/tmp}/igpt_jax-src.tar.gz"
 EXTRA=()
-
-usage() { sed -n '2,13p' "$0"; exit "${1:-0}"; }
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) NAME="$2"; shift 2 ;;
@@ -26,18 +41,27 @@ while [[ $# -gt 0 ]]; do
     --version) VERSION="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
+    --worker) WORKER="$2"; shift 2 ;;
+    --lines) LINES="$2"; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --queued) QUEUED=1; shift ;;
+    --supervise) SUPERVISE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
+    *) echo "error: unknown argument $1 for $COMMAND" >&2; exit 2 ;;
   esac
 done
-for required in NAME ZONE TYPE CONFIG WORKDIR; do
-  if [[ -z "${!required}" ]]; then
-    echo "missing --$(echo "$required" | tr '[:upper:]' '[:lower:]')" >&2
-    usage 2
-  fi
-done
+need() {
+  for field in "$@"; do
+    if [[ -z "${!field}" ]]; then
+      echo "error: $COMMAND needs --$(echo "$field" | tr '[:upper:]' '[:lower:]')" >&2
+      exit 2
+    fi
+  done
+}
+need NAME ZONE
+
+say() { echo "[tpu_pod] $*" >&2; }
 
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then
@@ -47,19 +71,153 @@ run() {
   fi
 }
 
-on_all_workers() {
-  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"
+# The TPU software version each type's VMs boot.
+default_version() {
+  case "$1" in
+    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) echo "error: no default --version for --type $1; give --version" >&2; exit 2 ;;
+  esac
 }
 
-run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
-  --version="$VERSION"
-# Ship this checkout (committed files) to every worker and install it there.
-run git -C "$HERE" archive --format=tar.gz --prefix=igpt_jax/ -o "$TARBALL" HEAD
-run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:igpt_jax-src.tar.gz" --zone="$ZONE" --worker=all
-on_all_workers "rm -rf igpt_jax && tar xzf igpt_jax-src.tar.gz && \
-python3 -m pip install -q -e ./igpt_jax 'jax[tpu]'"
-TRAIN="cd igpt_jax && python3 -m igpt_jax.main --config=$CONFIG --workdir=$WORKDIR"
-for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$arg")"; done
-on_all_workers "$TRAIN 2>&1 | tee train.log"
-run gcloud compute tpus tpu-vm scp "$NAME:igpt_jax/train.log" "./$NAME-train.log" \
-  --zone="$ZONE" --worker=0
+# READY, CREATING, PREEMPTED, ... or NOT_FOUND.
+slice_state() {
+  gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" --format='value(state)' \
+    2>/dev/null || echo NOT_FOUND
+}
+
+on_workers() {  # on_workers all|I COMMAND
+  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker="$1" --command="$2"
+}
+
+create_slice() {
+  need TYPE
+  local version state spot=()
+  version="${VERSION:-$(default_version "$TYPE")}" || exit 2
+  [[ "$SPOT" == 1 ]] && spot=(--spot)
+  if [[ "$DRY_RUN" == 1 ]]; then state=NOT_FOUND; else state="$(slice_state)"; fi
+  case "$state" in
+    READY|CREATING|STARTING|RESTARTING|REPAIRING)
+      say "slice $NAME is there ($state): reusing it" ;;
+    *)
+      if [[ "$state" != NOT_FOUND ]]; then
+        say "slice $NAME is $state: deleting it to make it again"
+        delete_slice
+      fi
+      if [[ "$QUEUED" == 1 ]]; then
+        run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" --zone="$ZONE" \
+          --accelerator-type="$TYPE" --runtime-version="$version" "${spot[@]+"${spot[@]}"}"
+      else
+        run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
+          --version="$version" "${spot[@]+"${spot[@]}"}"
+      fi ;;
+  esac
+  if [[ "$DRY_RUN" != 1 ]]; then
+    until [[ "$(slice_state)" == READY ]]; do
+      say "waiting for $NAME to be READY ($(slice_state))"
+      sleep "$POLL"
+    done
+  fi
+  install_on_workers
+}
+
+# This checkout, Python 3.11 and a venv with the pinned jax[tpu] (setup.py's `tpu` extra).
+install_on_workers() {
+  local tarball
+  tarball="${TMPDIR:-/tmp}/igpt_jax-src-$NAME.tar.gz"
+  run git -C "$HERE" archive --format=tar.gz --prefix=igpt_jax/ -o "$tarball" HEAD
+  run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:igpt_jax-src.tar.gz" --zone="$ZONE" \
+    --worker=all
+  on_workers all "set -e; rm -rf ~/igpt_jax && tar xzf ~/igpt_jax-src.tar.gz -C ~ && \
+command -v python3.11 >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q \
+python3.11 python3.11-venv) && ( test -x ~/igpt_venv/bin/python || python3.11 -m venv ~/igpt_venv ) \
+&& ~/igpt_venv/bin/pip install -q -e ~/igpt_jax[tpu] && echo installed on \$(hostname)"
+}
+
+delete_slice() {
+  if [[ "$QUEUED" == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$NAME" --zone="$ZONE" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet
+  fi
+}
+
+# The job on every worker, detached: it outlives the ssh session and this shell.
+start_job() {
+  need CONFIG WORKDIR
+  local args
+  args="$(printf '%q ' --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]+"${EXTRA[@]}"}")"
+  on_workers all "mkdir -p ~/igpt_run && rm -f ~/igpt_run/exit_code && cd ~/igpt_jax && \
+echo \"[tpu_pod] start \$(date -u +%FT%TZ)\" >> ~/igpt_run/train.log && \
+{ setsid nohup bash -c '~/igpt_venv/bin/python -m igpt_jax.main $args >> ~/igpt_run/train.log 2>&1; \
+echo \$? > ~/igpt_run/exit_code' > /dev/null 2>&1 < /dev/null & } && echo started on \$(hostname)"
+}
+
+# One line per worker: "igpt-status <host> running|<exit status>".
+worker_statuses() {
+  on_workers all "echo igpt-status \$(hostname) \$(cat ~/igpt_run/exit_code 2>/dev/null || \
+(pgrep -f igpt_jax.main >/dev/null && echo running) || echo none)" 2>/dev/null \
+    | grep '^igpt-status ' || true
+}
+
+print_logs() {  # print_logs all|I
+  on_workers "$1" "echo \"==== \$(hostname): last $LINES lines of ~/igpt_run/train.log\"; \
+tail -n $LINES ~/igpt_run/train.log 2>/dev/null || echo '(no log)'"
+}
+
+supervise() {
+  local restarts=0 lost=0 state statuses codes
+  while true; do
+    sleep "$POLL"
+    state="$(slice_state)"
+    if [[ "$state" != READY ]]; then
+      say "slice $NAME is $state (preempted?): making it again, then resuming"
+      create_slice
+      start_job
+      restarts=$((restarts + 1))
+      continue
+    fi
+    statuses="$(worker_statuses)"
+    codes="$(awk '{print $3}' <<<"$statuses" | sort -u | tr '\n' ' ')"
+    say "workers: ${codes:-no answer}"
+    if grep -qw none <<<"$codes"; then  # no job and no exit status: it vanished
+      lost=$((lost + 1))
+      if [[ "$lost" -lt 3 ]]; then continue; fi
+      codes="lost"
+    elif [[ -z "$statuses" ]] || grep -qw running <<<"$codes"; then
+      lost=0
+      continue
+    fi
+    if [[ "$codes" == "0 " ]]; then
+      say "done: every worker exited 0 ($restarts restarts)"
+      return 0
+    fi
+    if ! tr ' ' '\n' <<<"$codes" | grep -qvx -e 0 -e 75 -e ''; then
+      say "the job saved after a preemption (exit 75): starting it again to resume"
+      start_job
+      restarts=$((restarts + 1))
+      continue
+    fi
+    say "the job failed (exit statuses: $codes); every worker's log tail follows"
+    on_workers all "pkill -TERM -f igpt_jax.main || true" >/dev/null 2>&1 || true
+    print_logs all
+    return 1
+  done
+}
+
+case "$COMMAND" in
+  create) create_slice ;;
+  run)
+    need CONFIG WORKDIR
+    start_job
+    if [[ "$SUPERVISE" == 1 && "$DRY_RUN" != 1 ]]; then supervise; fi ;;
+  status)
+    echo "slice $NAME: $(slice_state)"
+    worker_statuses ;;
+  logs) print_logs "${WORKER:-all}" ;;
+  stop) on_workers all "pkill -TERM -f igpt_jax.main && echo 'SIGTERM sent on '\$(hostname) || \
+echo 'no job on '\$(hostname)" ;;
+  delete) delete_slice ;;
+esac
