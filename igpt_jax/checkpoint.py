@@ -44,6 +44,28 @@ class RestoreFailed(RuntimeError):
   """Reading a checkpoint failed for a reason that does not mean it is damaged."""
 
 
+def storage_problem(step_dir) -> str | None:
+  """What the storage says when asked for a step's files: None when it serves every one (so a
+  restore error means their bytes are bad: damage), else why not (missing here, permissions, a
+  network error: not damage, and nothing may be moved). One byte of each file is read."""
+  from etils import epath
+  step_dir = epath.Path(step_dir)
+  def walk(d):
+    for p in d.iterdir():
+      yield from (walk(p) if p.is_dir() else (p,))
+
+  try:
+    files = list(walk(step_dir)) if step_dir.is_dir() else []
+    if not files:
+      return f"{step_dir} is missing or empty on this host"
+    for f in files:
+      with f.open("rb") as handle:
+        handle.read(1)
+  except OSError as e:
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
 def is_damage(error: BaseException) -> bool:
   if isinstance(error, (json.JSONDecodeError, FileNotFoundError, EOFError)):
     return True
@@ -138,7 +160,7 @@ class Checkpointer:
       meta = self.read_meta(step)
       saved = self.manager.item_metadata(step)
     except Exception as e:  # noqa: BLE001 - sorted below
-      return (_DAMAGED if is_damage(e) else _FAILED), None, e
+      return self._sort_error(step, e)
     try:
       if check_meta is not None:
         check_meta(meta)
@@ -155,7 +177,16 @@ class Checkpointer:
       jax.block_until_ready(state)
       return _OK, (state, meta), None
     except Exception as e:  # noqa: BLE001 - sorted by the caller
-      return (_DAMAGED if is_damage(e) else _FAILED), None, e
+      return self._sort_error(step, e)
+
+  def _sort_error(self, step: int, error: BaseException):
+    """Damaged (set aside, an older step tried) only if the storage serves every file of the
+    step and the error is about their contents; anything the storage refuses stops the run."""
+    problem = storage_problem(self.directory / str(step))
+    if problem is not None:
+      return _FAILED, None, RestoreFailed(f"the storage does not serve checkpoint step {step} "
+                                          f"here ({problem})")
+    return (_DAMAGED if is_damage(error) else _FAILED), None, error
 
   def _check_trees(self, step: int, saved, abstract_state: dict, saved_config: dict,
                    config: dict) -> None:

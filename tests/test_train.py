@@ -280,6 +280,16 @@ def test_restore_error_that_is_not_damage_stops_and_touches_nothing(tmp_path, mo
   assert os.listdir(tmp_path) == ["1"]
   assert checkpoint_lib.is_damage(ValueError("DATA_LOSS: Error reading chunk: unexpected end"))
   assert not checkpoint_lib.is_damage(OSError("PERMISSION_DENIED: 403 from storage"))
+  # Orbax says "not found" and the storage cannot serve a file (a link to nowhere, as a mount
+  # or a bucket this host does not see): not damage, the step stays where it is.
+  monkeypatch.undo()
+  victim = max((p for p in (tmp_path / "1").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  victim.unlink()
+  victim.symlink_to(tmp_path / "elsewhere" / victim.name)
+  with pytest.raises(checkpoint_lib.RestoreFailed, match="the storage does not serve "
+                     r"checkpoint step 1 here \(FileNotFoundError"):
+    ckpt.restore_latest(trainer.abstract_state)
+  assert os.listdir(tmp_path) == ["1"]
 
 
 def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
