@@ -209,6 +209,16 @@ def validate(config) -> None:
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:  # also refuses NaN
       raise UserError(f"--config.{key}={_get(config, key)} must be zero or positive.")
+  remat = config.model.remat
+  if remat not in ("none", "full"):
+    import jax
+    if not hasattr(jax.checkpoint_policies, remat):
+      import difflib
+      names = ["none", "full"] + [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+      close = difflib.get_close_matches(remat, names, n=1)
+      raise UserError(f"--config.model.remat={remat!r} is neither 'none', 'full' nor a "
+                      "jax.checkpoint_policies name"
+                      + (f"; did you mean {close[0]!r}?" if close else "."))
   if config.data.channels not in (1, 3):
     raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
   if not (config.data.validation_fraction == -1 or 0 <= config.data.validation_fraction < 1):

@@ -61,6 +61,9 @@ def simulate_cpu_devices(n: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+READS_A_RUN = ("evaluate", "probe", "finetune", "sample")  # need an earlier stage's workdir
+
+
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path or "run"))[0]
   return os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -92,25 +95,47 @@ def exit_with_error(message: str) -> None:
 
 
 def check_overrides(argv: list[str]) -> None:
-  """Fails on a `--config.a.b=...` whose key the config lacks, naming the closest valid key.
-
-  ml_collections would also refuse it, but with a traceback from inside flag parsing; this runs
-  first and says it in one line.
-  """
+  """One `error:` line, before absl or ml_collections see them, for: a --config file that does
+  not exist, a `--config.a.b=...` whose key the config lacks (naming the closest valid key), and
+  a value that does not parse as the field's type (absl would say FATAL and exit 1)."""
   import difflib
 
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None and "--config" in argv[:-1]:
     path = argv[argv.index("--config") + 1]
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if not path or not overrides or not os.path.isfile(path.split(":")[0]):
+  if path and not os.path.isfile(path.split(":")[0]):
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    names = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    exit_with_error(f"--config={path}: no such file."
+                    + (f" Did you mean configs/{close[0]}?" if close else "")
+                    + (f" The configs are in {here}: {', '.join(names)}." if names else ""))
+  overrides = [a[len("--config."):].split("=", 1) for a in argv if a.startswith("--config.")]
+  if not path or not overrides:
     return
-  keys = _flat_keys(config_lib.load_config_file(path.split(":")[0]))
-  for key in overrides:
+  config = config_lib.load_config_file(path.split(":")[0])
+  keys = _flat_keys(config)
+  for key, *value in overrides:
     if key not in keys:
       close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
       hint = f" Did you mean --config.{close[0]}?" if close else ""
       exit_with_error(f"--config.{key} is not a field of {path}.{hint}")
+    default = config
+    for part in key.split("."):
+      default = default[part]
+    if value and type(default) in (int, float, bool) and not _parses_as(value[0], type(default)):
+      exit_with_error(f"--config.{key}={value[0]}: expects {type(default).__name__} "
+                      f"(default {default!r}).")
+
+
+def _parses_as(text: str, kind: type) -> bool:
+  if kind is bool:
+    return text.lower() in ("true", "false", "1", "0")
+  try:
+    kind(text)
+  except ValueError:
+    return False
+  return True
 
 
 def _flat_keys(config, prefix: str = "") -> list[str]:
@@ -179,7 +204,17 @@ def main(argv):
       distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
                              _HEARTBEAT.value)
       distributed.BARRIER_TIMEOUT_S = _BARRIER_TIMEOUT.value
-    run(config, _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
+    workdir = _WORKDIR.value
+    if workdir is None:
+      if config.stage in READS_A_RUN:
+        raise config_lib.UserError(
+            f"--config.stage={config.stage} reads a pretraining run's checkpoint: give that "
+            "run's --workdir=DIR.")
+      workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+      if config.stage not in ("prepare", "plan"):
+        log(f"No --workdir: starting from scratch in {workdir} (pass --workdir={workdir} to "
+            "resume or continue this run).")
+    run(config, workdir)
   except config_lib.UserError as e:  # includes data, palette and checkpoint mismatches
     exit_with_error(str(e))
   except distributed.Preempted as e:  # saved; a supervisor reruns the same command

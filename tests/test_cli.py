@@ -75,6 +75,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
   assert_one_line_error(cli(demo, "--config.train.profile_steps=20,10", w), "START is after END")
   assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.slices=2", w),
                         "does not divide the 1 devices")
+  # A newcomer's mistakes: each one line that names the setting and the fix.
+  assert_one_line_error(cli(demo, "--config.model.remat=fulll", w), "did you mean 'full'?")
+  assert_one_line_error(cli("--config=configs/igpt_ll.py", w),
+                        "--config=configs/igpt_ll.py: no such file. Did you mean configs/igpt_l.py?")
+  assert_one_line_error(cli(demo, "--config.train.steps=ten", w),
+                        "--config.train.steps=ten: expects int (default 200)")
+  assert_one_line_error(cli(demo, "--config.stage=fit_palette",
+                            f"--config.data.path={tmp_path / 'nonexistent'}", w),
+                        "holds no Fashion-MNIST IDX files")  # a given path is never replaced
+  assert_one_line_error(cli(demo, "--config.stage=probe"), "give that run's --workdir=DIR")
 
 
 def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):

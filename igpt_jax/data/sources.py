@@ -446,6 +446,10 @@ def load_split(config, split: str, log=print) -> ImageSet:
     return load_prepared(d.prepared, split if split in have else role, verify=d.verify)
   if d.source == "fashion_mnist":
     directory = fashion_mnist_dir(d.path)
+    if d.path and directory != d.path:  # a path that was given is used or refused
+      raise DataError(f"--config.data.path={d.path!r} holds no Fashion-MNIST IDX files "
+                      "(train-images-idx3-ubyte.gz ...): point it at the folder that does, or "
+                      "leave it empty to use $IGPT_DATA_DIR or Debian's dataset-fashion-mnist.")
     if directory is not None:
       return load_fashion_mnist(directory, role, d.channels)
     log("Fashion-MNIST IDX files not found locally (install Debian's dataset-fashion-mnist or set "
