@@ -1,4 +1,6 @@
 """igpt_jax: Image GPT (Chen et al., ICML 2020) pretraining and evaluation in JAX/Flax."""
+import re
+
 from setuptools import find_packages, setup
 
 JAX_VERSION = "0.10.2"  # the jax that libtpu below was built for
@@ -6,11 +8,13 @@ TPU = f"jax[tpu]=={JAX_VERSION}"
 
 setup(
     name="igpt_jax",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', open("igpt_jax/__init__.py").read()).group(1),
     description="Image GPT pretraining, linear probes, fine-tuning and sampling in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax and flax of this version need it
+    license="MIT",
+    package_data={"igpt_jax": ["py.typed"]},
     packages=find_packages(include=["igpt_jax", "igpt_jax.*"]),
     install_requires=[
         "jax>=0.7",
