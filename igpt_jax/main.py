@@ -79,9 +79,11 @@ def run(config, workdir: str) -> dict:
     workdir = distributed.from_chief("workdir", workdir)  # a default one has a timestamp
     workdir_lib.check_same_workdir(workdir)
     outputs = workdir
-  if stage != "prepare":
-    workdir_lib.write_text(workdir_lib.path(workdir) / "config.json",
-                           config.to_json_best_effort(indent=2))
+  if stage != "prepare":  # each stage's own config; config.json: the run's first (shared)
+    text = config.to_json_best_effort(indent=2)
+    workdir_lib.write_text(workdir_lib.path(workdir) / f"config.{stage}.json", text)
+    if not (workdir_lib.path(workdir) / "config.json").exists():
+      workdir_lib.write_text(workdir_lib.path(workdir) / "config.json", text)
   result = stages.get(stage)(config, workdir, log=log)
   log(f"{stage} done; outputs in {workdir_lib.path(outputs)}")
   print(json.dumps(result), flush=True)

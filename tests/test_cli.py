@@ -40,6 +40,15 @@ def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path
   assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == 76_571_648
 
 
+def test_each_stage_keeps_its_config_beside_the_runs_first(tmp_path):
+  demo, w = f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}"
+  assert cli(demo, "--config.stage=plan", w).returncode == 0
+  out = cli(demo, "--config.stage=plan", "--config.train.steps=7", w)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 200
+  assert json.loads((tmp_path / "config.plan.json").read_text())["train"]["steps"] == 7
+
+
 def assert_one_line_error(out, expected):
   assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
   assert "Traceback" not in out.stderr
