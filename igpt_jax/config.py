@@ -1,4 +1,5 @@
-"""The run-config skeleton every `configs/*.py` starts from (names in DESIGN.md).
+"""The run-config skeleton every `configs/*.py` starts from (the modules that read it:
+docs/ARCHITECTURE.md).
 
 Configs are code: a config file calls `base_config()`, changes what it needs and returns the
 ConfigDict. The dict is locked, so a misspelt override on the command line is an error.
