@@ -197,6 +197,40 @@ def _get(config, dotted: str):
   return config
 
 
+def field_help() -> dict[str, str]:
+  """{'data.source': 'prepared | fashion_mnist | ...'}: each field's comment in `base_config`'s
+  source (a trailing one, or the comment lines just above it), so the help cannot drift from
+  the code that sets the default."""
+  import inspect
+  out, above = {}, []
+  for line in inspect.getsource(base_config).splitlines():
+    text = line.strip()
+    if text.startswith("#"):
+      above.append(text.lstrip("# "))
+      continue
+    match = re.match(r"c\.([\w.]+) = [^#]*?(?:#\s*(.*))?$", text)
+    if match and "ConfigDict()" not in text:
+      out[match.group(1)] = " ".join(above + ([match.group(2)] if match.group(2) else []))
+    above = []
+  return out
+
+
+def describe(config) -> str:
+  """Every field as `--config.FIELD=VALUE  # help`, in the config's order."""
+  helps, lines = field_help(), []
+
+  def walk(node, prefix=""):
+    for name, value in node.items():
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{name}.")
+        continue
+      key = prefix + name
+      lines.append(f"--config.{key}={value!r}" + (f"  # {helps[key]}" if helps.get(key) else ""))
+
+  walk(config)
+  return "\n".join(lines)
+
+
 def validate(config) -> None:
   """Raises UserError, naming the field, for values no run could use."""
   if config.stage not in STAGES:

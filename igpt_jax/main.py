@@ -45,6 +45,9 @@ _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process's ind
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
                                   "A process silent this long is declared dead and the others "
                                   "stop with an error (multi-process runs).")
+_SHOW_CONFIG = flags.DEFINE_boolean(
+    "show_config", False, "Print every config field with its value (after overrides) and what it "
+    "means, then exit.")
 _BARRIER_TIMEOUT = flags.DEFINE_integer(
     "barrier_timeout_seconds", 3600, "A process that has not reached a barrier this long after "
     "the first is named and every process stops (multi-process runs).")
@@ -182,6 +185,9 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   config = _CONFIG.value
+  if _SHOW_CONFIG.value:
+    print(config_lib.describe(config))
+    return
   from igpt_jax import targets
   targets.quiet_libtpu_without_tpu()  # before JAX starts its backends
   if config.stage == "plan" and config.plan.target:

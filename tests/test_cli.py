@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from igpt_jax import config as config_lib
 
 
 def cli(*args, cwd=REPO):
@@ -20,6 +21,26 @@ def test_help_lists_stages_and_common_overrides():
                 "plan", "all"):
     assert stage in out.stdout
   assert "--config.train.steps" in out.stdout and "--workdir" in out.stdout
+
+
+def test_show_config_lists_every_field_with_its_value_and_help():
+  out = cli("--config=configs/demo.py", "--config.train.steps=7", "--show_config")
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert "--config.train.steps=7" in lines  # after overrides
+  assert ("--config.data.source='fashion_mnist'  # prepared | fashion_mnist | tfds | folder | "
+          "numpy") in lines
+  assert any(l.startswith("--config.data.augment='none'  # Pretraining crops: 'paper'")
+             for l in lines)  # a comment block above the field
+  assert len([l for l in lines if l.startswith("--config.")]) == len(
+      main_keys(config_lib.load_config_file(f"{REPO}/configs/demo.py")))
+
+
+def main_keys(config, prefix=""):
+  out = []
+  for name, value in config.items():
+    out += main_keys(value, f"{prefix}{name}.") if hasattr(value, "items") else [prefix + name]
+  return out
 
 
 def test_misspelt_override_names_the_closest_key_in_one_line():
