@@ -42,6 +42,7 @@ setup(
         "test": [
             TPU,  # the tests compile for TPU slices
             "pytest>=8",
+            "pytest-timeout>=2.3",
             "torch==2.13.0",
             "transformers>=4.40",
             "scikit-learn>=1.4",
