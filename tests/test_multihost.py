@@ -226,10 +226,10 @@ def test_a_process_that_does_not_see_the_workdir_stops_the_run(tmp_path):
 
 
 def test_a_process_missing_a_barrier_is_named(tmp_path):
-  """Process 0 fits the palette (many k-means iterations) while process 1 waits at the
+  """Process 0 fits the palette (3000 k-means iterations, ~30 s) while process 1 waits at the
   palette barrier with a 3 s timeout: process 1 stops in one line naming process 0."""
   results = two_processes(tmp_path, [*TINY, "--config.stage=fit_palette", f"--workdir={tmp_path}",
-                                     "--config.palette.samples=200000", "--config.palette.iters=300",
+                                     "--config.palette.samples=200000", "--config.palette.iters=3000",
                                      "--barrier_timeout_seconds=3"])
   code, err = results[1]
   assert code == 1, err[-2000:]
