@@ -13,6 +13,8 @@ import types
 
 import numpy as np
 
+from igpt_jax import workdir as workdir_lib
+
 # Ask tensorboard for its bundled TF stub instead of importing TensorFlow (its documented switch
 # is the presence of this module).
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
@@ -87,7 +89,7 @@ class MetricsWriter:
       return
     keep = [line for line in self.path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line)["step"] <= step]
-    self.path.write_text("".join(keep))
+    workdir_lib.write_atomic(self.path, "".join(keep).encode())  # a reader never sees it empty
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:

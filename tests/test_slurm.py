@@ -137,7 +137,13 @@ def test_slurm_job_is_preempted_requeued_and_resumes_to_the_same_losses(slurm, t
       break
     time.sleep(0.5)
   requeued = time.time()
-  # SLURM holds a requeued job for ~2 minutes before it may start again; let it start now.
+  # SLURM holds a requeued job for ~2 minutes before it may start again. Let it start once the
+  # first run's step processes are gone and the clock has moved past its credential's
+  # revocation (slurmd compares whole seconds: a start in the same second is refused).
+  while time.time() < deadline and subprocess.run(
+      ["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
+    time.sleep(0.5)
+  time.sleep(3)
   subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
   while time.time() < deadline and job_state(job, slurm).get("JobState") != "COMPLETED":
     assert job_state(job, slurm).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"), \

@@ -149,8 +149,10 @@ def wait_until(reached, proc, what, timeout=240):
 
 def wait_for_step(workdir, step, proc, timeout=240):
   path = os.path.join(workdir, "metrics.jsonl")
-  wait_until(lambda: os.path.exists(path) and read_metrics(workdir)
-             and read_metrics(workdir)[-1]["step"] >= step, proc, f"step {step}", timeout)
+  def reached():
+    rows = read_metrics(workdir) if os.path.exists(path) else []  # one read: it may change
+    return bool(rows) and rows[-1]["step"] >= step
+  wait_until(reached, proc, f"step {step}", timeout)
 
 
 @needs_fmnist
