@@ -183,11 +183,15 @@ def resolved(config, workdir, log=print, poll_s: float = 10.0):
   prepared set: each process reads only its batches' rows, so host memory does not grow with
   the data set (loading imagenet_resized/32x32 whole would hold 1.28M images per process).
   Other sources are returned as they are."""
-  out = copy.deepcopy(config)
-  if out.data.source == "fashion_mnist" and sources.fashion_mnist_dir(out.data.path) is None:
-    out.data.source, out.data.name, out.data.path = "tfds", "fashion_mnist", ""  # its fallback
-  if out.data.source != "tfds":
+  d = config.data
+  # Fashion-MNIST falls back to TFDS only when no path was given and no local copy exists (a
+  # given data.path is used or refused by the source, never replaced).
+  fallback = d.source == "fashion_mnist" and not d.path and sources.fashion_mnist_dir() is None
+  if d.source != "tfds" and not fallback:
     return config
+  out = copy.deepcopy(config)
+  if fallback:
+    out.data.source, out.data.name = "tfds", "fashion_mnist"
   out.data.prepared = directory = cache_dir(out, workdir)
   manifest = workdir_lib.path(directory) / prepared.MANIFEST
   if not manifest.exists():
