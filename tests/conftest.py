@@ -1,9 +1,33 @@
-"""Test-wide settings: 8 simulated CPU devices for sharding tests, float32 matmuls everywhere."""
+"""Test-wide settings: 8 simulated CPU devices for sharding tests, float32 matmuls everywhere,
+one compilation cache for the session."""
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Tests compile far more than they run: XLA's CPU backend without LLVM's optimisations compiles a
+# tiny model's stages ~25% faster, with the same results here (bits/dim equal to the last digit).
+# Processes a test starts get the same flags through xla_flags().
+CPU_FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  return CPU_FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# JAX's persistent compilation cache, shared by this process and every process a test starts
+# (they inherit the environment): dozens of them compile the same tiny train step, which halves a
+# tiny run's wall time. Fresh per session, so no test reads an executable of another jax version.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="igpt-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

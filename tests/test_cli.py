@@ -4,12 +4,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from igpt_jax import config as config_lib
 
 
 def cli(*args, cwd=REPO):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "igpt_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -74,6 +74,7 @@ def test_untrained_loss_is_uniform_and_one_step_lowers_it():
   batch = jax.random.randint(jax.random.key(0), (8, cfg.seq_len), 0, 512)
   graphdef, params = nnx.split(model, nnx.Param)
 
+  @jax.jit
   def loss_fn(p):
     return objectives.ar_loss(nnx.merge(graphdef, p)(batch), batch)
 
@@ -158,7 +159,7 @@ def loss_and_grads(cfg, seed=0):
   graphdef, params = nnx.split(model, nnx.Param)
   x = tokens(cfg, batch=4)
   fn = lambda p: objectives.ar_loss(nnx.merge(graphdef, p)(x), x)
-  return jax.value_and_grad(fn)(params)
+  return jax.jit(jax.value_and_grad(fn))(params)  # one compile, not one per eager op
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_with_no_batch_dims_saveable"])
@@ -188,8 +189,9 @@ def test_blocked_causal_attention_equals_full_attention():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 3, 8)) for i in range(3))
   def loss(fn):
     return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))
-  full, grads = loss(lambda q, k, v: model_lib.attention(q, k, v, causal=True))(q, k, v)
-  blocked, grads_b = loss(lambda q, k, v: model_lib.blocked_causal_attention(q, k, v, 4))(q, k, v)
+  full, grads = jax.jit(loss(lambda q, k, v: model_lib.attention(q, k, v, causal=True)))(q, k, v)
+  blocked, grads_b = jax.jit(loss(lambda q, k, v: model_lib.blocked_causal_attention(q, k, v, 4)))(
+      q, k, v)
   np.testing.assert_allclose(blocked, full, rtol=1e-5)
   for a, b in zip(grads_b, grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

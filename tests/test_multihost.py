@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from igpt_jax.data import sources
 
 pytestmark = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
@@ -27,7 +27,7 @@ STEPS = 30  # the learning-rate schedule depends on it: every run here uses the 
 
 
 def env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices),
           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
@@ -35,7 +35,7 @@ def local(n, d, *args, timeout=600):
   """launch/local.sh -n n -d d -- args; returns (returncode, output)."""
   proc = subprocess.run(["bash", f"{REPO}/launch/local.sh", "-n", str(n), "-d", str(d), "--",
                          *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                        env={**os.environ, "XLA_FLAGS": xla_flags()})  # local.sh adds the devices
   return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -135,7 +135,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exac
   args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}"]
   launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--", *args],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                              env={**os.environ, "XLA_FLAGS": xla_flags()})  # local.sh adds the devices
   pids = {}
   while len(pids) < 2:
     line = launcher.stdout.readline()

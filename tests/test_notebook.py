@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from igpt_jax.data import sources
 
 
@@ -14,7 +14,7 @@ from igpt_jax.data import sources
 def test_colab_notebook_runs_every_cell(tmp_path, monkeypatch):
   monkeypatch.setenv("IGPT_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("IGPT_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(os.path.join(REPO, "launch", "colab.ipynb"), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",

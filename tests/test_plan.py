@@ -1,6 +1,7 @@
 """Planning with the real TPU compiler (libtpu's compile-only devices of a whole slice, no TPU),
 and feeding any TPU device order: every host's rows of a batch, checked on real topologies."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,13 +10,25 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import CPU_FAST_COMPILE, REPO
 from igpt_jax import config as config_lib
 from igpt_jax import plan as plan_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import targets as targets_lib
 
 pytest.importorskip("libtpu", reason="libtpu (pip install -e .[tpu]) compiles for TPU targets")
+# libtpu's runtime threads stay in the process that loads it: `make test` runs these tests in a
+# pytest process of their own (pytest.ini), apart from the CPU runtime's.
+pytestmark = pytest.mark.own_process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_optimisation():
+  """The TPU compiler reads XLA_FLAGS too: its memory figures here are those of full optimisation,
+  as users compile (conftest's fast-compile flag is for the CPU backend's tiny steps)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(CPU_FAST_COMPILE, "").strip())
+    yield
 
 
 def config_of(name: str, **overrides):
@@ -117,19 +130,21 @@ def test_each_config_fits_its_reference_slice_as_shipped(name, target, hosts):
 
 
 def test_roofline_from_the_compilers_flops_and_bytes():
-  """iGPT-S's layers at 16x16, 2 and 4 of them: the step's FLOPs come from unrolled 1- and 2-layer twins
-  (XLA counts a scanned layer once), so they grow with depth like the model's count."""
-  outs = [plan_lib.run(config_of("igpt_s", **{"plan.target": "v5litepod-16", "plan.search": False,
-                                              "model.num_layers": n, "data.resolution": 16}),
-                       log=lambda _: None) for n in (2, 4)]
+  """A narrow iGPT-S (d=128) of 2 and 4 layers at 8x8: the step's FLOPs come from unrolled 1- and
+  2-layer twins (XLA counts a scanned layer once), so they grow with depth like the model's count."""
+  narrow = {"plan.target": "v5litepod-16", "plan.search": False, "data.resolution": 8,
+            "model.d_model": 128, "model.num_heads": 2}
+  outs = [plan_lib.run(config_of("igpt_s", **narrow, **{"model.num_layers": n}), log=lambda _: None)
+          for n in (2, 4)]
   for out in outs:
     assert out["fits"] and 0 < out["mfu_roofline"] < 1 and out["step_s_roofline"] > 0
-    # XLA's own FLOP count of the step is of the order of the model's 6N + attention count.
+    # XLA's own FLOP count of the step is the model's 6N + attention count and a little more
+    # (softmax, norms, the optimizer): 1.09x here.
     ratio = out["compiler_flops_per_device"] * out["chips"] / out["model_flops_per_step"]
-    assert 0.5 < ratio < 3, ratio
+    assert 1.0 <= ratio < 1.25, ratio
   model_growth = outs[1]["model_flops_per_step"] / outs[0]["model_flops_per_step"]
   compiler_growth = outs[1]["compiler_flops_per_device"] / outs[0]["compiler_flops_per_device"]
-  assert abs(compiler_growth / model_growth - 1) < 0.15, (compiler_growth, model_growth)
+  assert abs(compiler_growth / model_growth - 1) < 0.02, (compiler_growth, model_growth)
 
 
 def test_readme_recipe_fits_its_slice_through_the_cli():
@@ -169,7 +184,8 @@ def test_a_step_that_does_not_fit_is_reported_with_overrides_that_do():
 def test_multislice_compiles_for_two_slices():
   config = config_of("igpt_s", **{"plan.target": "v5litepod-16", "plan.slices": 2,
                                   "plan.search": False, "plan.roofline": False,
-                                  "model.num_layers": 2})
+                                  "model.num_layers": 2, "model.d_model": 128,
+                                  "model.num_heads": 2, "data.resolution": 8})
   out = plan_lib.run(config, log=lambda _: None)
   assert (out["slices"], out["chips"], out["hosts"]) == (2, 32, 8)
   assert out["fits"] and out["mesh"]["data"] == 2 * 16

@@ -8,8 +8,9 @@ from igpt_jax import config as config_lib
 from igpt_jax import plan as plan_lib
 from igpt_jax import targets as targets_lib
 
-pytestmark = pytest.mark.skipif(not targets_lib.has_cuda_compiler(),
-                                reason="jax's CUDA plugin (.[gpu-plan]) is not installed")
+pytestmark = [pytest.mark.skipif(not targets_lib.has_cuda_compiler(),
+                                 reason="jax's CUDA plugin (.[gpu-plan]) is not installed"),
+              pytest.mark.own_process]  # the CUDA plugin's runtime, like libtpu's (test_plan.py)
 
 
 def test_cuda_compiler_matches_a_measured_h100_step():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from igpt_jax.data import sources
 
 TINY = " ".join([
@@ -41,7 +41,7 @@ def test_readme_block_runs(index, tmp_path):
   script = script.replace(".venv/bin/python", sys.executable).replace("runs/", f"{tmp_path}/")
   script = re.sub(r"((?:-m igpt_jax\.main|launch/local\.sh [^\n]*--) --config=configs/demo\.py[^\n]*)",
                   rf"\1 {TINY}", script)
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, f"{script}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-3000:]}"

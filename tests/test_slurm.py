@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from test_multihost import STEPS, TINY, local, losses
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
@@ -76,7 +76,7 @@ def slurm(tmp_path_factory):
       root=root, ctld_port=free_port(), slurmd_port=free_port(), cpus=os.cpu_count()))
   env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"),
          "PATH": os.environ["PATH"] + ":/usr/sbin"}
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   subprocess.run(["munged", "--force", f"--socket={root}/munge.sock", f"--key-file={root}/munge.key",
                   f"--log-file={root}/munged.log", f"--pid-file={root}/munged.pid",
                   f"--seed-file={root}/munged.seed"], check=True, env=env)

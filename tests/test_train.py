@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import loop
 from igpt_jax.stages import pretrain as pretrain_stage
@@ -131,7 +131,7 @@ def start_training(workdir, steps, every, extra=()):
   cmd = [sys.executable, "-u", "-m", "igpt_jax.main", f"--config={REPO}/configs/demo.py",
          "--config.stage=pretrain", f"--workdir={workdir}", f"--config.train.steps={steps}",
          f"--config.checkpoint.every={every}", *TINY_OVERRIDES, *extra]
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           cwd=REPO, env=env)
 
@@ -352,7 +352,7 @@ def test_plan_xl_on_simulated_devices():
       [sys.executable, "-m", "igpt_jax.main", f"--config={REPO}/configs/igpt_xl.py",
        "--config.stage=plan", "--config.plan.num_devices=128", "--config.plan.device_memory_gb=95",
        "--workdir=/tmp/igpt_plan_test"], capture_output=True, text=True, cwd=REPO, timeout=300,
-      env={**os.environ, "XLA_FLAGS": ""})
+      env={**os.environ, "XLA_FLAGS": xla_flags()})
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"plan XL/128: {time.time() - start:.1f}s, {out['per_device_bytes'] / 2**30:.2f} GiB per device")
