@@ -6,6 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_STAMP := $(VENV)/.test-system
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
@@ -14,10 +15,11 @@ WORKDIR ?= runs/demo
 
 install: $(STAMP)
 
+# What the stages need (no torch, no transformers): all `make demo` installs.
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
 	@if [ ! -d $(FMNIST_DIR) ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get install -y -q dataset-fashion-mnist || \
@@ -28,6 +30,11 @@ $(STAMP): setup.py Makefile
 	  fi; \
 	fi
 	touch $(STAMP)
+
+# The test extra on top: libtpu, pytest, torch + transformers (Hugging Face round trips), ...
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
 
 demo: install
 	$(PY) -m igpt_jax.main --config=configs/demo.py --config.stage=all --workdir=$(WORKDIR)
@@ -47,7 +54,7 @@ $(SYSTEM_STAMP): Makefile $(STAMP)
 
 # Two pytest processes: tests that load libtpu or the CUDA plugin (marker own_process) run apart
 # from the rest, whose CPU runtime never shares a process with theirs. Both always run.
-test: install $(SYSTEM_STAMP)
+test: $(TEST_STAMP) $(SYSTEM_STAMP)
 	status=0; \
 	$(PY) -m pytest -q -m "not own_process" tests || status=$$?; \
 	$(PY) -m pytest -q -m own_process tests || status=$$?; \

@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # jax and flax of this version need it
     license="MIT",
-    package_data={"igpt_jax": ["py.typed"]},
+    package_data={"igpt_jax": ["py.typed", "configs/*.py"]},  # --config=igpt_l after pip install
     packages=find_packages(include=["igpt_jax", "igpt_jax.*"]),
     install_requires=[
         "jax>=0.7",
@@ -32,22 +32,25 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.18",
         "safetensors>=0.4",
+        "matplotlib>=3.8",  # the probe's accuracy-by-layer plot
+        "pillow>=10",  # sample grids and completions as PNG
     ],
     extras_require={
         # libtpu, the TPU compiler and runtime; it must match jax's version exactly. Without a
         # TPU, `plan --config.plan.target=v5litepod-64` compiles with it for a whole slice.
         "tpu": [TPU],
-        # XLA's CUDA compiler, for `plan` on GPU targets without a GPU (several GB).
+        # Training on NVIDIA GPUs: jax with CUDA 12 and cuDNN from PyPI (several GB).
+        "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
+        # XLA's CUDA compiler, for `plan` on GPU targets without a GPU: the same packages.
         "gpu-plan": [f"jax[cuda12]=={JAX_VERSION}"],
         "test": [
             TPU,  # the tests compile for TPU slices
             "pytest>=8",
             "pytest-timeout>=2.3",
-            "torch==2.13.0",
+            "torch==2.13.0",  # Hugging Face round trips; install the CPU build (README)
             "transformers>=4.40",
             "scikit-learn>=1.4",
             "scikit-image>=0.24",
-            "matplotlib>=3.8",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from igpt_jax import distributed
-from igpt_jax.config import UserError
+from igpt_jax.config import RunFailed, UserError
 
 # Words in the errors Orbax / TensorStore / json raise for files that are cut short, corrupt or
 # missing inside a step that Orbax had committed.
@@ -40,7 +40,7 @@ class CheckpointMismatch(UserError):
   """The checkpoint is intact but was written for another config."""
 
 
-class RestoreFailed(RuntimeError):
+class RestoreFailed(RunFailed):
   """Reading a checkpoint failed for a reason that does not mean it is damaged."""
 
 

@@ -16,6 +16,11 @@ class UserError(ValueError):
   it as one line `error: ...` and exits 2, without a traceback."""
 
 
+class RunFailed(RuntimeError):
+  """A run that cannot go on for a reason its message explains in full (it diverged, storage
+  would not serve a checkpoint, a peer process died): one `error:` line, exit status 1."""
+
+
 STAGES = ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan", "all")
 
 

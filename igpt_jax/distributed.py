@@ -14,7 +14,7 @@ import signal
 import jax
 import numpy as np
 
-from igpt_jax.config import UserError
+from igpt_jax.config import RunFailed, UserError
 
 # A host that stops sending heartbeats is declared dead after this long; the others then stop
 # with an error instead of waiting for it forever.
@@ -64,7 +64,7 @@ def is_chief() -> bool:
 BARRIER_TIMEOUT_S = 3600
 
 
-class PeerError(RuntimeError):
+class PeerError(RunFailed):
   """Another process did not arrive or does not agree: this run cannot go on."""
 
 

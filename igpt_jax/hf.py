@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from igpt_jax import model as model_lib
+from igpt_jax import tfimport
 
 HF_WEIGHTS = "model.safetensors"
 HF_TORCH_WEIGHTS = "pytorch_model.bin"
@@ -220,7 +221,7 @@ def from_openai_checkpoint(path: str, n_layer: int, n_embd: int, n_head: int,
   `path` is the checkpoint prefix (e.g. .../model.ckpt-1000000) or its directory. `bert=None`
   detects the variant: BERT checkpoints have no `sos` vector. Needs TensorFlow.
   """
-  import tensorflow as tf
+  tf = tfimport.tensorflow()
   prefix = tf.train.latest_checkpoint(path) if os.path.isdir(path) else path
   if prefix is None:
     raise FileNotFoundError(f"No TensorFlow checkpoint found in {path}.")

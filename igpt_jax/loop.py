@@ -23,12 +23,12 @@ from igpt_jax import objectives
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
-from igpt_jax.config import UserError
+from igpt_jax.config import RunFailed, UserError
 from igpt_jax.watchdog import Watchdog
 
 
-class NonFiniteLoss(RuntimeError):
-  pass
+class NonFiniteLoss(RunFailed):
+  """Too many non-finite steps in a row: the run diverged."""
 
 
 def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,

@@ -34,7 +34,8 @@ from igpt_jax import distributed
 from igpt_jax import stages
 from igpt_jax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config: a file's path, or the name of "
+                                          "a shipped one (demo, igpt_s, igpt_m, igpt_l, igpt_xl).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes its outputs "
                                "(default: runs/<config>-<timestamp>); local or gs://.")
@@ -64,6 +65,7 @@ def simulate_cpu_devices(n: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped
 READS_A_RUN = ("evaluate", "probe", "finetune", "sample")  # need an earlier stage's workdir
 
 
@@ -109,12 +111,17 @@ def check_overrides(argv: list[str]) -> None:
   if path is None and "--config" in argv[:-1]:
     path = argv[argv.index("--config") + 1]
   if path and not os.path.isfile(path.split(":")[0]):
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    names = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
-    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[0] != "_")
+    typed = os.path.basename(path.split(":")[0])
+    close = difflib.get_close_matches(typed if typed.endswith(".py") else typed + ".py", names, n=1)
+    if close and os.path.dirname(path):
+      close = [os.path.join(os.path.dirname(path), close[0])]
+    elif close and not typed.endswith(".py"):
+      close = [close[0][:-3]]
     exit_with_error(f"--config={path}: no such file."
-                    + (f" Did you mean configs/{close[0]}?" if close else "")
-                    + (f" The configs are in {here}: {', '.join(names)}." if names else ""))
+                    + (f" Did you mean {close[0]}?" if close else "")
+                    + f" The shipped configs ({CONFIGS_DIR}): "
+                    + ", ".join(n[:-3] for n in names) + ".")
   overrides = [a[len("--config."):].split("=", 1) for a in argv if a.startswith("--config.")]
   if not path or not overrides:
     return
@@ -131,6 +138,22 @@ def check_overrides(argv: list[str]) -> None:
     if value and type(default) in (int, float, bool) and not _parses_as(value[0], type(default)):
       exit_with_error(f"--config.{key}={value[0]}: expects {type(default).__name__} "
                       f"(default {default!r}).")
+
+
+def with_packaged_config(argv: list[str]) -> list[str]:
+  """`--config=igpt_l` (or `igpt_l.py`) names a config shipped inside the package, so a pip
+  install without this repository's checkout has them; a path to a file is used as it is."""
+  out = []
+  for i, arg in enumerate(argv):
+    name = arg[len("--config="):] if arg.startswith("--config=") else (
+        arg if i and argv[i - 1] == "--config" else None)
+    if name is not None and os.sep not in name and not os.path.isfile(name.split(":")[0]):
+      base, _, rest = name.partition(":")
+      shipped = os.path.join(CONFIGS_DIR, base if base.endswith(".py") else base + ".py")
+      if os.path.isfile(shipped):
+        arg = arg.replace(name, shipped + (":" + rest if rest else ""), 1)
+    out.append(arg)
+  return out
 
 
 def _parses_as(text: str, kind: type) -> bool:
@@ -228,7 +251,7 @@ def main(argv):
   except distributed.Preempted as e:  # saved; a supervisor reruns the same command
     print(json.dumps({**e.result, "preempted": True}), flush=True)
     sys.exit(distributed.EXIT_PREEMPTED)
-  except distributed.PeerError as e:  # another process hung or died: a crash, said in one line
+  except config_lib.RunFailed as e:  # diverged, unreadable storage, a dead peer: one line
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -236,5 +259,6 @@ def main(argv):
 if __name__ == "__main__":
   if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):  # absl would exit 1 on --help
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  sys.argv[1:] = with_packaged_config(sys.argv[1:])
   check_overrides(sys.argv[1:])
   app.run(main)

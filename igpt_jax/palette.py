@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from igpt_jax import tfimport
+
 PALETTE_FILE = "palette.npz"
 
 
@@ -118,7 +120,7 @@ def quantize_jax(pixels, centers):
 
 
 def quantize_tf(pixels, centers):
-  import tensorflow as tf
+  tf = tfimport.tensorflow()
   pixels = tf.cast(pixels, tf.float32)
   centers = tf.constant(np.asarray(centers, np.float32))
   return tf.argmin(_sq_dist(tf, pixels, centers), axis=-1, output_type=tf.int32)

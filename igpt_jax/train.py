@@ -46,6 +46,30 @@ def train_section(config, stage: str = "pretrain"):
   return section
 
 
+def check_batch_split(train_cfg, mesh, rules, stage: str = "pretrain") -> None:
+  """One `error:` line when the mesh cannot split a micro-batch (JAX would raise a 30-line
+  IndivisibleError at the first step). The stages call it first, before a palette fit."""
+  prefix = "finetune" if stage == "finetune" else "train"
+  if train_cfg.batch_size % train_cfg.accum_steps:
+    raise UserError(f"--config.{prefix}.batch_size={train_cfg.batch_size} is not divisible by "
+                    f"accum_steps={train_cfg.accum_steps}.")
+  shards = sharding_lib.batch_shards(mesh, rules)
+  micro = train_cfg.batch_size // train_cfg.accum_steps
+  if micro % shards:
+    raise UserError(
+        f"The batch is split over {shards} devices (mesh {dict(mesh.shape)}), but a "
+        f"micro-batch has {micro} rows (--config.{prefix}.batch_size={train_cfg.batch_size} / "
+        f"accum_steps={train_cfg.accum_steps}): make it a multiple of {shards}, or change "
+        "--config.mesh.*.")
+
+
+def check_fits_devices(config, stage: str = "pretrain") -> None:
+  """The mesh fits this run's devices and splits its batches: checked before anything slow."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  check_batch_split(train_section(config, stage), mesh, sharding_lib.rules_from_config(config),
+                    stage)
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything compiled once for one model shape, optimiser, mesh and stage."""
@@ -172,16 +196,7 @@ class Trainer:
 
   def compile_step(self):
     """Ahead-of-time compile; the plan stage and the loop share it."""
-    if self.train_cfg.batch_size % self.train_cfg.accum_steps:
-      raise UserError(f"batch_size={self.train_cfg.batch_size} is not divisible by "
-                      f"accum_steps={self.train_cfg.accum_steps}.")
-    shards = sharding_lib.batch_shards(self.mesh, self.rules)
-    micro = self.train_cfg.batch_size // self.train_cfg.accum_steps
-    if micro % shards:
-      raise UserError(
-          f"The batch is split over {shards} devices (mesh {dict(self.mesh.shape)}), but a "
-          f"micro-batch has {micro} rows (batch_size={self.train_cfg.batch_size} / accum_steps="
-          f"{self.train_cfg.accum_steps}): make it a multiple of {shards}, or change --config.mesh.*.")
+    check_batch_split(self.train_cfg, self.mesh, self.rules, self.stage)
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       return self.jit_step().lower(self.abstract_state, self.abstract_batch()).compile()
 

@@ -1,8 +1,10 @@
 """The command line: --help, misspelt overrides, where outputs went."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 
 from conftest import REPO, xla_flags
 from igpt_jax import config as config_lib
@@ -52,8 +54,35 @@ def test_misspelt_override_names_the_closest_key_in_one_line():
   assert "Did you mean --config.model.d_model?" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_shipped_configs_are_in_the_wheel_and_named_without_a_path(tmp_path):
+  """A pip install has no checkout: `--config=demo` finds the config inside the package."""
+  source = tmp_path / "source"  # a copy: building writes build/ beside setup.py
+  shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+  wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                          "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)],
+                         capture_output=True, text=True, timeout=300)
+  assert wheel.returncode == 0, wheel.stderr[-2000:]
+  [path] = (tmp_path / "wheel").glob("igpt_jax-*.whl")
+  site = tmp_path / "site"
+  zipfile.ZipFile(path).extractall(site)
+  assert {"demo.py", "igpt_s.py", "igpt_m.py", "igpt_l.py", "igpt_xl.py"} <= {
+      p.name for p in (site / "igpt_jax" / "configs").iterdir()}
+  env = {**os.environ, "PYTHONPATH": str(site), "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run(  # noqa: E731
+      [sys.executable, "-m", "igpt_jax.main", *args], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=300)
+  out = run("--config=demo", "--show_config")
+  assert out.returncode == 0 and "--config.model.d_model=128" in out.stdout, out.stderr[-2000:]
+  assert run("--config=demo.py", "--show_config").returncode == 0
+  out = run("--config=igpt_ll", "--show_config")
+  assert out.returncode == 2 and out.stderr.startswith(
+      "error: --config=igpt_ll: no such file. Did you mean igpt_l?"), out.stderr
+  assert str(site / "igpt_jax" / "configs") in out.stderr  # the wheel's, not the checkout's
+
+
 def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path):
-  out = cli(f"--config={REPO}/configs/igpt_s.py", "--config.stage=plan", cwd=tmp_path)
+  out = cli("--config=igpt_s", "--config.stage=plan", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   (run,) = os.listdir(tmp_path / "runs")
   assert run.startswith("igpt_s-") and len(run) == len("igpt_s-20261122-120000")
@@ -70,8 +99,8 @@ def test_each_stage_keeps_its_config_beside_the_runs_first(tmp_path):
   assert json.loads((tmp_path / "config.plan.json").read_text())["train"]["steps"] == 7
 
 
-def assert_one_line_error(out, expected):
-  assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+def assert_one_line_error(out, expected, status=2):
+  assert out.returncode == status, out.stdout[-2000:] + out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
@@ -105,6 +134,14 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
   assert_one_line_error(cli(demo, "--config.train.profile_steps=20,10", w), "START is after END")
   assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.slices=2", w),
                         "does not divide the 1 devices")
+  # A mesh that cannot split the batch: said before the palette is fitted (none is written).
+  three = {**os.environ, "XLA_FLAGS": xla_flags(3), "JAX_PLATFORMS": "cpu"}
+  for stage in ("pretrain", "all"):
+    out = subprocess.run([sys.executable, "-m", "igpt_jax.main", demo, f"--config.stage={stage}",
+                          "--config.mesh.fsdp=3", w], cwd=REPO, env=three, capture_output=True,
+                         text=True, timeout=300)
+    assert_one_line_error(out, "The batch is split over 3 devices")
+    assert not (tmp_path / "w" / "palette.npz").exists()
   # A newcomer's mistakes: each one line that names the setting and the fix.
   assert_one_line_error(cli(demo, "--config.model.remat=fulll", w), "did you mean 'full'?")
   assert_one_line_error(cli("--config=configs/igpt_ll.py", w),
@@ -129,6 +166,25 @@ def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
   out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
             *tiny, "--config.model.d_model=32", "--config.palette.k=32")
   assert_one_line_error(out, "has k=16 but palette.k=32")
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
+
+  # A run that diverges, and storage that will not serve a checkpoint: one line each, exit 1.
+  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
+            *tiny, "--config.model.d_model=32", "--config.train.lr=1e30",
+            "--config.train.max_nonfinite_steps=2", "--config.checkpoint.every=1000")
+  assert_one_line_error(out, "had non-finite gradients or updates", status=1)
+  assert "2 steps in a row" in out.stderr and "last good checkpoint (step 2) is kept" in out.stderr
+  refusing = ("import runpy, sys, orbax.checkpoint as ocp\n"
+              "def refuse(*a, **k): raise OSError('PERMISSION_DENIED: 403 from storage')\n"
+              "ocp.CheckpointManager.restore = refuse\n"
+              "sys.argv[0] = 'igpt_jax.main'\n"
+              "runpy.run_module('igpt_jax.main', run_name='__main__')\n")
+  out = subprocess.run([sys.executable, "-c", refusing, f"--config={REPO}/configs/demo.py",
+                        "--config.stage=pretrain", f"--workdir={tmp_path}", *tiny,
+                        "--config.model.d_model=32"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "XLA_FLAGS": xla_flags()})
+  assert_one_line_error(out, "Could not read checkpoint", status=1)
+  assert "PERMISSION_DENIED" in out.stderr and "nothing was changed" in out.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
 
 

@@ -75,7 +75,7 @@ def test_iterator_started_at_step_s_continues_exactly():
   kw = dict(batch_size=8, seed=3, augment="crop")
   from_zero = take(pipeline.train_batches(data, **kw), 12)  # crosses epochs (50 examples)
   from_seven = take(pipeline.train_batches(data, start_step=7, **kw), 5)
-  for a, b in zip(from_zero[7:], from_seven):
+  for a, b in zip(from_zero[7:], from_seven, strict=True):
     for key in ("images", "boxes", "labels"):
       np.testing.assert_array_equal(a[key], b[key])
     assert a["step"] == b["step"]

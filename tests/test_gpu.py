@@ -45,6 +45,6 @@ def test_cudnn_attention_matches_xla(objective):
   loss, grads = loss_and_grads(cfg)
   loss_c, grads_c = loss_and_grads(dataclasses.replace(cfg, attention="cudnn"))
   assert abs(float(loss_c) / float(loss) - 1) < 1e-2
-  for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads)):
+  for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads), strict=True):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b) + 1e-6

@@ -167,7 +167,7 @@ def test_remat_policies_change_nothing_numerically(remat):
   loss, grads = loss_and_grads(TINY)
   loss_r, grads_r = loss_and_grads(dataclasses.replace(TINY, remat=remat))
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
+  for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -181,7 +181,7 @@ def test_speed_options_change_nothing_numerically(option):
   loss_o, grads_o = loss_and_grads(dataclasses.replace(TINY, **option))
   np.testing.assert_allclose(loss_o, loss, rtol=1e-6)
   assert jax.tree.structure(grads_o) == jax.tree.structure(grads)  # same checkpoint layout
-  for a, b in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads)):
+  for a, b in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -193,7 +193,7 @@ def test_blocked_causal_attention_equals_full_attention():
   blocked, grads_b = jax.jit(loss(lambda q, k, v: model_lib.blocked_causal_attention(q, k, v, 4)))(
       q, k, v)
   np.testing.assert_allclose(blocked, full, rtol=1e-5)
-  for a, b in zip(grads_b, grads):
+  for a, b in zip(grads_b, grads, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -202,7 +202,7 @@ def test_blocked_attention_option_matches_default_model():
   loss, grads = loss_and_grads(cfg)  # 256 tokens: two blocks of 128
   loss_b, grads_b = loss_and_grads(dataclasses.replace(cfg, attention="blocked"))
   np.testing.assert_allclose(loss_b, loss, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads)):
+  for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

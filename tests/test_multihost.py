@@ -110,7 +110,7 @@ def test_streamed_probe_on_two_processes_writes_each_row_once(two_process_data_r
   two = json.load(open(workdir / "probe" / "results.json"))
   one = json.load(open(single_dir / "probe" / "results.json"))
   assert two["best_accuracy"] > 0.5
-  for a, b in zip(one["by_layer"], two["by_layer"]):
+  for a, b in zip(one["by_layer"], two["by_layer"], strict=True):
     assert abs(a["accuracy"] - b["accuracy"]) < 0.03, (one["by_layer"], two["by_layer"])
 
 
@@ -315,6 +315,6 @@ def test_two_processes_feed_an_interleaved_device_order(tmp_path):
                             env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
+  for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
   assert "ok 0 [0, 1, 4, 5]" in outs[0] and "ok 1 [2, 3, 6, 7]" in outs[1], outs

@@ -350,7 +350,7 @@ def test_tf_data_and_its_python_twin_give_the_same_bytes(prepared_set, rows):
   tf_batches = list(pipeline.train_batches(data, pipeline="tf.data", prefetch=0, **kw))
   py_batches = list(pipeline.train_batches(data, pipeline="python", **kw))
   assert [b["step"] for b in tf_batches] == [b["step"] for b in py_batches] == list(range(5, 17))
-  for a, b in zip(tf_batches, py_batches):
+  for a, b in zip(tf_batches, py_batches, strict=True):
     for key in ("images", "boxes", "labels"):
       assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
       assert a[key].tobytes() == b[key].tobytes()

@@ -60,7 +60,7 @@ def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solv
   monkeypatch.setattr(features.Store, "load", refuse)
   streamed = logreg.fit_streamed(train, val, test, 10, L2, mesh=mesh, rules=rules,
                                  batch_size=1024, epochs=50, lr=0.3, seed=0)
-  for a, b in zip(in_memory, streamed):
+  for a, b in zip(in_memory, streamed, strict=True):
     assert a["accuracy"] > 0.3  # far above chance (10 classes): a real fit, on real features
     assert abs(a["accuracy"] - b["accuracy"]) <= 0.005, (in_memory, streamed)
 

@@ -123,7 +123,7 @@ def test_resume_is_bit_exact(tmp_path):
     return state["params"]
 
   for x, y in zip(jax.tree.leaves(final_params(tmp_path / "straight")),
-                  jax.tree.leaves(final_params(tmp_path / "resumed"))):
+                  jax.tree.leaves(final_params(tmp_path / "resumed")), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -312,9 +312,9 @@ def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
   state, out = step(state, {"tokens": good.at[0, 0].set(poison)})
   assert int(out["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
   assert int(state["step"]) == 2  # the data order moves on; the model does not
-  for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])):
+  for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
-  for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(state["opt_state"])):
+  for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(state["opt_state"]), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
   state, out = step(state, {"tokens": good})
   assert int(out["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
@@ -339,7 +339,7 @@ def test_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):
   ckpt.close()
   init = trainer.init_state(config.seed)
   assert step == 2
-  for saved, fresh in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init["params"])):
+  for saved, fresh in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init["params"]), strict=True):
     assert np.isfinite(np.asarray(saved)).all()
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(fresh))
 

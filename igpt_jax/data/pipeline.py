@@ -28,6 +28,7 @@ import threading
 
 import numpy as np
 
+from igpt_jax import tfimport
 from igpt_jax.data import transform
 from igpt_jax.data.sources import ImageSet
 
@@ -70,7 +71,7 @@ def resolve_pipeline(pipeline: str) -> str:
   if pipeline != "auto":
     return pipeline
   try:
-    import tensorflow  # noqa: F401
+    tfimport.tensorflow()
   except ImportError:
     return "python"
   return "tf.data"
@@ -109,7 +110,7 @@ def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int
 
 
 def _tf_data_batches(read, start: int, end: int | None, prefetch: int):
-  import tensorflow as tf
+  tf = tfimport.tensorflow()
 
   def host_work(step):
     b = read(int(step))

@@ -29,6 +29,7 @@ from concurrent import futures
 
 import numpy as np
 
+from igpt_jax import tfimport
 from igpt_jax.config import UserError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -272,7 +273,7 @@ def tfds_split(name: str, split: str) -> str:
 def tfds_builder(name: str, data_dir: str = "", log=print):
   """The TFDS builder of `name`, downloaded and prepared first if it is not yet (data sets that
   need manual downloads, like imagenet2012, read them from <data_dir>/downloads/manual)."""
-  import tensorflow as tf
+  tf = tfimport.tensorflow()
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")
   try:
@@ -303,7 +304,7 @@ def read_tfds(builder, split: str, lo: int | None, hi: int | None, channels: int
   An example whose image does not decode (a truncated or foreign file that TFDS stored as it
   was) is skipped and named `<name>:<split>[<index>]`, as an image folder names its files:
   one bad JPEG among ImageNet's 1.28M must not stop a preparation of hours."""
-  import tensorflow as tf
+  tf = tfimport.tensorflow()
   import tensorflow_datasets as tfds
   _, full_size = tfds_info(builder)
   feature = builder.info.features["image"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from igpt_jax import stages
+from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.stages import fit_palette
 
@@ -16,6 +17,8 @@ def run(config, workdir, log=print) -> dict:
   """Stage all: fit_palette (unless there is one) -> pretrain -> evaluate -> probe -> finetune
   -> sample, then a one-screen summary and report.md in the workdir."""
   results, start = {}, time.time()
+  for stage in ("pretrain", "finetune"):  # a mesh typo, before minutes of k-means
+    train_lib.check_fits_devices(config, stage)
   fitted = fit_palette.ensure(config, workdir, log=log)
   if fitted is not None:
     results["fit_palette"] = fitted
