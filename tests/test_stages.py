@@ -100,3 +100,21 @@ def test_unknown_stage_is_refused():
   config.stage = "pretrian"
   with pytest.raises(UserError, match="Unknown stage 'pretrian'"):
     main_lib.run(config, "/tmp/igpt_unknown_stage")
+
+
+def test_finetuning_starts_from_the_pretrained_weights_and_learns(pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  config = stage_config("finetune")
+  config.finetune.steps, config.finetune.warmup_steps, config.finetune.lr = 40, 2, 1e-2
+  config.finetune.eval_every, config.finetune.eval_batches = 40, 2
+  loop.finetune(config, workdir, log=QUIET)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "finetune", "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == list(range(1, 41))
+  # A zero output head would predict 16 colours uniformly: 4 bits/dim. The pretrained one does
+  # better from the first step; the class head starts at zero: ln(10) exactly.
+  pretrain_rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert rows[0]["bits_per_dim"] < 3.9 and pretrain_rows[-1]["bits_per_dim"] < 3.9
+  assert rows[0]["clf_loss"] == pytest.approx(np.log(10), abs=1e-5)
+  late = np.mean([r["clf_loss"] for r in rows[-10:]])
+  assert late < np.log(10) - 0.3, [round(r["clf_loss"], 3) for r in rows]

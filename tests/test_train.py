@@ -417,3 +417,18 @@ def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
   traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0, list((tmp_path / "profile").rglob("*"))
   assert any("Profile of steps 2-3" in line for line in logs)
+
+
+@needs_fmnist
+def test_bert_pretraining_resumes_bit_exactly(tmp_path):
+  """L_BERT through the loop: the masks of a resumed run are those of an uninterrupted one."""
+  config = tiny_config(steps=8, warmup_steps=2)
+  config.model.objective = "bert"
+  config.checkpoint.every = 3
+  pretrain_stage.run(config, str(tmp_path / "straight"), log=lambda *_: None)
+  pretrain_stage.run(config, str(tmp_path / "resumed"), log=lambda *_: None, stop_after=4)
+  pretrain_stage.run(config, str(tmp_path / "resumed"), log=lambda *_: None)
+  a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+  assert [r["step"] for r in b] == list(range(1, 9))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  assert a[-1]["loss"] < a[0]["loss"]  # it learns: masked tokens predicted better than at start
