@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,19 @@ def test_sigkill_resumes_and_sigterm_saves_then_exits_cleanly(tmp_path):
   final = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert final == last_logged and final > saved[-1]
   assert "Preemption signal: saved step" in out
+
+  # Loss for loss, the killed-resumed-preempted run is an uninterrupted one (same palette; this
+  # process's 8 devices against the CLI's 1, hence a tolerance rather than equality).
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(1, final + 1))  # the killed run's extra lines gone
+  straight = tmp_path / "straight"
+  straight.mkdir()
+  shutil.copy(tmp_path / "palette.npz", straight / "palette.npz")
+  config = tiny_config(steps=10_000)
+  config.checkpoint.every = 1000
+  pretrain_stage.run(config, str(straight), log=lambda *_: None, stop_after=final)
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             [r["loss"] for r in read_metrics(straight)], rtol=1e-5)
 
 
 @needs_fmnist
