@@ -160,10 +160,11 @@ def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, ba
   for epoch in range(epochs):
     for x, y in _batches(train, rows, lo, view, rng, shuffle=True):
       params, opt_state = step(params, opt_state, *to_global(x, y))
-      if jax.process_count() > 1:
-        # Nothing else waits on the steps: unbounded async dispatch of cross-process collectives
-        # deadlocked the CPU (gloo) runtime after a few hundred queued steps.
-        jax.block_until_ready(params)
+      # One step in flight. Nothing else waits on these steps, and queued ones deadlock XLA's
+      # CPU collectives: a later step's all-reduce holds the thread pool that an earlier one's
+      # last device needs, until the 40 s rendezvous timeout aborts the process (seen with 4
+      # and 8 simulated devices on 2 cores; across processes, gloo hung after a few hundred).
+      jax.block_until_ready(params)
     if log:
       log(f"probe fit: epoch {epoch + 1}/{epochs}")
 

@@ -158,6 +158,9 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                       distributed.is_chief() or tcfg.profile_all_hosts, log)
   watchdog = Watchdog(tcfg.watchdog_factor, log=log)
   input_s = 0.0  # this host's own time per log interval: reading and assembling its rows
+  # XLA's CPU collectives deadlock when steps queue up (see logreg.fit_streamed): on a CPU mesh
+  # of several devices each step waits for the last. Accelerators keep async dispatch.
+  one_in_flight = jax.devices()[0].platform == "cpu" and len(jax.devices()) > 1
   signalled = False
   try:
     with preemption, watchdog:
@@ -169,6 +172,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
         input_s += time.perf_counter() - began
         g["tokens"] = tokenizer(g.pop("images"), g.pop("boxes"))
         state, out = step_fn(state, {k: g[k] for k in trainer.batch_keys()})
+        if one_in_flight:
+          jax.block_until_ready(out["loss"])
         profiler.after(step, state)
         watchdog.beat(step)
         is_last = step == total
