@@ -14,7 +14,7 @@ import sys
 def tensorflow():
   """The `tensorflow` module; the first import runs with file descriptor 2 pointed at /dev/null
   (an ImportError still reaches the caller)."""
-  if "tensorflow" not in sys.modules:
+  if sys.modules.get("tensorflow") is None:  # not imported yet, or blocked (an ImportError)
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _native_stderr_silenced():
