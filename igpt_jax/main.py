@@ -107,9 +107,8 @@ def check_overrides(argv: list[str]) -> None:
   a value that does not parse as the field's type (absl would say FATAL and exit 1)."""
   import difflib
 
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
+  index = _config_index(argv)
+  path = None if index is None else _config_value(argv[index])
   if path and not os.path.isfile(path.split(":")[0]):
     names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[0] != "_")
     typed = os.path.basename(path.split(":")[0])
@@ -143,17 +142,28 @@ def check_overrides(argv: list[str]) -> None:
 def with_packaged_config(argv: list[str]) -> list[str]:
   """`--config=igpt_l` (or `igpt_l.py`) names a config shipped inside the package, so a pip
   install without this repository's checkout has them; a path to a file is used as it is."""
-  out = []
-  for i, arg in enumerate(argv):
-    name = arg[len("--config="):] if arg.startswith("--config=") else (
-        arg if i and argv[i - 1] == "--config" else None)
-    if name is not None and os.sep not in name and not os.path.isfile(name.split(":")[0]):
-      base, _, rest = name.partition(":")
-      shipped = os.path.join(CONFIGS_DIR, base if base.endswith(".py") else base + ".py")
-      if os.path.isfile(shipped):
-        arg = arg.replace(name, shipped + (":" + rest if rest else ""), 1)
-    out.append(arg)
+  index, out = _config_index(argv), list(argv)
+  name = None if index is None else _config_value(argv[index])
+  if name is not None and os.sep not in name and not os.path.isfile(name.split(":")[0]):
+    base, _, rest = name.partition(":")
+    shipped = os.path.join(CONFIGS_DIR, base if base.endswith(".py") else base + ".py")
+    if os.path.isfile(shipped):
+      out[index] = out[index].replace(name, shipped + (":" + rest if rest else ""), 1)
   return out
+
+
+def _config_index(argv: list[str]) -> int | None:
+  """Where the --config value is in argv: `--config=X` itself, or the word after `--config`."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return i
+    if arg == "--config" and i + 1 < len(argv):
+      return i + 1
+  return None
+
+
+def _config_value(arg: str) -> str:
+  return arg.split("=", 1)[1] if arg.startswith("--config=") else arg
 
 
 def _parses_as(text: str, kind: type) -> bool:

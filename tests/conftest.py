@@ -12,8 +12,10 @@ import tempfile
 CPU_FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int | None = None) -> str:
-  return CPU_FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+def xla_flags(devices: int | None = None, fast_compile: bool = True) -> str:
+  flags = [CPU_FAST_COMPILE] if fast_compile else []
+  flags += [f"--xla_force_host_platform_device_count={devices}"] if devices else []
+  return " ".join(flags)
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))

@@ -10,8 +10,8 @@ from conftest import REPO, xla_flags
 from igpt_jax import config as config_lib
 
 
-def cli(*args, cwd=REPO):
-  env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
+def cli(*args, cwd=REPO, devices=None, **env_vars):
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", **env_vars}
   return subprocess.run([sys.executable, "-m", "igpt_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -68,10 +68,7 @@ def test_shipped_configs_are_in_the_wheel_and_named_without_a_path(tmp_path):
   zipfile.ZipFile(path).extractall(site)
   assert {"demo.py", "igpt_s.py", "igpt_m.py", "igpt_l.py", "igpt_xl.py"} <= {
       p.name for p in (site / "igpt_jax" / "configs").iterdir()}
-  env = {**os.environ, "PYTHONPATH": str(site), "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run(  # noqa: E731
-      [sys.executable, "-m", "igpt_jax.main", *args], cwd=tmp_path, env=env, capture_output=True,
-      text=True, timeout=300)
+  run = lambda *args: cli(*args, cwd=tmp_path, PYTHONPATH=str(site))  # noqa: E731
   out = run("--config=demo", "--show_config")
   assert out.returncode == 0 and "--config.model.d_model=128" in out.stdout, out.stderr[-2000:]
   assert run("--config=demo.py", "--show_config").returncode == 0
@@ -135,11 +132,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
   assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.slices=2", w),
                         "does not divide the 1 devices")
   # A mesh that cannot split the batch: said before the palette is fitted (none is written).
-  three = {**os.environ, "XLA_FLAGS": xla_flags(3), "JAX_PLATFORMS": "cpu"}
   for stage in ("pretrain", "all"):
-    out = subprocess.run([sys.executable, "-m", "igpt_jax.main", demo, f"--config.stage={stage}",
-                          "--config.mesh.fsdp=3", w], cwd=REPO, env=three, capture_output=True,
-                         text=True, timeout=300)
+    out = cli(demo, f"--config.stage={stage}", "--config.mesh.fsdp=3", w, devices=3)
     assert_one_line_error(out, "The batch is split over 3 devices")
     assert not (tmp_path / "w" / "palette.npz").exists()
   # A newcomer's mistakes: each one line that names the setting and the fix.

@@ -28,8 +28,7 @@ STEPS = 30  # the learning-rate schedule depends on it: every run here uses the 
 
 def env(devices, fast_compile=True):
   """Compiles far outnumber steps here, except where a process must be busy computing."""
-  flags = xla_flags(devices) if fast_compile else f"--xla_force_host_platform_device_count={devices}"
-  return {**os.environ, "XLA_FLAGS": flags,
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices, fast_compile),
           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
