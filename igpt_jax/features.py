@@ -75,10 +75,13 @@ class Store:
     return self.meta["ranges"][str(lo)]["rows"]
 
   def read(self, name: str, view=None) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk: features [rows, G, D] (as stored) and labels [rows] (-1 = padding). `view`
+    """One chunk: features [rows, G, D] (float32; uint8 pixels as stored) and labels [rows]
+    (-1 = padding). `view`
     (a list of layer groups) concatenates groups: -> [rows, len(view), sum of dims]."""
     with np.load(io.BytesIO((self.path / name).read_bytes())) as z:
       x, y = z["x"], z["y"]
+      if "offset" in z:  # float16 chunks hold x - offset (see Writer.flush)
+        x = x.astype(np.float32) + z["offset"]
     if view is not None:
       x = np.stack([x[:, list(g)].reshape(len(x), -1) for g in view], axis=1)
     return x, y
@@ -97,12 +100,18 @@ class Store:
       ys.append(y[keep])
     return np.concatenate(xs), np.concatenate(ys)
 
-  def moments(self, view=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std [G, D] over real rows, in one streamed pass (float64 sums)."""
+  def sums(self, view=None, ranges=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sum and sum of squares [G, D] (float64) and count of the real rows of `ranges` (default
+    all), in one streamed pass."""
     total, total_sq, n = 0.0, 0.0, 0
-    for x, y in self.chunks(view=view):
+    for x, y in self.chunks(ranges, view=view):
       x = x[y >= 0].astype(np.float64)
       total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+    return total, total_sq, n
+
+  def moments(self, view=None, sums=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std [G, D] over real rows, from `sums` (default: this store's)."""
+    total, total_sq, n = self.sums(view) if sums is None else sums
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean * mean, 0.0))
     return mean.astype(np.float32), (std + 1e-6).astype(np.float32)
@@ -117,7 +126,7 @@ class Writer:
     self.xs, self.ys, self.rows, self.names, self.total_rows = [], [], 0, [], 0
 
   def add(self, x: np.ndarray, y: np.ndarray) -> None:
-    self.xs.append(np.asarray(x, self.dtype))
+    self.xs.append(np.asarray(x, np.float32 if self.dtype == np.float16 else self.dtype))
     self.ys.append(np.asarray(y, np.int32))
     self.rows += len(y)
     self.total_rows += len(y)
@@ -128,8 +137,17 @@ class Writer:
     if not self.rows:
       return
     name = f"r{self.lo:06d}-c{len(self.names):05d}.npz"
+    x, y = np.concatenate(self.xs), np.concatenate(self.ys)
+    arrays = {"x": x.astype(self.dtype), "y": y}
+    if self.dtype == np.float16:
+      # Features can sit far from zero with a small spread (a norm's output, averaged over
+      # positions): float16 of x itself would round the spread away (steps of 1/32 at 50). So
+      # a chunk keeps x minus its float32 mean, and reading adds the mean back.
+      real = x[y >= 0] if (y >= 0).any() else x
+      offset = real.astype(np.float64).mean(0).astype(np.float32)
+      arrays.update(x=(x - offset).astype(np.float16), offset=offset)
     buffer = io.BytesIO()
-    np.savez(buffer, x=np.concatenate(self.xs), y=np.concatenate(self.ys))
+    np.savez(buffer, **arrays)
     workdir_lib.write_atomic(self.path / name, buffer.getvalue())
     self.names.append(name)
     self.xs, self.ys, self.rows = [], [], 0

@@ -122,6 +122,9 @@ def from_pretrained(path: str, **overrides):
   arrays = params_from_hf(cfg, _read_hf_state_dict(path))
   if cfg.num_classes:
     arrays["class_head"] = np.zeros((cfg.num_classes, cfg.d_model), np.float32)
+    arrays["class_bias"] = np.zeros((cfg.num_classes,), np.float32)
+    arrays["class_shift"] = np.zeros((cfg.d_model,), np.float32)
+    arrays["class_scale"] = np.ones((cfg.d_model,), np.float32)
   return cfg, model_lib.from_named_params(cfg, arrays)
 
 
@@ -241,6 +244,9 @@ def from_openai_checkpoint(path: str, n_layer: int, n_embd: int, n_head: int,
   arrays = params_from_openai(reader.get_tensor, n_layer, bert)
   if cfg.num_classes:
     arrays["class_head"] = np.zeros((cfg.num_classes, cfg.d_model), np.float32)
+    arrays["class_bias"] = np.zeros((cfg.num_classes,), np.float32)
+    arrays["class_shift"] = np.zeros((cfg.d_model,), np.float32)
+    arrays["class_scale"] = np.ones((cfg.d_model,), np.float32)
   return cfg, model_lib.from_named_params(cfg, arrays)
 
 

@@ -72,43 +72,44 @@ def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200)
   return results
 
 
-# -- streamed: mini-batch Adam on the mesh ----------------------------------------------------
-
-def _batches(store, rows: int, lo: int, view, rng, shuffle: bool):
-  """This process's rows of each global batch: [rows, G, D] and labels, from its own chunks.
-  Shuffled chunk order and a shuffle within each chunk (a convex problem needs no more)."""
-  names = store.chunk_names([lo])
-  order = rng.permutation(len(names)) if shuffle else range(len(names))
-  x_left, y_left = None, None
-  for x, y in store.chunks([lo], view, order):
-    if shuffle:
-      perm = rng.permutation(len(y))
-      x, y = x[perm], y[perm]
-    if x_left is not None:
-      x, y = np.concatenate([x_left, x]), np.concatenate([y_left, y])
-    full = len(y) // rows * rows
-    for i in range(0, full, rows):
-      yield x[i:i + rows], y[i:i + rows]
-    x_left, y_left = x[full:], y[full:]
-  if x_left is not None and len(y_left):
-    pad = rows - len(y_left)
-    yield (np.concatenate([x_left, np.zeros((pad, *x_left.shape[1:]), x_left.dtype)]),
-           np.concatenate([y_left, np.full(pad, -1, np.int32)]))
+def fit_classifier(train, val, num_classes: int, l2_grid, steps: int = 200) -> dict:
+  """train/val: (x [N, D] float32, y [N]). The L2 with the best validation accuracy and its
+  classifier: logits = ((x - mean) / std) @ w + b. Returns {'w' [D, C], 'b' [C], 'mean' [D],
+  'std' [D], 'l2', 'train_accuracy', 'val_accuracy'} (numpy)."""
+  (xt, yt), (xv, yv) = train, val
+  mean, std = xt.mean(0), xt.std(0) + 1e-6
+  norm = lambda x: jnp.asarray((x - mean) / std)  # noqa: E731
+  onehot = jax.nn.one_hot(yt, num_classes)
+  best = None
+  for l2 in l2_grid:
+    p = _lbfgs(norm(xt), onehot, float(l2), steps)
+    val_acc = _accuracy(p, norm(xv), yv)
+    if best is None or val_acc > best["val_accuracy"]:
+      best = {"p": p, "l2": float(l2), "val_accuracy": val_acc,
+              "train_accuracy": _accuracy(p, norm(xt), yt)}
+  p = best.pop("p")
+  return {"w": np.asarray(p["w"], np.float32), "b": np.asarray(p["b"], np.float32),
+          "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), **best}
 
 
-def _my_range(store, mesh, rules, batch_size: int) -> tuple[int, int]:
-  """(this process's rows of a fit batch, the store range it reads): the store was written
-  under the same mesh, so the k-th distinct row range of a fit batch reads the k-th range."""
+def _moments(store, lo: int, view):
+  """The train moments, each process reading only its own range (the first process holding a
+  range sums it; replicas skip it), combined across processes."""
   from igpt_jax import distributed
-  from igpt_jax import sharding as sharding_lib
-  mine = sharding_lib.host_rows(mesh, rules, batch_size)
-  lo = int(mine[0])
-  distinct = sorted(set(distributed.allgather(np.int32(lo)).tolist()))
-  ranges = store.ranges()
-  if len(ranges) != len(distinct):
-    raise ValueError(f"{store.path} was written by {len(ranges)} row ranges, this mesh has "
-                     f"{len(distinct)}; extract the features again under this mesh.")
-  return len(mine), ranges[distinct.index(lo)]
+  los = distributed.allgather(np.int32(lo)).tolist()
+  first = los.index(lo) == jax.process_index()
+  total, total_sq, n = store.sums(view, [lo] if first else [])
+  if jax.process_count() > 1:
+    shape = (store.groups if view is None else len(view),
+             store.dim * (1 if view is None else len(view[0])))
+    packed = np.stack([np.broadcast_to(np.asarray(total, np.float64), shape),
+                       np.broadcast_to(np.asarray(total_sq, np.float64), shape),
+                       np.full(shape, float(n))])
+    # float64 travels as its bytes (int32 pairs): a gather would round it to float32 (no x64).
+    gathered = distributed.allgather(np.ascontiguousarray(packed).view(np.int32))
+    total, total_sq, n = np.ascontiguousarray(gathered).view(np.float64).sum(0)
+    n = int(n.flat[0])
+  return store.moments(view, sums=(total, total_sq, n))
 
 
 def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, batch_size: int,
@@ -118,7 +119,7 @@ def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, ba
   from igpt_jax import distributed
   from igpt_jax import sharding as sharding_lib
   rows, lo = _my_range(train, mesh, rules, batch_size)
-  mean, std = train.moments(view)
+  mean, std = _moments(train, lo, view)
   groups, dim = mean.shape
   l2 = jnp.asarray(np.asarray(l2_grid, np.float32))
   n_l2 = len(l2_grid)

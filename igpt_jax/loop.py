@@ -17,9 +17,11 @@ from flax import nnx
 
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import distributed
+from igpt_jax import head as head_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
+from igpt_jax import optim
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
@@ -69,8 +71,13 @@ def eval_split(config, log=print):
 
 
 def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
+  """What a checkpoint says about itself. `saved` is unique to this save (every process writes
+  the same one: process 0's), so caches built from a checkpoint (probe features) can tell a
+  re-run that reached the same step from the one they were built from."""
+  import uuid
   return {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
-          "palette": np.asarray(centers).tolist()}
+          "palette": np.asarray(centers).tolist(),
+          "saved": distributed.from_chief("checkpoint_id", uuid.uuid4().hex)}
 
 
 def pretrain(config, workdir, log=print, stop_after: int | None = None) -> dict:
@@ -110,6 +117,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
 
   trainer = train_lib.Trainer(cfg, config, mesh, rules, stage=stage)
   tcfg = trainer.train_cfg
+  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
+  head_fit = None
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, stage),
                                      keep=config.checkpoint.keep)
   distributed.agree(f"{stage}_checkpoint_steps", str(ckpt.all_steps()),
@@ -122,9 +131,18 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
     log(f"Resumed from checkpoint step {start} in {ckpt.directory}.")
   else:
     start, state = 0, trainer.init_state(config.seed)
+    if stage == "pretrain" and config.init_from:  # continued training of released weights
+      from igpt_jax import released
+      state["params"] = released.params(config, cfg, mesh, rules, log=log)
     if stage == "finetune":
       _, pretrained, _, _ = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
-      pretrained["class_head"] = state["params"]["class_head"]  # zero-initialised, as released
+      for key in optim.HEAD:  # zero-initialised, as released
+        pretrained[key] = state["params"][key]
+      if config.finetune.head_init == "probe":
+        from igpt_jax import probe as probe_lib
+        pretrained, head_fit = head_lib.fit(trainer, pretrained,
+                                            probe_lib.labelled_splits(config, log), tokenizer,
+                                            config, log)
       state["params"] = pretrained
     log(f"{stage}: {model_lib.count_params(cfg):,} parameters on mesh {dict(mesh.shape)}"
         f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}.")
@@ -136,10 +154,17 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   mem = train_lib.memory_report(step_fn)
   if mem:
     log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
+  if head_fit is not None and tcfg.eval_every:  # where LP-FT starts: the probe's accuracy
+    scalars = {f"head_probe_{k}": v for k, v in head_fit.items()}
+    scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
+                            tcfg.eval_batches))
+    writer.write(0, scalars)
+    head_fit["start_eval_accuracy"] = scalars.get("eval_accuracy")
+    log("step 0 (the probe's head): " + " ".join(
+        f"{k}={v:.4g}" for k, v in scalars.items() if k.startswith("eval_")))
 
   total = tcfg.steps
   rows = sharding_lib.host_rows(mesh, rules, tcfg.batch_size)
-  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   batches = pipeline.train_batches(
       data, batch_size=tcfg.batch_size, seed=config.seed, start_step=start,
       num_steps=max(total - start, 0), rows=rows, augment=config.data.augment,
@@ -234,6 +259,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
     ckpt.close()
   result = {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
             "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
+  if head_fit is not None:
+    result["head_probe"] = head_fit
   if signalled and step < total:  # saved, not done: the caller exits 75
     raise distributed.Preempted(result)
   return result

@@ -89,6 +89,8 @@ def run(config, workdir: str) -> dict:
     workdir_lib.write_text(workdir_lib.path(workdir) / f"config.{stage}.json", text)
     if not (workdir_lib.path(workdir) / "config.json").exists():
       workdir_lib.write_text(workdir_lib.path(workdir) / "config.json", text)
+  if config.init_from and stage in ("pretrain", "evaluate", "probe", "finetune", "sample", "all"):
+    config = stages.from_released(config, workdir, log=log)
   result = stages.get(stage)(config, workdir, log=log)
   log(f"{stage} done; outputs in {workdir_lib.path(outputs)}")
   print(json.dumps(result), flush=True)

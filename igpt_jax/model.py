@@ -264,6 +264,13 @@ class ImageGPT(nnx.Module):
     if cfg.num_classes:
       self.class_head = _param(rngs, nnx.initializers.zeros, (cfg.num_classes, d),
                                (CLASSES, EMBED))
+      self.class_bias = _param(rngs, nnx.initializers.zeros, (cfg.num_classes,), (CLASSES,))
+      # The head reads standardised features, (pooled - shift) * scale: a probe's own
+      # coordinates, where Adam's per-weight steps are well conditioned (pooled features are
+      # uncentred: a step on every weight moves every logit the same way). Set once, from the
+      # probe that initialises the head (head.py); never trained (no gradient reaches them).
+      self.class_shift = _param(rngs, nnx.initializers.zeros, (d,), (EMBED,))
+      self.class_scale = _param(rngs, nnx.initializers.ones, (d,), (EMBED,))
 
   # -- embeddings ----------------------------------------------------------------------------
 
@@ -334,13 +341,24 @@ class ImageGPT(nnx.Module):
     _, feats = self._run_blocks(self.embed(tokens, bert_mask), collect_features=True)
     return feats
 
+  def _pool(self, h):
+    """What the class head reads: the final norm's output, mean over positions, float32."""
+    return jnp.mean(rms_norm(h, self.ln_f[...], self.cfg.norm_eps).astype(jnp.float32), axis=1)
+
+  def pooled(self, tokens, bert_mask=None):
+    """[B, d_model]: the class head's input alone (a probe fitted on it initialises the head)."""
+    h, _ = self._run_blocks(self.embed(tokens, bert_mask), collect_features=False)
+    return self._pool(h)
+
   def logits_and_class_logits(self, tokens, bert_mask=None):
-    """Generative logits and class logits (mean-pooled final norm -> linear), for fine-tuning."""
+    """Generative logits and class logits (mean-pooled final norm -> linear + bias), for
+    fine-tuning."""
     if not self.cfg.num_classes:
       raise ValueError("This model has no class head: set model.num_classes > 0.")
     h, _ = self._run_blocks(self.embed(tokens, bert_mask), collect_features=False)
-    pooled = jnp.mean(rms_norm(h, self.ln_f[...], self.cfg.norm_eps).astype(jnp.float32), axis=1)
-    return self.logits(h), pooled @ self.class_head[...].T
+    shift, scale = (jax.lax.stop_gradient(v[...]) for v in (self.class_shift, self.class_scale))
+    standardised = (self._pool(h) - shift) * scale
+    return self.logits(h), standardised @ self.class_head[...].T + self.class_bias[...]
 
   # -- cached decoding -----------------------------------------------------------------------
 

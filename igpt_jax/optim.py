@@ -2,23 +2,48 @@
 global-norm clipping. Gradient accumulation lives in the train step (train.py), where the
 micro-batches are a scan, so it stays deterministic and sharded."""
 
+import jax
 import optax
 
 
-def learning_rate(train_config):
+def learning_rate(train_config, peak: float | None = None):
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_config.lr,
+      init_value=0.0, peak_value=train_config.lr if peak is None else peak,
       warmup_steps=max(1, min(train_config.warmup_steps, train_config.steps)),
       decay_steps=max(train_config.steps, train_config.warmup_steps + 1), end_value=0.0)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(train_config, head_lr: float | None = None) -> optax.GradientTransformation:
+  """AdamW on every parameter; with `head_lr` (fine-tuning), the class head gets its own peak
+  learning rate on the same schedule: a head starting from a probe's solution and a pretrained
+  trunk want different step sizes, and the trunk may be frozen (lr 0) while the head learns."""
   chain = []
   if train_config.grad_clip and train_config.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(train_config.grad_clip))
-  chain.append(optax.adamw(learning_rate(train_config), b1=train_config.b1, b2=train_config.b2,
-                           weight_decay=train_config.weight_decay, mask=decay_mask))
+  if head_lr is None:
+    chain.append(optax.adamw(learning_rate(train_config), b1=train_config.b1, b2=train_config.b2,
+                             weight_decay=train_config.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+  # AdamW spelt out, with one schedule of peak 1 scaled per group. (optax.multi_transform would
+  # put param-shaped placeholders in the state, which the sharding of the state cannot map.)
+  unit = learning_rate(train_config, peak=1.0)
+  is_head = lambda params: jax.tree.map(lambda label: label == "head", head_labels(params))  # noqa: E731
+  is_trunk = lambda params: jax.tree.map(lambda label: label == "trunk", head_labels(params))  # noqa: E731
+  chain += [optax.scale_by_adam(b1=train_config.b1, b2=train_config.b2),
+            optax.add_decayed_weights(train_config.weight_decay, mask=decay_mask),
+            optax.scale_by_schedule(lambda count: -unit(count)),
+            optax.masked(optax.scale(train_config.lr), is_trunk),
+            optax.masked(optax.scale(head_lr), is_head)]
   return optax.chain(*chain)
+
+
+HEAD = {"class_head", "class_bias", "class_shift", "class_scale"}  # shift, scale: no gradient
+
+
+def head_labels(params):
+  """'head' for the class head's parameters, 'trunk' for the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "head" if path[-1].key in HEAD else "trunk", params)
 
 
 # Weight decay applies to projection matrices only: not to embeddings, norm gains or biases.
@@ -27,5 +52,4 @@ DECAYED = {"q", "k", "v", "attn_out", "fc", "fc_out", "head", "class_head"}
 
 def decay_mask(params):
   """params: the plain nested dict of the train state; decided by each parameter's own name."""
-  import jax
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)

@@ -3,7 +3,8 @@ regression on each.
 
 One forward pass per split, under the training mesh and sharding rules, extracts every probed
 layer's features (and the pixels, for the raw-pixel baseline); each process streams its rows to
-<workdir>/probe/features/ in float16 (features.py), so no host ever holds a split. The
+<workdir>/probe/features/ in float16 around each chunk's mean (features.py), so no host ever
+holds a split; the store is reused only for the same weights, model, palette and data. The
 regressions (logreg.py) fit every layer and L2 candidate together: full-batch L-BFGS when the
 features fit in `probe.max_memory_mb`, else mini-batch Adam streamed from the store over the
 mesh; the L2 strength is chosen on the validation split. The report compares against raw
@@ -13,6 +14,8 @@ best layers (the paper's multi-layer features; `probe.concat`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 
 import numpy as np
@@ -47,6 +50,14 @@ def concat_groups(best: int, layers: list[int], count: int) -> list[int]:
   return sorted(near[:max(1, min(count, len(layers)))])
 
 
+def in_memory_peak_bytes(stores: tuple, groups: int, dim: int) -> int:
+  """Host memory the L-BFGS path peaks at: the three splits as float32 [N, G, D], plus, while
+  the largest split is loaded, its chunks before concatenation (another copy of it), plus one
+  group of every split standardised (a numpy and a device copy on a CPU backend)."""
+  sizes = [s.num_examples * groups * dim * 4 for s in stores]
+  return sum(sizes) + max(sizes) + 2 * sum(sizes) // max(groups, 1)
+
+
 def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=None) -> list[dict]:
   """(train, val, test) stores -> one result per group, in memory or streamed (see module doc)."""
   from igpt_jax import logreg
@@ -54,10 +65,10 @@ def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=No
   train, val, test = stores
   groups = train.groups if view is None else len(view)
   dim = train.dim * (1 if view is None else len(view[0]))
-  in_memory_bytes = sum(s.num_examples for s in stores) * groups * dim * 4
   solver = p.solver
   if solver == "auto":
-    solver = "lbfgs" if in_memory_bytes <= p.max_memory_mb * 2**20 else "adam"
+    solver = "lbfgs" if in_memory_peak_bytes(stores, groups, dim) <= p.max_memory_mb * 2**20 \
+        else "adam"
   if solver == "lbfgs":
     return logreg.fit_in_memory(*(s.load(view) for s in stores), num_classes, tuple(p.l2),
                                 steps=p.steps)
@@ -67,16 +78,6 @@ def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=No
 
 
 # -- report -----------------------------------------------------------------------------------
-
-def probe_layers(feats_train, y_train, feats_test, y_test, num_classes, probe_config, log=print):
-  by_layer = []
-  for layer in range(feats_train.shape[0]):
-    r = logistic_regression(feats_train[layer], y_train, feats_test[layer], y_test, num_classes,
-                            l2_grid=tuple(probe_config.l2), steps=probe_config.steps)
-    by_layer.append({"layer": layer + 1, **r})
-    log(f"probe layer {layer + 1}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})")
-  return by_layer
-
 
 def write_tensorboard(results: dict, out_dir) -> None:
   """Accuracy by layer as TensorBoard scalars (step = layer) and the plot as an image."""
@@ -151,7 +152,7 @@ def _subset(data, n: int, seed: int):
   return data.subset(idx, f"{data.name}[{n} examples]")
 
 
-def _splits(config, log):
+def labelled_splits(config, log) -> dict:
   """Probe train, validation (chooses L2) and test sets; without a validation split, 10% of
   the probe's train examples are held out instead."""
   from igpt_jax.data import sources
@@ -191,7 +192,10 @@ def run(config, workdir, log=print) -> dict:
   rules = sharding_lib.rules_from_config(config)
   cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
   layers = choose_layers(p.layers, cfg.num_layers)
-  splits = _splits(config, log)
+  # Cached features are reused only for the same weights, model and palette.
+  identity = workdir_lib.pretrained_identity(config, workdir, step)
+  palette_hash = hashlib.sha256(np.asarray(centers, np.float32).tobytes()).hexdigest()[:16]
+  splits = labelled_splits(config, log)
   out_dir = workdir_lib.path(workdir) / "probe"
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
@@ -207,8 +211,8 @@ def run(config, workdir, log=print) -> dict:
   for tag, prm in models.items():
     names = [tag, "pixels"] if tag == "pretrained" else [tag]
     for split, data in splits.items():
-      key = {"model": f"step{step}" if tag == "pretrained" else f"init_seed{config.seed + 1}",
-             "split": split, "examples": len(data), "data": data.name, "layers": layers,
+      key = {"model": identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
+             "model_config": dataclasses.asdict(cfg), "palette": palette_hash, "split": split, "examples": len(data), "data": data.name, "layers": layers,
              "resolution": config.data.resolution, "batch_size": p.batch_size,
              "mesh": dict(mesh.shape), "processes": jax.process_count()}
       paths = {n: out_dir / "features" / f"{n}-{split}" for n in names}

@@ -46,6 +46,11 @@ def train_section(config, stage: str = "pretrain"):
   return section
 
 
+def head_lr(config) -> float:
+  """The class head's peak learning rate: finetune.head_lr, or finetune.lr when it is < 0."""
+  return config.finetune.lr if config.finetune.head_lr < 0 else config.finetune.head_lr
+
+
 def check_batch_split(train_cfg, mesh, rules, stage: str = "pretrain") -> None:
   """One `error:` line when the mesh cannot split a micro-batch (JAX would raise a 30-line
   IndivisibleError at the first step). The stages call it first, before a palette fit."""
@@ -88,7 +93,8 @@ class Trainer:
     abstract = model_lib.abstract_model(self.cfg)
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     param_shardings = _pure(sharding_lib.shardings_for(abstract_params, self.mesh, self.rules))
-    self.tx = optim.make_optimizer(self.train_cfg)
+    self.tx = optim.make_optimizer(self.train_cfg, head_lr=head_lr(self.config)
+                                   if self.stage == "finetune" else None)
     self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
@@ -222,6 +228,22 @@ class Trainer:
       return out
 
     jitted = jax.jit(eval_batch)
+
+    def call(*args):
+      with sharding_lib.activation_sharding(self.mesh, self.rules):
+        return jitted(*args)
+    return call
+
+  @functools.cached_property
+  def pooled_fn(self):
+    """params, tokens -> [B, d_model]: what the class head reads (head.py fits a probe on it),
+    with the inputs eval_fn gives it (a BERT model's masked as in evaluation)."""
+    def pooled(params, tokens):
+      bert = None if self.cfg.causal else objectives.bert_mask(
+          jax.random.key(self.config.seed + 1), tokens.shape)
+      return nnx.merge(self.graphdef, params).pooled(tokens, bert)
+
+    jitted = jax.jit(pooled)
 
     def call(*args):
       with sharding_lib.activation_sharding(self.mesh, self.rules):

@@ -113,13 +113,18 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
   from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
   directory = checkpoint_dir(workdir, "pretrain")
-  if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+  has_checkpoint = directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+  if not has_checkpoint and not config.init_from:
     raise UserError(f"No pretraining checkpoint in {directory}: run the pretrain stage first "
-                    "(or point --workdir at a run that has one).")
+                    "(or point --workdir at a run that has one, or start from released weights "
+                    "with --config.init_from).")
   cfg = model_lib.ModelConfig.from_config(config)
   centers = load_palette(config, workdir)
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
   rules = rules or sharding_lib.rules_from_config(config)
+  if not has_checkpoint:  # released weights (released.py checked the shape and palette)
+    from igpt_jax import released
+    return cfg, released.params(config, cfg, mesh, rules, log=log), centers, 0
 
   def check(meta):
     check_same_model(meta, cfg, directory)
@@ -144,6 +149,21 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
   step, state, _ = restored
   log(f"Loaded pretrained parameters from step {step} of {directory}.")
   return cfg, state["params"], centers, step
+
+
+def pretrained_identity(config, workdir, step: int) -> str:
+  """Which weights `load_pretrained` gave at `step`: the checkpoint's own id (a re-run that
+  reached the same step has another), or the released weights' path and modification time."""
+  from igpt_jax import checkpoint as checkpoint_lib
+  directory = checkpoint_dir(workdir, "pretrain")
+  if directory.exists() and str(step) in {p.name for p in directory.iterdir()}:
+    ckpt = checkpoint_lib.Checkpointer(directory)
+    try:
+      return f"step{step}:" + str(ckpt.read_meta(step).get("saved", "unnamed"))
+    finally:
+      ckpt.close()
+  import os
+  return f"{config.init_from}@{os.stat(config.init_from).st_mtime_ns}"
 
 
 def check_same_model(meta: dict, cfg, where) -> None:

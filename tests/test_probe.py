@@ -16,12 +16,12 @@ from igpt_jax.data import sources, transform
 from test_train import needs_fmnist, tiny_config
 
 L2 = (1e-4, 1e-3, 1e-2, 1e-1)
-CHUNK_BYTES = 64 * 1024  # the cap on what the streamed path holds of a split at a time
+CHUNK_BYTES = 32 * 1024  # the cap on what the streamed path holds of a split at a time
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-  """Layer features of a briefly pretrained model: 20k train, 2k validation, 5k test images of
+  """Layer features of a briefly pretrained model: 12k train, 2k validation, 5k test images of
   Fashion-MNIST, written in chunks of at most CHUNK_BYTES."""
   import jax
   workdir = str(tmp_path_factory.mktemp("probe"))
@@ -34,7 +34,7 @@ def stores(tmp_path_factory):
   feats = jax.jit(lambda t: nnx.merge(graphdef, params).features(t).transpose(1, 0, 2))
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   out = []
-  for role, n in (("train", 20_000), ("validation", 2_000), ("test", 5_000)):
+  for role, n in (("train", 12_000), ("validation", 2_000), ("test", 5_000)):
     data = sources.load(config, role)
     data = data.subset(np.arange(n), f"{data.name}[:{n}]")
     path = os.path.join(workdir, role)
@@ -47,7 +47,7 @@ def stores(tmp_path_factory):
 def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solver(
     stores, monkeypatch):
   mesh, rules, (train, val, test) = stores
-  assert train.num_examples == 20_000 and (train.groups, train.dim) == (2, 32)
+  assert train.num_examples == 12_000 and (train.groups, train.dim) == (2, 32)
   float32_bytes = train.num_examples * train.groups * train.dim * 4
   assert float32_bytes > 40 * CHUNK_BYTES  # the split would not fit under the cap in one array
   chunk_files = [train.path / name for name in train.chunk_names()]
@@ -86,3 +86,42 @@ def test_probed_layers():
   # The paper's multi-layer features: the best layer and its nearest probed neighbours.
   assert probe.concat_groups(10, [4, 8, 10, 11, 12, 16], 3) == [1, 2, 3]
   assert probe.concat_groups(4, [4, 8, 12], 5) == [0, 1, 2]
+
+
+def synthetic_store(path, x, y, chunk_rows=256):
+  """x [N, G, D] float32 written through the store's own Writer (float16 chunks) and meta."""
+  import json
+  writer = features.Writer(path, 0, chunk_rows, np.float16)
+  for lo in range(0, len(y), chunk_rows):
+    writer.add(x[lo:lo + chunk_rows], y[lo:lo + chunk_rows])
+  writer.flush()
+  meta = {"format": features.FORMAT, "key": {}, "num_examples": len(y), "groups": x.shape[1],
+          "dim": x.shape[2], "dtype": "float16",
+          "ranges": {"0": {"chunks": writer.names, "rows": writer.total_rows}}}
+  (writer.path / "meta.json").write_text(json.dumps(meta))
+  return features.Store(path)
+
+
+def test_float16_store_keeps_features_with_a_large_common_offset(tmp_path):
+  """Pooled features can sit far from zero with a small spread (a norm's output averaged over
+  positions): stored naively as float16 (11-bit mantissa: steps of 1/32 at 50), the spread that
+  carries the classes would round away. The store keeps them: the probe on stored features
+  equals the probe on the float32 originals."""
+  rng = np.random.default_rng(0)
+  classes, d = 4, 16
+  centres = rng.standard_normal((classes, d))
+  def split(n):
+    y = rng.integers(0, classes, n)
+    x = 50.0 + 0.01 * (centres[y] + 0.7 * rng.standard_normal((n, d)))
+    return x[:, None, :].astype(np.float32), y
+  original = [split(n) for n in (3000, 1000, 1000)]
+  stored = [synthetic_store(tmp_path / str(i), x, y) for i, (x, y) in enumerate(original)]
+  x0, _ = stored[0].load()
+  assert np.abs(x0 - original[0][0]).max() < 5e-5  # float16 of the spread, not of the offset
+  want = logreg.fit_in_memory(*original, classes, L2)[0]["accuracy"]
+  got = logreg.fit_in_memory(*(s.load() for s in stored), classes, L2)[0]["accuracy"]
+  assert want > 0.8 and got == pytest.approx(want, abs=0.003)
+  mean, std = stored[0].moments()
+  exact = original[0][0].astype(np.float64)
+  np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(std, exact.std(0), rtol=1e-3)

@@ -28,7 +28,6 @@ def get_config():
   c.train.sample_every = 100  # sample grids in TensorBoard at steps 100 and 200
   c.checkpoint.every = 50
   c.finetune.steps = 50
-  c.finetune.lr = 1e-3
   c.finetune.warmup_steps = 5
   c.finetune.eval_every = 50
   c.finetune.eval_batches = 40  # 2,560 test images
