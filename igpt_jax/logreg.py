@@ -92,6 +92,45 @@ def fit_classifier(train, val, num_classes: int, l2_grid, steps: int = 200) -> d
           "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), **best}
 
 
+# -- streamed: mini-batch Adam on the mesh ----------------------------------------------------
+
+def _batches(store, rows: int, lo: int, view, rng, shuffle: bool):
+  """This process's rows of each global batch: [rows, G, D] and labels, from its own chunks.
+  Shuffled chunk order and a shuffle within each chunk (a convex problem needs no more)."""
+  names = store.chunk_names([lo])
+  order = rng.permutation(len(names)) if shuffle else range(len(names))
+  x_left, y_left = None, None
+  for x, y in store.chunks([lo], view, order):
+    if shuffle:
+      perm = rng.permutation(len(y))
+      x, y = x[perm], y[perm]
+    if x_left is not None:
+      x, y = np.concatenate([x_left, x]), np.concatenate([y_left, y])
+    full = len(y) // rows * rows
+    for i in range(0, full, rows):
+      yield x[i:i + rows], y[i:i + rows]
+    x_left, y_left = x[full:], y[full:]
+  if x_left is not None and len(y_left):
+    pad = rows - len(y_left)
+    yield (np.concatenate([x_left, np.zeros((pad, *x_left.shape[1:]), x_left.dtype)]),
+           np.concatenate([y_left, np.full(pad, -1, np.int32)]))
+
+
+def _my_range(store, mesh, rules, batch_size: int) -> tuple[int, int]:
+  """(this process's rows of a fit batch, the store range it reads): the store was written
+  under the same mesh, so the k-th distinct row range of a fit batch reads the k-th range."""
+  from igpt_jax import distributed
+  from igpt_jax import sharding as sharding_lib
+  mine = sharding_lib.host_rows(mesh, rules, batch_size)
+  lo = int(mine[0])
+  distinct = sorted(set(distributed.allgather(np.int32(lo)).tolist()))
+  ranges = store.ranges()
+  if len(ranges) != len(distinct):
+    raise ValueError(f"{store.path} was written by {len(ranges)} row ranges, this mesh has "
+                     f"{len(distinct)}; extract the features again under this mesh.")
+  return len(mine), ranges[distinct.index(lo)]
+
+
 def _moments(store, lo: int, view):
   """The train moments, each process reading only its own range (the first process holding a
   range sums it; replicas skip it), combined across processes."""

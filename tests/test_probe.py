@@ -16,12 +16,12 @@ from igpt_jax.data import sources, transform
 from test_train import needs_fmnist, tiny_config
 
 L2 = (1e-4, 1e-3, 1e-2, 1e-1)
-CHUNK_BYTES = 32 * 1024  # the cap on what the streamed path holds of a split at a time
+CHUNK_BYTES = 64 * 1024  # the cap on what the streamed path holds of a split at a time
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-  """Layer features of a briefly pretrained model: 12k train, 2k validation, 5k test images of
+  """Layer features of a briefly pretrained model: 20k train, 2k validation, 5k test images of
   Fashion-MNIST, written in chunks of at most CHUNK_BYTES."""
   import jax
   workdir = str(tmp_path_factory.mktemp("probe"))
@@ -34,7 +34,7 @@ def stores(tmp_path_factory):
   feats = jax.jit(lambda t: nnx.merge(graphdef, params).features(t).transpose(1, 0, 2))
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   out = []
-  for role, n in (("train", 12_000), ("validation", 2_000), ("test", 5_000)):
+  for role, n in (("train", 20_000), ("validation", 2_000), ("test", 5_000)):
     data = sources.load(config, role)
     data = data.subset(np.arange(n), f"{data.name}[:{n}]")
     path = os.path.join(workdir, role)
@@ -47,7 +47,7 @@ def stores(tmp_path_factory):
 def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solver(
     stores, monkeypatch):
   mesh, rules, (train, val, test) = stores
-  assert train.num_examples == 12_000 and (train.groups, train.dim) == (2, 32)
+  assert train.num_examples == 20_000 and (train.groups, train.dim) == (2, 32)
   float32_bytes = train.num_examples * train.groups * train.dim * 4
   assert float32_bytes > 40 * CHUNK_BYTES  # the split would not fit under the cap in one array
   chunk_files = [train.path / name for name in train.chunk_names()]
