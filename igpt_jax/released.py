@@ -94,13 +94,9 @@ def open_released(config) -> Released:
   return Released(path, kind, cfg, palette)
 
 
-def resolved(config, log=print):
-  """config, checked against the weights of config.init_from (model.use_bias set from them).
-  Unchanged when init_from is empty."""
-  if not config.init_from:
-    return config
+def resolved(config, released: Released, log=print):
+  """config, checked against `released` (open_released(config)); model.use_bias set from it."""
   from igpt_jax import palette as palette_lib
-  released = open_released(config)
   w = released.cfg
   k = palette_lib.Palette.load(released.palette_path).k
   if k != w.vocab_size:

@@ -24,12 +24,12 @@ def get(name: str):
   return importlib.import_module(f"igpt_jax.stages.{name}").run
 
 
-def _install_palette(config, workdir, log=print) -> None:
+def _install_palette(config, workdir, weights: released.Released, log=print) -> None:
   """The weights' palette becomes the workdir's palette.npz (process 0 writes it; a configured
   palette.path is used as it is). A workdir holding another palette is refused."""
-  if not config.init_from or config.palette.path:
+  if config.palette.path:
     return
-  source = palette_lib.Palette.load(released.open_released(config).palette_path)
+  source = palette_lib.Palette.load(weights.palette_path)
   target = workdir_lib.palette_path(config, workdir)
   if target.exists():
     have = palette_lib.Palette.load(target).centers
@@ -45,6 +45,7 @@ def _install_palette(config, workdir, log=print) -> None:
 
 def from_released(config, workdir, log=print):
   """What a stage that reads weights does first with init_from: check, then install the palette."""
-  config = released.resolved(config, log)
-  _install_palette(config, workdir, log)
+  weights = released.open_released(config)  # reads the shape; the weights are read later
+  config = released.resolved(config, weights, log)
+  _install_palette(config, workdir, weights, log)
   return config
