@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # jax and flax of this version need it
     license="MIT",
-    package_data={"igpt_jax": ["py.typed", "configs/*.py"]},  # --config=igpt_l after pip install
+    package_data={"igpt_jax": ["py.typed", "configs/*.py", "configs/eval/*.py"]},  # --config=igpt_l after pip install
     packages=find_packages(include=["igpt_jax", "igpt_jax.*"]),
     install_requires=[
         "jax>=0.7",

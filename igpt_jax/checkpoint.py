@@ -127,14 +127,15 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore_latest(self, abstract_state, check_meta=None, config: dict | None = None,
-                     log=print):
-    """(step, state, meta) of the newest intact step, or None when there is none.
+                     log=print, steps: list[int] | None = None):
+    """(step, state, meta) of the newest intact step (of `steps`, when given), or None when
+    there is none.
 
     `abstract_state` is {'params': ...} alone (hand-off: parameters only) or the whole train
     state. `check_meta(meta)` runs first and raises CheckpointMismatch for another config;
     `config` (the run's config as a dict) lets a mismatch name the setting that changed.
     """
-    for step in reversed(self.all_steps()):
+    for step in reversed([s for s in self.all_steps() if steps is None or s in steps]):
       status, result, error = self._try_restore(step, abstract_state, check_meta, config)
       statuses = distributed.allgather(np.int32(status))
       worst = int(statuses.max())

@@ -142,6 +142,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe.fit_batch_size = 1024  # Adam batch (global, over the mesh)
   c.probe.lr = 0.3  # Adam peak learning rate, warmup then cosine (features are standardised)
   c.probe.batch_size = 256  # feature extraction
+  # BERT models: features averaged over this many masks drawn as in pretraining (the paper's
+  # mask ensembling); 0 = unmasked inputs, once. AR models ignore it.
+  c.probe.bert_masks = 0
+  # Low-data probes (the paper's semi-supervised comparison): '4,25,400' fits each probed layer
+  # on that many labelled train examples per class as well, with probe.low_data_seeds draws
+  # each, L2 chosen on validation; reported as mean and std. '' = none.
+  c.probe.labels_per_class = ""
+  c.probe.low_data_seeds = 3
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 16  # unconditional samples
@@ -152,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5_000
   c.checkpoint.keep = 3
+  # Stages that read the pretrained model (evaluate, probe, finetune, sample): 0 = its newest
+  # intact step; N = exactly step N (kept by checkpoint.keep), e.g. to probe how features grow.
+  c.checkpoint.load_step = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
@@ -182,12 +193,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Runs a configs/*.py file's `get_config()` (for code that has no absl flags to do it)."""
+  """Runs a configs/*.py file's `get_config()` (for code that has no absl flags to do it);
+  'file.py:arg' passes arg, as --config does."""
+  path, *args = path.split(":", 1) if not os.path.isfile(path) else (path,)
   spec = importlib.util.spec_from_file_location(
       "igpt_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 CHOICES = {
@@ -204,14 +217,16 @@ POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples"
             "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
             "probe.batch_size", "probe.steps", "probe.concat", "probe.max_memory_mb",
-            "probe.epochs", "probe.fit_batch_size", "probe.lr", "mesh.slices")
+            "probe.epochs", "probe.fit_batch_size", "probe.lr", "mesh.slices",
+            "probe.low_data_seeds")
 NON_NEGATIVE = ("data.workers", "data.prefetch", "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "train.eval_every", "train.eval_batches", "train.sample_every",
                 "finetune.steps", "finetune.lr", "finetune.warmup_steps", "finetune.eval_every",
                 "finetune.eval_batches", "finetune.gen_weight", "palette.iters", "sample.num",
                 "sample.completions", "sample.temperature", "sample.top_k", "plan.num_devices",
                 "probe.train_examples", "probe.validation_examples", "probe.test_examples",
-                "plan.device_memory_gb", "plan.slices", "train.watchdog_factor")
+                "plan.device_memory_gb", "plan.slices", "train.watchdog_factor",
+                "probe.bert_masks", "checkpoint.load_step")
 
 
 def _get(config, dotted: str):
@@ -295,7 +310,21 @@ def validate(config) -> None:
     raise UserError(f"--config.train.profile_steps={profile!r} must be 'START,END', e.g. '10,20'.")
   if profile and int(profile.split(",")[0]) > int(profile.split(",")[1]):
     raise UserError(f"--config.train.profile_steps={profile!r}: START is after END.")
+  labels_per_class(config)  # refuses a malformed list
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     if size != -1 and size < 1:
       raise UserError(f"--config.mesh.{axis}={size} must be a positive size or -1 (the rest).")
+
+
+def labels_per_class(config) -> list[int]:
+  """probe.labels_per_class as sorted positive ints ([] when unset)."""
+  spec = str(config.probe.labels_per_class).strip().strip("()[]")
+  try:
+    values = sorted({int(v) for v in spec.replace(" ", "").split(",") if v})
+  except ValueError:
+    values = [0]
+  if any(v < 1 for v in values):
+    raise UserError(f"--config.probe.labels_per_class={config.probe.labels_per_class!r} must be "
+                    "positive numbers of examples per class separated by commas, e.g. '4,25,400'.")
+  return values

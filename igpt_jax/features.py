@@ -91,14 +91,29 @@ class Store:
     for i in (range(len(names)) if order is None else order):
       yield self.read(names[i], view)
 
-  def load(self, view=None) -> tuple[np.ndarray, np.ndarray]:
-    """Every range, padding dropped, as float32: for the in-memory path (small sets only)."""
-    xs, ys = [], []
+  def load(self, view=None, rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every range, padding dropped, as float32: for the in-memory path (small sets only).
+    `rows`: only these positions of that order (as in `labels()`), e.g. a low-data subset."""
+    xs, ys, seen = [], [], 0
+    wanted = None if rows is None else np.sort(np.asarray(rows))
     for x, y in self.chunks(view=view):
-      keep = y >= 0
+      keep = np.flatnonzero(y >= 0)
+      if wanted is not None:
+        at = wanted[(wanted >= seen) & (wanted < seen + len(keep))] - seen
+        seen += len(keep)
+        keep = keep[at]
       xs.append(x[keep].astype(np.float32))
       ys.append(y[keep])
     return np.concatenate(xs), np.concatenate(ys)
+
+  def labels(self) -> np.ndarray:
+    """The real rows' labels, in `load`'s order, without reading the features."""
+    out = []
+    for name in self.chunk_names():
+      with np.load(io.BytesIO((self.path / name).read_bytes())) as z:
+        y = z["y"]
+      out.append(y[y >= 0])
+    return np.concatenate(out)
 
   def sums(self, view=None, ranges=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Sum and sum of squares [G, D] (float64) and count of the real rows of `ranges` (default

@@ -53,21 +53,56 @@ def _accuracy(p, x, y) -> float:
   return float(jnp.mean(jnp.argmax(x @ p["w"] + p["b"], -1) == y))
 
 
-def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200) -> list[dict]:
+WIDEN = 3  # at most this many factors of 10 added beyond an edge of the L2 grid
+
+
+def _grid_search(fit_and_score, l2_grid, widen: int = WIDEN):
+  """fit_and_score(l2) -> (validation accuracy, anything) over `l2_grid`; while the best is at
+  an edge of the values tried, one more value 10x beyond it (at most `widen` per side), so the
+  chosen L2 is bracketed by worse ones unless the widening ran out. -> (best l2, its validation
+  accuracy, its anything, every l2 tried, whether the best is still at an edge)."""
+  tried = {float(l2): None for l2 in l2_grid}
+  for l2 in sorted(tried):
+    tried[l2] = fit_and_score(l2)
+  # Ties go to the stronger penalty: the simpler model, and a plateau of equal accuracies at
+  # small L2 then counts as bracketed instead of widening towards zero.
+  pick = lambda: max(tried, key=lambda v: (tried[v][0], v))  # noqa: E731
+  added = {"low": 0, "high": 0}
+  while len(tried) > 1:  # one value given = an L2 fixed by hand: kept
+    best, values = pick(), sorted(tried)
+    side = "low" if best == values[0] else "high" if best == values[-1] else None
+    if side is None or added[side] >= widen:
+      break
+    added[side] += 1
+    new = best / 10 if side == "low" else best * 10
+    tried[new] = fit_and_score(new)
+  best, values = pick(), sorted(tried)
+  return best, tried[best][0], tried[best][1], values, len(values) > 1 and best in (
+      values[0], values[-1])
+
+
+def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200,
+                  predictions: bool = False) -> list[dict]:
   """train/val/test: (x [N, G, D] float32, y [N]). One result per group: test accuracy at the
-  L2 with the best validation accuracy."""
+  L2 with the best validation accuracy (the grid widened past an edge, see _grid_search), the
+  L2 values tried and `l2_at_edge`; with `predictions`, the test predictions [N] as well."""
   (xt, yt), (xv, yv), (xs, ys) = train, val, test
   mean, std = xt.mean(0), xt.std(0) + 1e-6
   onehot = jax.nn.one_hot(yt, num_classes)
   results = []
   for g in range(xt.shape[1]):
     norm = lambda x: jnp.asarray((x[:, g] - mean[g]) / std[g])  # noqa: E731
-    best = None
-    for l2 in l2_grid:
+
+    def fit_and_score(l2):
       p = _lbfgs(norm(xt), onehot, float(l2), steps)
-      val_acc = _accuracy(p, norm(xv), yv)
-      if best is None or val_acc > best["val_accuracy"]:
-        best = {"accuracy": _accuracy(p, norm(xs), ys), "l2": float(l2), "val_accuracy": val_acc}
+      return _accuracy(p, norm(xv), yv), p
+
+    l2, val_acc, p, tried, at_edge = _grid_search(fit_and_score, l2_grid)
+    predicted = np.asarray(jnp.argmax(norm(xs) @ p["w"] + p["b"], -1))
+    best = {"accuracy": float(np.mean(predicted == ys)), "l2": l2, "val_accuracy": val_acc,
+            "l2_tried": tried, "l2_at_edge": at_edge}
+    if predictions:
+      best["predictions"] = predicted.astype(np.int16)
     results.append(best)
   return results
 
@@ -80,13 +115,14 @@ def fit_classifier(train, val, num_classes: int, l2_grid, steps: int = 200) -> d
   mean, std = xt.mean(0), xt.std(0) + 1e-6
   norm = lambda x: jnp.asarray((x - mean) / std)  # noqa: E731
   onehot = jax.nn.one_hot(yt, num_classes)
-  best = None
-  for l2 in l2_grid:
+
+  def fit_and_score(l2):
     p = _lbfgs(norm(xt), onehot, float(l2), steps)
-    val_acc = _accuracy(p, norm(xv), yv)
-    if best is None or val_acc > best["val_accuracy"]:
-      best = {"p": p, "l2": float(l2), "val_accuracy": val_acc,
-              "train_accuracy": _accuracy(p, norm(xt), yt)}
+    return _accuracy(p, norm(xv), yv), p
+
+  l2, val_acc, p, tried, at_edge = _grid_search(fit_and_score, l2_grid)
+  best = {"p": p, "l2": l2, "val_accuracy": val_acc, "l2_tried": tried, "l2_at_edge": at_edge,
+          "train_accuracy": _accuracy(p, norm(xt), yt)}
   p = best.pop("p")
   return {"w": np.asarray(p["w"], np.float32), "b": np.asarray(p["b"], np.float32),
           "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), **best}
@@ -219,7 +255,11 @@ def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, ba
   val_acc, test_acc = accuracy(val), accuracy(test)
   results = []
   for g in range(groups):
-    best = int(np.argmax(val_acc[g]))
+    # Ties to the stronger penalty, as in _grid_search; one pass fits every L2, so the grid is
+    # not widened here: `l2_at_edge` says when a wider probe.l2 would be worth a rerun.
+    best = max(range(n_l2), key=lambda i: (val_acc[g, i], l2_grid[i]))
     results.append({"accuracy": float(test_acc[g, best]), "l2": float(l2_grid[best]),
-                    "val_accuracy": float(val_acc[g, best])})
+                    "val_accuracy": float(val_acc[g, best]),
+                    "l2_tried": sorted(float(v) for v in l2_grid),
+                    "l2_at_edge": float(l2_grid[best]) in (min(l2_grid), max(l2_grid))})
   return results

@@ -57,6 +57,7 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
          f"{prefix}_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
   if trainer.stage == "finetune":
     out[f"{prefix}_accuracy"] = total["correct"] / max(total["examples"], 1.0)
+    out[f"{prefix}_examples"] = int(total["examples"])
   return out
 
 

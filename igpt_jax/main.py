@@ -124,9 +124,14 @@ def check_overrides(argv: list[str]) -> None:
                     + f" The shipped configs ({CONFIGS_DIR}): "
                     + ", ".join(n[:-3] for n in names) + ".")
   overrides = [a[len("--config."):].split("=", 1) for a in argv if a.startswith("--config.")]
-  if not path or not overrides:
+  if not path:
     return
-  config = config_lib.load_config_file(path.split(":")[0])
+  try:  # a config's own refusal (e.g. eval/cifar10:xl) as one line, not absl's FATAL
+    config = config_lib.load_config_file(path)
+  except config_lib.UserError as e:
+    exit_with_error(str(e))
+  if not overrides:
+    return
   keys = _flat_keys(config)
   for key, *value in overrides:
     if key not in keys:
@@ -142,12 +147,13 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def with_packaged_config(argv: list[str]) -> list[str]:
-  """`--config=igpt_l` (or `igpt_l.py`) names a config shipped inside the package, so a pip
-  install without this repository's checkout has them; a path to a file is used as it is."""
+  """`--config=igpt_l` (or `igpt_l.py`, or `eval/cifar10:l`) names a config shipped inside the
+  package, so a pip install without this repository's checkout has them; a path to a file that
+  exists is used as it is."""
   index, out = _config_index(argv), list(argv)
   name = None if index is None else _config_value(argv[index])
-  if name is not None and os.sep not in name and not os.path.isfile(name.split(":")[0]):
-    base, _, rest = name.partition(":")
+  if name is not None and not os.path.isfile(name.split(":")[0]):
+    base, _, rest = name.partition(":")  # also a shipped subfolder: eval/cifar10
     shipped = os.path.join(CONFIGS_DIR, base if base.endswith(".py") else base + ".py")
     if os.path.isfile(shipped):
       out[index] = out[index].replace(name, shipped + (":" + rest if rest else ""), 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import time
 
 import numpy as np
@@ -50,6 +51,26 @@ def concat_groups(best: int, layers: list[int], count: int) -> list[int]:
   return sorted(near[:max(1, min(count, len(layers)))])
 
 
+def masked_features(model, tokens, seed: int, masks: int):
+  """[num_layers, B, d] probe features of a BERT model averaged over `masks` inputs masked as in
+  pretraining (the paper's mask ensembling); mask i is drawn from key(seed) folded with i, so the
+  same seed gives the same masks. masks=0: the unmasked features."""
+  import jax
+  import jax.numpy as jnp
+
+  from igpt_jax import objectives
+  if not masks:
+    return model.features(tokens)
+
+  def add(i, total):
+    mask = objectives.bert_mask(jax.random.fold_in(jax.random.key(seed), i), tokens.shape)
+    return total + model.features(tokens, mask)
+
+  first = model.features(tokens, objectives.bert_mask(
+      jax.random.fold_in(jax.random.key(seed), 0), tokens.shape))
+  return jax.lax.fori_loop(1, masks, add, first) / jnp.float32(masks)
+
+
 def in_memory_peak_bytes(stores: tuple, groups: int, dim: int) -> int:
   """Host memory the L-BFGS path peaks at: the three splits as float32 [N, G, D], plus, while
   the largest split is loaded, its chunks before concatenation (another copy of it), plus one
@@ -71,10 +92,51 @@ def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=No
         else "adam"
   if solver == "lbfgs":
     return logreg.fit_in_memory(*(s.load(view) for s in stores), num_classes, tuple(p.l2),
-                                steps=p.steps)
+                                steps=p.steps, predictions=True)
   return logreg.fit_streamed(train, val, test, num_classes, tuple(p.l2), mesh=mesh, rules=rules,
                              batch_size=p.fit_batch_size, epochs=p.epochs, lr=p.lr,
                              seed=config.seed, view=view, log=log)
+
+
+def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=print) -> list[dict]:
+  """The paper's low-data probes: for each probe.labels_per_class value v and each of
+  probe.low_data_seeds draws, every layer fitted on v train examples per class (L2 chosen on
+  the whole validation split, widened as usual), scored on test. One layer in memory at a time."""
+  from igpt_jax import logreg
+  from igpt_jax.config import labels_per_class
+  p = config.probe
+  train, val, test = stores
+  labels = train.labels()
+  counts = np.bincount(labels, minlength=num_classes)
+  out = []
+  for v in labels_per_class(config):
+    if counts.min() < v:
+      raise UserError(
+          f"--config.probe.labels_per_class={p.labels_per_class!r}: {v} per class needs {v} "
+          f"train examples of every class; class {int(counts.argmin())} has {int(counts.min())} "
+          f"of the probe's {len(labels)} (raise probe.train_examples or lower the value).")
+    draws = []
+    for s in range(p.low_data_seeds):
+      rng = np.random.default_rng([config.seed, v, s])
+      draws.append(np.sort(np.concatenate([
+          rng.choice(np.flatnonzero(labels == c), v, replace=False) for c in range(num_classes)])))
+    by_layer = []
+    for g, layer in enumerate(layers):
+      evals = (val.load([[g]]), test.load([[g]]))
+      fits = [logreg.fit_in_memory(train.load([[g]], rows=rows), *evals, num_classes,
+                                   tuple(p.l2), steps=p.steps)[0] for rows in draws]
+      acc = np.asarray([f["accuracy"] for f in fits])
+      by_layer.append({"layer": layer, "mean": float(acc.mean()), "std": float(acc.std(ddof=1))
+                       if len(acc) > 1 else 0.0, "accuracies": acc.tolist(),
+                       "val_mean": float(np.mean([f["val_accuracy"] for f in fits])),
+                       "l2": [f["l2"] for f in fits]})
+    best = max(by_layer, key=lambda r: r["val_mean"])  # chosen on validation, as above
+    out.append({"labels_per_class": v, "train_examples": v * num_classes,
+                "seeds": p.low_data_seeds, "by_layer": by_layer, "best_layer": best["layer"],
+                "best_mean": best["mean"], "best_std": best["std"]})
+    log(f"low-data probe, {v} labels per class: best layer {best['layer']} "
+        f"{best['mean']:.4f} +- {best['std']:.4f} over {p.low_data_seeds} draws")
+  return out
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -119,6 +181,11 @@ def write_report(results: dict, out_dir) -> dict:
   rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
   for r in results["by_layer"]:
     lines.append(f"| {r['layer']} | {r['accuracy']:.4f} | {rand.get(r['layer'], float('nan')):.4f} |")
+  for low in results.get("low_data", []):
+    lines += ["", f"Low-data probe, {low['labels_per_class']} labels per class "
+              f"({low['train_examples']} train examples, {low['seeds']} draws): mean +- std of "
+              "test accuracy.", "", "| layer | accuracy |", "|---|---|"]
+    lines += [f"| {r['layer']} | {r['mean']:.4f} +- {r['std']:.4f} |" for r in low["by_layer"]]
   lines += ["", f"Test accuracy; layers and L2 chosen on validation. Best layer "
             f"{results['best_layer']}: {results['best_accuracy']:.4f}; concatenated layers "
             f"{results['multi_layer']['layers']}: {results['multi_layer']['accuracy']:.4f}; "
@@ -135,6 +202,10 @@ def write_report(results: dict, out_dir) -> dict:
   if rand:
     ax.plot(layers, [rand[l] for l in layers], "s--", label="random init")
   ax.axhline(results["raw_pixel_accuracy"], color="gray", linestyle=":", label="raw pixels")
+  for low in results.get("low_data", []):
+    ax.errorbar(layers, [r["mean"] for r in low["by_layer"]],
+                yerr=[r["std"] for r in low["by_layer"]], fmt=".-", capsize=2,
+                label=f"{low['labels_per_class']} labels/class")
   ax.set_xlabel("layer")
   ax.set_ylabel("linear probe accuracy")
   ax.legend()
@@ -200,9 +271,12 @@ def run(config, workdir, log=print) -> dict:
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
   picked = np.asarray([l - 1 for l in layers])
+  masks = 0 if cfg.causal else p.bert_masks
+  if p.bert_masks and cfg.causal:
+    log(f"probe.bert_masks={p.bert_masks} ignored: an AR model's inputs are not masked.")
   # [B, probed layers, d]: rows first, as the store keeps them.
-  layer_features = jax.jit(
-      lambda prm, t: nnx.merge(graphdef, prm).features(t)[picked].transpose(1, 0, 2))
+  layer_features = jax.jit(lambda prm, t: masked_features(
+      nnx.merge(graphdef, prm), t, config.seed + 2, masks)[picked].transpose(1, 0, 2))
   models = {"pretrained": params,
             "random_init": train_lib.init_params(cfg, mesh, rules, config.seed + 1)}
   times["load_s"] = time.perf_counter() - start
@@ -214,7 +288,8 @@ def run(config, workdir, log=print) -> dict:
       key = {"model": identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
              "model_config": dataclasses.asdict(cfg), "palette": palette_hash, "split": split, "examples": len(data), "data": data.name, "layers": layers,
              "resolution": config.data.resolution, "batch_size": p.batch_size,
-             "mesh": dict(mesh.shape), "processes": jax.process_count()}
+             "mesh": dict(mesh.shape), "processes": jax.process_count(),
+             "bert_masks": masks}
       paths = {n: out_dir / "features" / f"{n}-{split}" for n in names}
       done = all(features_lib.Store.complete(paths[n], key) for n in names)
       if not distributed.any_process(not done):
@@ -242,7 +317,8 @@ def run(config, workdir, log=print) -> dict:
   fit = lambda name, view=None: _fit(of(name), k, config, mesh, rules, view, log)  # noqa: E731
   by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("pretrained"))]
   for r in by_layer:
-    log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})")
+    log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})"
+        + (" -- at the edge of the L2 values tried (probe.l2)" if r["l2_at_edge"] else ""))
   random_by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("random_init"))]
   # Layers are chosen on validation, like L2: the test split only reports.
   best = max(by_layer, key=lambda r: r["val_accuracy"])
@@ -250,7 +326,18 @@ def run(config, workdir, log=print) -> dict:
   group = concat_groups(best["layer"], layers, p.concat)
   multi = fit("pretrained", [group])[0]
   raw = fit("pixels")[0]
+  low = low_data(of("pretrained"), layers, k, config, log) if p.labels_per_class else []
   times["fit_s"] = time.perf_counter() - start
+  predictions = {}  # from the in-memory solver only
+  for name, r in ([(f"layer{r['layer']}", r) for r in by_layer]
+                  + [(f"random_init_layer{r['layer']}", r) for r in random_by_layer]
+                  + [("concat", multi), ("raw_pixels", raw)]):
+    if "predictions" in r:
+      predictions[name] = r.pop("predictions")
+  if predictions and distributed.is_chief():  # per-example test predictions: paired tests
+    buffer = io.BytesIO()
+    np.savez(buffer, labels=stores[("pretrained", "test")].labels(), **predictions)
+    workdir_lib.write_bytes(out_dir / "test_predictions.npz", buffer.getvalue())
   results = {
       "checkpoint_step": step, "train_examples": len(splits["train"]),
       "validation_examples": len(splits["validation"]), "test_examples": len(splits["test"]),
@@ -259,7 +346,8 @@ def run(config, workdir, log=print) -> dict:
       "multi_layer": {"layers": [layers[i] for i in group], **multi},
       "random_init_by_layer": random_by_layer,
       "random_init_accuracy": best_random["accuracy"],
-      "raw_pixel_accuracy": raw["accuracy"], "seconds": {k_: round(v, 1) for k_, v in times.items()},
+      "raw_pixel_accuracy": raw["accuracy"], "bert_masks": masks,
+      **({"low_data": low} if low else {}), "seconds": {k_: round(v, 1) for k_, v in times.items()},
   }
   results = write_report(results, out_dir)
   write_tensorboard(results, out_dir)

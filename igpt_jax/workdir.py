@@ -136,16 +136,22 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
           "trained with.")
 
   ckpt = checkpoint_lib.Checkpointer(directory)
-  distributed.agree("pretrain_checkpoint_steps", str(ckpt.all_steps()),
-                    f"the checkpoint steps in {directory}")
+  wanted = config.checkpoint.load_step
   try:
+    distributed.agree("pretrain_checkpoint_steps", str(ckpt.all_steps()),
+                      f"the checkpoint steps in {directory}")
+    if wanted and wanted not in ckpt.all_steps():
+      raise UserError(f"--config.checkpoint.load_step={wanted}: {directory} holds steps "
+                      f"{', '.join(map(str, ckpt.all_steps()))}; choose one of them, or 0 for "
+                      "the newest.")
     restored = ckpt.restore_latest({"params": train_lib.abstract_params(cfg, mesh, rules)},
-                                   check_meta=check, log=log)
+                                   check_meta=check, log=log,
+                                   steps=[wanted] if wanted else None)
   finally:
     ckpt.close()
   if restored is None:
-    raise UserError(f"No readable pretraining checkpoint in {directory}: run the pretrain stage "
-                    "again.")
+    raise UserError(f"No readable pretraining checkpoint in {directory}"
+                    + (f" at step {wanted}" if wanted else "") + ": run the pretrain stage again.")
   step, state, _ = restored
   log(f"Loaded pretrained parameters from step {step} of {directory}.")
   return cfg, state["params"], centers, step
@@ -163,7 +169,12 @@ def pretrained_identity(config, workdir, step: int) -> str:
     finally:
       ckpt.close()
   import os
-  return f"{config.init_from}@{os.stat(config.init_from).st_mtime_ns}"
+  # An OpenAI prefix is no file itself (its .index and .data-* are); a folder's own time does
+  # not change when a file in it is replaced: the newest file's time names what was read.
+  target = config.init_from
+  files = ([os.path.join(target, f) for f in os.listdir(target)] if os.path.isdir(target)
+           else [p for p in (target, target + ".index") if os.path.exists(p)])
+  return f"{target}@{max((os.stat(f).st_mtime_ns for f in files), default=0)}"
 
 
 def check_same_model(meta: dict, cfg, where) -> None:

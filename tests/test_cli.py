@@ -6,6 +6,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from conftest import REPO, xla_flags
 from igpt_jax import config as config_lib
 
@@ -146,6 +148,18 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
                             f"--config.data.path={tmp_path / 'nonexistent'}", w),
                         "holds no Fashion-MNIST IDX files")  # a given path is never replaced
   assert_one_line_error(cli(demo, "--config.stage=probe"), "give that run's --workdir=DIR")
+
+
+def test_list_fields_are_refused_in_one_sentence_in_process():
+  config = config_lib.load_config_file(f"{REPO}/configs/demo.py")
+  config.probe.labels_per_class = "4,25, 400"
+  config_lib.validate(config)
+  assert config_lib.labels_per_class(config) == [4, 25, 400]
+  for bad in ("4;25", "0,4", "-3", "four"):
+    config.probe.labels_per_class = bad
+    with pytest.raises(config_lib.UserError, match="must be positive numbers of examples per "
+                                                   "class separated by commas"):
+      config_lib.validate(config)
 
 
 def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):

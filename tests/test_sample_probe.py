@@ -61,3 +61,47 @@ def test_image_grid_layout():
   grid = sample.image_grid(rows, pad=2)
   assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 1)
   assert grid[2, 2, 0] == 0 and grid[8, 2, 0] == 9 and grid[0, 0, 0] == 255
+
+
+def test_l2_grid_widens_until_the_choice_is_bracketed():
+  peak = lambda at: (lambda l2: (1.0 - abs(np.log10(l2) - np.log10(at)) / 10, None))  # noqa: E731
+  best, _, _, tried, at_edge = logreg._grid_search(peak(1e-6), (1e-4, 1e-3, 1e-2))
+  assert best == pytest.approx(1e-6) and not at_edge
+  assert [round(np.log10(v)) for v in tried] == [-7, -6, -5, -4, -3, -2]  # one past the peak
+  # Inside the grid: nothing added. Past the widening limit: reported as at the edge.
+  assert logreg._grid_search(peak(1e-3), (1e-4, 1e-3, 1e-2))[3] == [1e-4, 1e-3, 1e-2]
+  best, _, _, tried, at_edge = logreg._grid_search(peak(1e3), (1e-4, 1e-3, 1e-2))
+  assert at_edge and best == pytest.approx(10.0) and len(tried) == 3 + logreg.WIDEN
+  # A single value is an L2 fixed by hand.
+  assert logreg._grid_search(peak(1e3), (0.5,))[3] == [0.5]
+
+
+def test_probe_returns_test_predictions_that_give_its_accuracy():
+  rng = np.random.default_rng(1)
+  centers = rng.normal(size=(4, 8))
+  y = rng.integers(0, 4, 2000)
+  x = (centers[y] + rng.normal(size=(2000, 8)) * 1.5)[:, None].astype(np.float32)
+  parts = ((x[:1000], y[:1000]), (x[1000:1400], y[1000:1400]), (x[1400:], y[1400:]))
+  out = logreg.fit_in_memory(*parts, num_classes=4, l2_grid=(1e-3, 1e-1), predictions=True)[0]
+  assert out["predictions"].shape == (600,)
+  assert np.mean(out["predictions"] == y[1400:]) == out["accuracy"]
+  assert 0.5 < out["accuracy"] < 0.99  # overlapping classes: a real fit, not a trivial one
+  assert out["l2"] in out["l2_tried"] and not out["l2_at_edge"]
+
+
+def test_bert_mask_ensemble_is_the_mean_of_single_mask_passes():
+  from igpt_jax import objectives, probe
+  cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16, seq_len=36,
+                    objective="bert")
+  model = randomise(ImageGPT(cfg, rngs=nnx.Rngs(3)), scale=0.5)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 16, (4, 36)), jnp.int32)
+  singles = [model.features(tokens, objectives.bert_mask(
+      jax.random.fold_in(jax.random.key(7), i), tokens.shape)) for i in range(3)]
+  ensembled = jax.jit(lambda t: probe.masked_features(model, t, seed=7, masks=3))(tokens)
+  np.testing.assert_allclose(ensembled, np.mean(singles, axis=0), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(singles[0], singles[1], atol=1e-3)  # the masks differ
+  unmasked = probe.masked_features(model, tokens, seed=7, masks=0)
+  np.testing.assert_array_equal(unmasked, model.features(tokens))
+  assert not np.allclose(unmasked, ensembled, atol=1e-3)
+  # Deterministic per seed.
+  np.testing.assert_array_equal(ensembled, probe.masked_features(model, tokens, seed=7, masks=3))

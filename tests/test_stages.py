@@ -48,9 +48,37 @@ def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   assert ev["test_loss"] != ev["validation_loss"]
   assert json.load(open(os.path.join(workdir, "evaluate.json")))["test_loss"] == ev["test_loss"]
 
-  pr = probe.run(stage_config("probe"), workdir, log=QUIET)
+  config = stage_config("probe")
+  config.probe.labels_per_class, config.probe.low_data_seeds = "3,10", 2
+  config.checkpoint.load_step = 8  # the only step kept: the same weights as the newest
+  pr = probe.run(config, workdir, log=QUIET)
   results = json.load(open(pr["results"]))
   assert [r["layer"] for r in results["by_layer"]] == [1, 2]
+  # Per-example test predictions, for paired comparisons: they give the reported accuracies.
+  saved = np.load(os.path.join(workdir, "probe", "test_predictions.npz"))
+  assert len(saved["labels"]) == 200
+  for r in results["by_layer"]:
+    assert np.mean(saved[f"layer{r['layer']}"] == saved["labels"]) == r["accuracy"]
+    assert r["l2"] in r["l2_tried"]
+  assert np.mean(saved["raw_pixels"] == saved["labels"]) == results["raw_pixel_accuracy"]
+  # Low-data probes: each count, each layer, one test accuracy per draw.
+  low = results["low_data"]
+  assert [x["labels_per_class"] for x in low] == [3, 10]
+  assert [x["train_examples"] for x in low] == [30, 100]
+  for x in low:
+    for r in x["by_layer"]:
+      assert len(r["accuracies"]) == 2 and r["mean"] == pytest.approx(np.mean(r["accuracies"]))
+      assert r["std"] == pytest.approx(np.std(r["accuracies"], ddof=1))
+  # Draws differ (different examples), and more labels help the best layer on average.
+  assert low[0]["by_layer"][0]["accuracies"][0] != low[0]["by_layer"][0]["accuracies"][1]
+  assert low[1]["best_mean"] > low[0]["best_mean"]
+  assert "10 labels per class" in open(os.path.join(workdir, "probe", "results.md")).read()
+  config.probe.labels_per_class = "30000"
+  with pytest.raises(UserError, match="30000 per class needs 30000 train examples"):
+    probe.run(config, workdir, log=QUIET)
+  config.checkpoint.load_step = 4
+  with pytest.raises(UserError, match="load_step=4: .* holds steps 8; choose one of them"):
+    probe.run(config, workdir, log=QUIET)
   # The best layer is chosen on validation and reported with its test accuracy.
   best = max(results["by_layer"], key=lambda r: r["val_accuracy"])
   assert (results["best_layer"], results["best_accuracy"]) == (best["layer"], best["accuracy"])
@@ -153,3 +181,29 @@ def test_finetuning_from_the_probes_head_starts_at_the_probes_accuracy_and_keeps
   # the default recipe ends at 0.5600 from 0.5633; on the demo's model it ends above
   # (experiments/finetune_sweep.md). A trunk at the old 1e-3 ends far below on both.
   assert ft["step"] == 30 and ft["eval_accuracy"] >= start["eval_accuracy"] - 0.005, (start, ft)
+
+
+def test_report_says_holds_only_beyond_what_the_test_images_can_tell(tmp_path):
+  from igpt_jax.stages import all as all_stage
+  results = tmp_path / "results.json"
+  results.write_text(json.dumps({"test_examples": 5000, "by_layer": [
+      {"layer": 1, "accuracy": 0.76}, {"layer": 2, "accuracy": 0.7708}]}))
+  probe_out = {"results": str(results), "best_layer": 2, "best_accuracy": 0.7708,
+               "random_init_accuracy": 0.6622, "raw_pixel_accuracy": 0.8074}
+  finetune_out = {"test_accuracy": 0.7641, "test_examples": 10_000, "eval_accuracy": 0.7688,
+                  "eval_examples": 2560, "head_probe": {"start_eval_accuracy": 0.7723}}
+  out = all_stage.summary({
+      "probe": probe_out, "finetune": finetune_out, "minutes": 1.0,
+      "evaluate": {"test_bits_per_dim": 1.4, "test_loss": 0.97},
+      "sample": {"unconditional": "u.png", "completions": "c.png"}}, str(tmp_path))
+  assert "- Holds: pretrained features beat a random-init model (0.7708 vs 0.6622)." in out
+  assert "- Does not hold here: pretrained features beat raw pixels" in out
+  # -0.0067 with a standard error of 0.0073: not a finding either way.
+  assert ("- Not resolved at this size: fine-tuning beats the best linear probe (0.7641 vs "
+          "0.7708, a difference of -0.0067 within twice its standard error 0.0073") in out
+  finetune_out["test_accuracy"] = 0.74
+  out = all_stage.summary({"probe": probe_out, "finetune": finetune_out, "minutes": 1.0,
+                           "evaluate": {"test_bits_per_dim": 1.4, "test_loss": 0.97},
+                           "sample": {"unconditional": "u", "completions": "c"}}, str(tmp_path))
+  assert ("Why at this scale: fine-tuning moved the head's validation accuracy from 0.7723 (the "
+          "last layer's probe) to 0.7688 (-9 of 2,560 images)") in out
