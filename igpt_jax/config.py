@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'zeros': a zero head, as in the release.
   c.finetune.head_init = "probe"
   c.finetune.head_lr = 1e-3  # the class head's peak learning rate; < 0 = finetune.lr
+  # BERT models: evaluation's class logits averaged over this many masks drawn as in
+  # pretraining (the paper's mask ensembling); 0 = one mask, as in pretraining.
+  c.finetune.bert_masks = 0
 
   c.probe = ml_collections.ConfigDict()
   c.probe.train_examples = 0  # 0 = the whole labelled train split
@@ -226,7 +229,7 @@ NON_NEGATIVE = ("data.workers", "data.prefetch", "train.steps", "train.lr", "tra
                 "sample.completions", "sample.temperature", "sample.top_k", "plan.num_devices",
                 "probe.train_examples", "probe.validation_examples", "probe.test_examples",
                 "plan.device_memory_gb", "plan.slices", "train.watchdog_factor",
-                "probe.bert_masks", "checkpoint.load_step")
+                "probe.bert_masks", "checkpoint.load_step", "finetune.bert_masks")
 
 
 def _get(config, dotted: str):

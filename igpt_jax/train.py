@@ -75,6 +75,17 @@ def check_fits_devices(config, stage: str = "pretrain") -> None:
                     stage)
 
 
+def ensembled_class_logits(model, tokens, seed: int, masks: int):
+  """[B, classes]: a BERT model's class logits averaged over `masks` inputs masked as in
+  pretraining (the paper's mask ensembling); mask i is drawn from key(seed) folded with i."""
+  def add(i, total):
+    mask = objectives.bert_mask(jax.random.fold_in(jax.random.key(seed), i), tokens.shape)
+    return total + model.logits_and_class_logits(tokens, mask)[1]
+
+  first = add(0, 0.0)
+  return jax.lax.fori_loop(1, masks, add, first) / jnp.float32(masks)
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything compiled once for one model shape, optimiser, mesh and stage."""
@@ -211,6 +222,8 @@ class Trainer:
     """Sums over a padded batch (mask weights examples): NLL, tokens, and for a class head
     correct predictions and examples. Built once per trainer, so evaluating during training
     compiles once."""
+    masks = self.config.finetune.bert_masks if self.stage == "finetune" else 0
+
     def eval_batch(params, tokens, labels, mask):
       model = nnx.merge(self.graphdef, params)
       bert = None if self.cfg.causal else objectives.bert_mask(
@@ -218,6 +231,8 @@ class Trainer:
       out = {}
       if self.cfg.num_classes:
         logits, class_logits = model.logits_and_class_logits(tokens, bert)
+        if bert is not None and masks:  # the class logits of `masks` masks, averaged
+          class_logits = ensembled_class_logits(model, tokens, self.config.seed + 1, masks)
         out["correct"] = jnp.sum((jnp.argmax(class_logits, -1) == labels) * mask)
         out["examples"] = jnp.sum(mask)
       else:

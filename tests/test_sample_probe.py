@@ -105,3 +105,16 @@ def test_bert_mask_ensemble_is_the_mean_of_single_mask_passes():
   assert not np.allclose(unmasked, ensembled, atol=1e-3)
   # Deterministic per seed.
   np.testing.assert_array_equal(ensembled, probe.masked_features(model, tokens, seed=7, masks=3))
+
+
+def test_bert_class_logits_ensemble_is_the_mean_of_single_mask_passes():
+  from igpt_jax import objectives, train
+  cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16, seq_len=36,
+                    objective="bert", num_classes=5)
+  model = randomise(ImageGPT(cfg, rngs=nnx.Rngs(4)), scale=0.5)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 16, (4, 36)), jnp.int32)
+  singles = [model.logits_and_class_logits(tokens, objectives.bert_mask(
+      jax.random.fold_in(jax.random.key(9), i), tokens.shape))[1] for i in range(3)]
+  ensembled = jax.jit(lambda t: train.ensembled_class_logits(model, t, 9, 3))(tokens)
+  np.testing.assert_allclose(ensembled, np.mean(singles, axis=0), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(singles[0], singles[2], atol=1e-4)

@@ -446,3 +446,32 @@ def test_bert_pretraining_resumes_bit_exactly(tmp_path):
   assert [r["step"] for r in b] == list(range(1, 9))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
   assert a[-1]["loss"] < a[0]["loss"]  # it learns: masked tokens predicted better than at start
+
+
+def test_bert_finetune_evaluation_ensembles_its_masks():
+  import dataclasses
+
+  from flax import nnx
+  config = tiny_config(steps=2)
+  config.model.objective, config.data.resolution, config.palette.k = "bert", 4, 16
+  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config), num_classes=3)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 16, (16, cfg.seq_len)), jnp.int32)
+  labels, weights = jnp.asarray(rng.integers(0, 3, 16)), jnp.ones((16,))
+  correct = {}
+  for masks in (0, 4):
+    config.finetune.bert_masks = masks
+    trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.DEFAULT_RULES, stage="finetune")
+    params = trainer.init_state(0)["params"]
+    params["class_head"] = jax.random.normal(jax.random.key(1), params["class_head"].shape)
+    correct[masks] = int(trainer.eval_fn(params, tokens, labels, weights)["correct"])
+    model = nnx.merge(trainer.graphdef, params)
+    want = (train_lib.ensembled_class_logits(model, tokens, config.seed + 1, masks) if masks
+            else model.logits_and_class_logits(tokens, objectives_mask(config, tokens))[1])
+    assert correct[masks] == int(jnp.sum(jnp.argmax(want, -1) == labels))
+
+
+def objectives_mask(config, tokens):
+  from igpt_jax import objectives
+  return objectives.bert_mask(jax.random.key(config.seed + 1), tokens.shape)
