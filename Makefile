@@ -11,7 +11,7 @@ SYSTEM_STAMP := $(VENV)/.test-system
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test tensorboard clean
+.PHONY: install demo test tensorboard clean gpu-suite-prep
 
 install: $(STAMP)
 
@@ -65,3 +65,9 @@ tensorboard: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# What benchmarks/gpu_suite.py needs on a GPU machine that has JAX with CUDA and little else:
+# real images as a prepared set, and pure-Python packages for --site (see the script's doc).
+gpu-suite-prep: install
+	$(PY) benchmarks/gpu_suite.py --prepare_images benchmarks/gpu_images
+	$(PY) -m pip install --quiet --target .gpu_site --no-deps ml_collections absl-py PyYAML

@@ -56,6 +56,14 @@ GPUS = {
                  ("NVIDIA H200", (9, 0), 132, 233472, 232448, 50 * 2**20, 1.98)),
 }
 GPUS_PER_HOST = 8
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+  """The GPU chip whose name jax reports as `kind` (e.g. 'NVIDIA H200'), or None."""
+  for chip in GPUS.values():
+    if kind.startswith(chip.gpu[0]) or chip.gpu[0].startswith(kind):
+      return chip
+  return None
 EXAMPLES = "v4-32, v5litepod-64, v5p-128, v6e-64, h100, h200-8, a100-80gb"
 
 
