@@ -82,10 +82,11 @@ def _grid_search(fit_and_score, l2_grid, widen: int = WIDEN):
 
 
 def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200,
-                  predictions: bool = False) -> list[dict]:
+                  predictions: bool = False, widen: int = WIDEN) -> list[dict]:
   """train/val/test: (x [N, G, D] float32, y [N]). One result per group: test accuracy at the
   L2 with the best validation accuracy (the grid widened past an edge, see _grid_search), the
-  L2 values tried and `l2_at_edge`; with `predictions`, the test predictions [N] as well."""
+  L2 values tried and `l2_at_edge`; with `predictions`, the test predictions [N] as well.
+  `widen=0` keeps to the grid given (as fit_streamed does)."""
   (xt, yt), (xv, yv), (xs, ys) = train, val, test
   mean, std = xt.mean(0), xt.std(0) + 1e-6
   onehot = jax.nn.one_hot(yt, num_classes)
@@ -97,7 +98,7 @@ def fit_in_memory(train, val, test, num_classes: int, l2_grid, steps: int = 200,
       p = _lbfgs(norm(xt), onehot, float(l2), steps)
       return _accuracy(p, norm(xv), yv), p
 
-    l2, val_acc, p, tried, at_edge = _grid_search(fit_and_score, l2_grid)
+    l2, val_acc, p, tried, at_edge = _grid_search(fit_and_score, l2_grid, widen)
     predicted = np.asarray(jnp.argmax(norm(xs) @ p["w"] + p["b"], -1))
     best = {"accuracy": float(np.mean(predicted == ys)), "l2": l2, "val_accuracy": val_acc,
             "l2_tried": tried, "l2_at_edge": at_edge}
