@@ -274,9 +274,15 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
-  if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):  # absl would exit 1 on --help
+def cli(args: list[str]) -> None:
+  """The command line, arguments without the program name; ends in SystemExit with the exit
+  status (0 done, 2 user error, 75 preempted). Tests call it in-process."""
+  if any(a in ("-h", "--help", "-?") for a in args):  # absl would exit 1 on --help
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  sys.argv[1:] = with_packaged_config(sys.argv[1:])
+  sys.argv[1:] = with_packaged_config(args)  # plan's re-exec with more devices reads sys.argv
   check_overrides(sys.argv[1:])
-  app.run(main)
+  app.run(main, argv=list(sys.argv))
+
+
+if __name__ == "__main__":
+  cli(sys.argv[1:])

@@ -10,12 +10,26 @@ import pytest
 
 from conftest import REPO, xla_flags
 from igpt_jax import config as config_lib
+from igpt_jax import main as main_lib
 
 
 def cli(*args, cwd=REPO, devices=None, **env_vars):
   env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", **env_vars}
   return subprocess.run([sys.executable, "-m", "igpt_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
+
+
+def cli_many(*cases, **env_vars):
+  """Several command lines from one process (tests/cli_cases.py forks one child per case):
+  the same entry point and exit status as `cli`, without a process start each."""
+  env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu", **env_vars,
+         "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_cases.py")],
+                        input=json.dumps([list(c) for c in cases]), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [subprocess.CompletedProcess(c, r["returncode"], r["stdout"], r["stderr"])
+          for c, r in zip(cases, json.loads(proc.stdout), strict=True)]
 
 
 def test_help_lists_stages_and_common_overrides():
@@ -48,11 +62,12 @@ def main_keys(config, prefix=""):
 
 
 def test_misspelt_override_names_the_closest_key_in_one_line():
-  out = cli("--config=configs/demo.py", "--config.trian.steps=3")
+  out, out2 = cli_many(("--config=configs/demo.py", "--config.trian.steps=3"),
+                       ("--config", "configs/demo.py", "--config.model.dmodel=3"))
   assert out.returncode != 0
   assert out.stderr.strip() == ("error: --config.trian.steps is not a field of configs/demo.py. "
                                 "Did you mean --config.train.steps?")
-  out = cli("--config", "configs/demo.py", "--config.model.dmodel=3")
+  out = out2
   assert "Did you mean --config.model.d_model?" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -91,9 +106,9 @@ def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path
 
 def test_each_stage_keeps_its_config_beside_the_runs_first(tmp_path):
   demo, w = f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}"
-  assert cli(demo, "--config.stage=plan", w).returncode == 0
-  out = cli(demo, "--config.stage=plan", "--config.train.steps=7", w)
-  assert out.returncode == 0, out.stderr[-2000:]
+  first, out = cli_many((demo, "--config.stage=plan", w),
+                        (demo, "--config.stage=plan", "--config.train.steps=7", w))
+  assert first.returncode == 0 and out.returncode == 0, first.stderr[-2000:] + out.stderr[-2000:]
   assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 200
   assert json.loads((tmp_path / "config.plan.json").read_text())["train"]["steps"] == 7
 
@@ -109,28 +124,12 @@ def assert_one_line_error(out, expected, status=2):
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
   demo = f"--config={REPO}/configs/demo.py"
   w = f"--workdir={tmp_path / 'w'}"
-  assert_one_line_error(cli(demo, "--config.stage=fit_palette", "--config.data.source=folder",
-                            f"--config.data.path={tmp_path / 'missing'}", w), "does not exist")
-  (tmp_path / "empty").mkdir()
-  assert_one_line_error(cli(demo, "--config.stage=fit_palette", "--config.data.source=folder",
-                            f"--config.data.path={tmp_path / 'empty'}", w), "No images")
-  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.data=3", w),
-                        "Mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices; 1 are available")
+  # Each in a process of its own: the exit-2 contract as a user meets it, and mistakes about
+  # the devices a process sees.
   assert_one_line_error(cli(demo, "--config.train.batch_size=0", w),
                         "--config.train.batch_size=0 must be positive")
-  assert_one_line_error(cli(demo, "--config.model.objective=gpt", w),
-                        "--config.model.objective='gpt' is not one of ar, bert")
-  assert_one_line_error(cli(demo, "--config.stage=sample", w), "run the pretrain stage first")
-  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--process_count=2", w),
-                        "go together")
-  assert_one_line_error(cli(demo, "--config.stage=prepare", w), "set it")  # no data.prepared
-  assert_one_line_error(cli(demo, "--config.data.source=prepared",
-                            f"--config.data.prepared={tmp_path / 'nothing'}", w),
-                        "run `--config.stage=prepare`")
-  assert_one_line_error(cli(demo, "--config.data.augment=False", w),
-                        "--config.data.augment='False' is not one of auto, paper, crop, none")
-  assert_one_line_error(cli(demo, "--config.train.profile_steps=10", w), "must be 'START,END'")
-  assert_one_line_error(cli(demo, "--config.train.profile_steps=20,10", w), "START is after END")
+  assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.data=3", w),
+                        "Mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices; 1 are available")
   assert_one_line_error(cli(demo, "--config.stage=pretrain", "--config.mesh.slices=2", w),
                         "does not divide the 1 devices")
   # A mesh that cannot split the batch: said before the palette is fitted (none is written).
@@ -138,16 +137,38 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     out = cli(demo, f"--config.stage={stage}", "--config.mesh.fsdp=3", w, devices=3)
     assert_one_line_error(out, "The batch is split over 3 devices")
     assert not (tmp_path / "w" / "palette.npz").exists()
-  # A newcomer's mistakes: each one line that names the setting and the fix.
-  assert_one_line_error(cli(demo, "--config.model.remat=fulll", w), "did you mean 'full'?")
-  assert_one_line_error(cli("--config=configs/igpt_ll.py", w),
-                        "--config=configs/igpt_ll.py: no such file. Did you mean configs/igpt_l.py?")
-  assert_one_line_error(cli(demo, "--config.train.steps=ten", w),
-                        "--config.train.steps=ten: expects int (default 200)")
-  assert_one_line_error(cli(demo, "--config.stage=fit_palette",
-                            f"--config.data.path={tmp_path / 'nonexistent'}", w),
-                        "holds no Fashion-MNIST IDX files")  # a given path is never replaced
-  assert_one_line_error(cli(demo, "--config.stage=probe"), "give that run's --workdir=DIR")
+  # The rest from one process, a fork per command line (tests/cli_cases.py).
+  (tmp_path / "empty").mkdir()
+  cases = [
+      ((demo, "--config.stage=fit_palette", "--config.data.source=folder",
+        f"--config.data.path={tmp_path / 'missing'}", w), "does not exist"),
+      ((demo, "--config.stage=fit_palette", "--config.data.source=folder",
+        f"--config.data.path={tmp_path / 'empty'}", w), "No images"),
+      ((demo, "--config.model.objective=gpt", w),
+       "--config.model.objective='gpt' is not one of ar, bert"),
+      ((demo, "--config.stage=sample", w), "run the pretrain stage first"),
+      ((demo, "--config.stage=pretrain", "--process_count=2", w), "go together"),
+      ((demo, "--config.stage=prepare", w), "set it"),  # no data.prepared
+      ((demo, "--config.data.source=prepared", f"--config.data.prepared={tmp_path / 'nothing'}",
+        w), "run `--config.stage=prepare`"),
+      ((demo, "--config.data.augment=False", w),
+       "--config.data.augment='False' is not one of auto, paper, crop, none"),
+      ((demo, "--config.train.profile_steps=10", w), "must be 'START,END'"),
+      ((demo, "--config.train.profile_steps=20,10", w), "START is after END"),
+      # A newcomer's mistakes: each one line that names the setting and the fix.
+      ((demo, "--config.model.remat=fulll", w), "did you mean 'full'?"),
+      (("--config=configs/igpt_ll.py", w),
+       "--config=configs/igpt_ll.py: no such file. Did you mean configs/igpt_l.py?"),
+      ((demo, "--config.train.steps=ten", w), "--config.train.steps=ten: expects int (default 200)"),
+      ((demo, "--config.stage=fit_palette", f"--config.data.path={tmp_path / 'nonexistent'}", w),
+       "holds no Fashion-MNIST IDX files"),  # a given path is never replaced
+      ((demo, "--config.stage=probe"), "give that run's --workdir=DIR"),
+      (("--config=eval/cifar10:xl", "--show_config"), "the model size is one of s, m, l"),
+      ((demo, "--config.probe.labels_per_class=4;25", w),
+       "must be positive numbers of examples per class"),
+  ]
+  for (args, expected), out in zip(cases, cli_many(*(args for args, _ in cases)), strict=True):
+    assert_one_line_error(out, expected)
 
 
 def test_list_fields_are_refused_in_one_sentence_in_process():
