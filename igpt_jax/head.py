@@ -12,7 +12,6 @@ that probe does, and Adam then steps in well-conditioned coordinates.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from igpt_jax import distributed
@@ -61,8 +60,7 @@ def fit(trainer, params, splits: dict, tokenizer, config, log=print) -> tuple[di
   shardings = {k: params[k].sharding for k in values}
   for key, value in values.items():
     value = np.ascontiguousarray(value, np.float32)
-    params[key] = jax.make_array_from_callback(value.shape, shardings[key],
-                                               lambda index, v=value: v[index])
+    params[key] = sharding_lib.place(value, shardings[key])
   info = {k: head[k] for k in ("l2", "train_accuracy", "val_accuracy")}
   info["train_examples"], info["validation_examples"] = len(xt), len(xv)
   log(f"finetune: class head = probe on the pooled features (l2={info['l2']:g}): train "

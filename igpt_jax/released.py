@@ -126,6 +126,7 @@ def params(config, cfg: model_lib.ModelConfig, mesh, rules, log=print) -> dict:
   (nothing is whole on one device). `cfg` is the run's ModelConfig (resolved(config) agreed)."""
   import jax
 
+  from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
   released = open_released(config)
   arrays = released.arrays()
@@ -139,7 +140,7 @@ def params(config, cfg: model_lib.ModelConfig, mesh, rules, log=print) -> dict:
     if value.shape != spec.shape:
       raise UserError(f"{released.path}: parameter {name} has shape {value.shape}; the model "
                       f"expects {spec.shape}.")
-    return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: value[index])
+    return sharding_lib.place(value, spec.sharding)
 
   out = jax.tree_util.tree_map_with_path(place, abstract)
   log(f"Loaded the released {released.kind} weights of {released.path} "

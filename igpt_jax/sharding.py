@@ -204,6 +204,12 @@ def _batch_axes(mesh, rules) -> tuple:
   return (spec,) if isinstance(spec, str) else tuple(spec or ())
 
 
+def place(value: np.ndarray, sharding) -> jax.Array:
+  """A host array every process holds whole -> a global array laid out by `sharding` (each
+  device takes its block; works across processes, where device_put of a host array does not)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def global_batch(local: dict, mesh, rules=DEFAULT_RULES, global_rows: int | None = None) -> dict:
   """This process's rows of a batch (in the order of `host_rows`) -> global jax.Arrays sharded
   over the batch axes. `global_rows` is the global batch size (default: local rows x

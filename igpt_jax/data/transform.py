@@ -149,7 +149,7 @@ class Tokenizer:
     else:
       from igpt_jax import sharding as sharding_lib
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      self.lut = jax.make_array_from_callback(lut.shape, replicated, lambda index: lut[index])
+      self.lut = sharding_lib.place(lut, replicated)
       out = sharding_lib.batch_sharding(mesh, rules or sharding_lib.DEFAULT_RULES, 2)
     self._fn = {wp: jax.jit(functools.partial(tokenize, resolution=resolution, with_pixels=wp),
                             out_shardings=None if out is None or wp else out)
