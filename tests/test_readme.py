@@ -15,6 +15,7 @@ from igpt_jax.data import sources
 
 TINY = " ".join([
     "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=4",
+    "--config.data.resolution=8",  # 64 tokens an image: the blocks check commands, not models
     "--config.train.steps=4", "--config.train.batch_size=16", "--config.train.log_every=2",
     "--config.train.sample_every=0", "--config.palette.samples=20000", "--config.palette.iters=5",
     "--config.probe.train_examples=300", "--config.probe.test_examples=200",
