@@ -133,7 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'auto': all layers up to 12, else the middle third plus a spread of 8; 'all'; or '4,8,12'.
   c.probe.layers = "auto"
   c.probe.concat = 3  # the best layer and its nearest probed neighbours, concatenated (XL: 5)
-  c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # candidates, chosen on the validation split
+  # L2 candidates, chosen on the validation split; L-BFGS widens the grid 10x at a time (at
+  # most 3 per side) while the choice is at its edge. One value: that L2, fixed.
+  c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)
   # 'auto': full-batch L-BFGS when its peak (train+validation+test features as float32, a
   # second copy of the largest split while loading, the standardised copies: see
   # probe.in_memory_peak_bytes) fits in max_memory_mb, else mini-batch Adam streamed from the
