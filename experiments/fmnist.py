@@ -280,7 +280,10 @@ def run(args) -> dict:
                      os.path.join(wd, "study", f"probe{step}.json"))
       config.probe.labels_per_class = ""
       run_out["checkpoints"][str(step)] = {"evaluate": ev, "probe": pr}
-      if last and objective == "bert":
+      if last and objective == "bert":  # the paper's BERT protocol: one mask, and an ensemble
+        config.probe.bert_masks = 1
+        run_out["mask1_probe"] = log_stage("probe", minutes, probe_checkpoint, config, wd,
+                                           os.path.join(wd, "study", f"probe{step}_mask1.json"))
         config.probe.bert_masks = BERT_MASKS
         run_out["masked_probe"] = log_stage("probe", minutes, probe_checkpoint, config, wd,
                                             os.path.join(wd, "study", f"probe{step}_masked.json"))
@@ -319,12 +322,13 @@ def analyse(r: dict, args) -> dict:
         if key != "labels":
           add(f"{run_name}/{step}/{key}", z[key], z["labels"])
       best[(run_name, step)] = pr["probe"]["best_layer"]
-    if "masked_probe" in run_out:
-      z = np.load(os.path.join(wd, run_name, "study", f"probe{steps[-1]}_masked.npz"))
-      for key in z.files:
-        if key != "labels":
-          add(f"{run_name}/masked/{key}", z[key], z["labels"])
-      best[(run_name, "masked")] = run_out["masked_probe"]["best_layer"]
+    for tag in ("mask1", "masked"):
+      if f"{tag}_probe" in run_out:
+        z = np.load(os.path.join(wd, run_name, "study", f"probe{steps[-1]}_{tag}.npz"))
+        for key in z.files:
+          if key != "labels":
+            add(f"{run_name}/{tag}/{key}", z[key], z["labels"])
+        best[(run_name, tag)] = run_out[f"{tag}_probe"]["best_layer"]
     if "finetune" in run_out:
       z = np.load(os.path.join(wd, run_name, "study", "finetune_predictions.npz"))
       add(f"{run_name}/finetune", z["predictions"], z["labels"])
@@ -410,18 +414,26 @@ def findings(r: dict, a: dict) -> list[dict]:
   if "bert0" in r["runs"]:
     b = "bert0"
     masked = f"{b}/masked/layer{best[(b, 'masked')]}"
-    ds = [diff(best_of(n, last[n]), masked) for n in ar_runs]
+    variants = {"unmasked": best_of(b, last[b]), "one mask": f"{b}/mask1/layer{best[(b, 'mask1')]}",
+                f"{BERT_MASKS} masks": masked}
+    strongest = max(variants, key=lambda k: correct[variants[k]].mean())
+    ds = [diff(best_of(n, last[n]), variants[strongest]) for n in ar_runs]
     out.append({"claim": "AR features beat BERT features in linear probes",
                 "verdict": combine(ds),
-                "numbers": f"BERT (mask ensembling, {BERT_MASKS} masks) {fmt_acc(a['ci'][masked])}; "
+                "numbers": f"BERT's strongest protocol on test ({strongest}) "
+                           f"{fmt_acc(a['ci'][variants[strongest]])}; "
                            + "; ".join(f"{n} minus BERT: {fmt_diff(d)}" for n, d in zip(ar_runs, ds)),
-                "caveat": "One BERT seed; the same steps, model and data as AR."})
-    d = diff(masked, best_of(b, last[b]))
-    out.append({"claim": "Mask ensembling improves BERT's linear probe",
+                "caveat": "One BERT seed; the same steps, model and data as AR; BERT's protocol "
+                          "picked on test, which favours BERT."})
+    one = f"{b}/mask1/layer{best[(b, 'mask1')]}"
+    d = diff(masked, one)
+    out.append({"claim": "Ensembling masks improves BERT's linear probe (over one mask)",
                 "verdict": verdict(d),
-                "numbers": f"{BERT_MASKS} masks {correct[masked].mean():.4f} vs unmasked "
-                           f"{correct[best_of(b, last[b])].mean():.4f}: {fmt_diff(d)}",
-                "caveat": "Each best layer chosen on validation separately."})
+                "numbers": f"{BERT_MASKS} masks {correct[masked].mean():.4f} vs one mask "
+                           f"{correct[one].mean():.4f}: {fmt_diff(d)} (unmasked inputs: "
+                           f"{correct[best_of(b, last[b])].mean():.4f})",
+                "caveat": "Each best layer chosen on validation separately; masks drawn as in "
+                          "pretraining (15%)."})
   # 7. Fine-tuning beats the probe.
   ft_runs = [n for n in ar_runs if "finetune" in r["runs"][n]]
   for n in ft_runs:
@@ -518,10 +530,11 @@ def write(r: dict, a: dict, args) -> str:
               + ("" if name.startswith("ar") else " (BERT: over its masked 15% of positions, "
                  "predicted from the rest; not comparable with AR's)")
               + ". * = the layer chosen on validation.", ""]
-    if "masked_probe" in r["runs"][name]:
-      lines += [f"With mask ensembling ({BERT_MASKS} masks, step {steps[-1]}): "
-                + ", ".join(f"layer {l} {ci[f'{name}/masked/layer{l}'][0]:.4f}"
-                            for l in range(1, z["layers"] + 1)) + ".", ""]
+    for tag, what in (("mask1", "With one mask"), ("masked", f"With {BERT_MASKS} masks")):
+      if f"{tag}_probe" in r["runs"][name]:
+        lines += [f"{what} (step {steps[-1]}): "
+                  + ", ".join(f"layer {l} {ci[f'{name}/{tag}/layer{l}'][0]:.4f}"
+                              for l in range(1, z["layers"] + 1)) + ".", ""]
   lines += ["## Baselines (test, 95% interval)", "", "| features | dims | accuracy | L2 |",
             "|---|---|---|---|"]
   for name, b in r["baselines"].items():
