@@ -446,6 +446,16 @@ def findings(r: dict, a: dict) -> list[dict]:
                            f"p={p:.3g}",
                 "caveat": f"{r['runs'][n]['finetune']['steps']} fine-tuning steps from the "
                           "last-layer probe (LP-FT); the best probe layer may be another."})
+    last_layer = f"{n}/{last[n]}/layer{layers}"
+    d = diff(f"{n}/finetune", last_layer)
+    p = mcnemar_p(correct[f"{n}/finetune"], correct[last_layer])
+    out.append({"claim": "Fine-tuning improves on the linear probe of the features it tunes "
+                         "(the last layer's)",
+                "verdict": verdict(d),
+                "numbers": f"{n}: fine-tuned {correct[f'{n}/finetune'].mean():.4f} vs last-layer "
+                           f"probe {correct[last_layer].mean():.4f}: {fmt_diff(d)}, McNemar "
+                           f"p={p:.3g}",
+                "caveat": "Not a claim of the paper's as such: what LP-FT adds to its start."})
   return out
 
 
