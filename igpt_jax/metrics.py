@@ -158,7 +158,7 @@ class Progress:
 
   def update(self, step: int, scalars: dict) -> None:
     shown = {k: v for k, v in scalars.items() if v is not None}
-    text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+    text = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in shown.items())
     if self.bar is not None:
       self.bar.update(step - self.last)
       self.bar.set_postfix_str(text)
