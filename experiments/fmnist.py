@@ -350,6 +350,11 @@ def findings(r: dict, a: dict) -> list[dict]:
   def diff(x, y):
     return bootstrap(correct[x], correct[y])
 
+  def against(other_of, label=""):
+    """Each AR run's best probe (last step) minus other_of(run), paired; and their text."""
+    ds = [diff(best_of(n, last[n]), other_of(n)) for n in ar_runs]
+    return ds, "; ".join(f"{n}{label}: {fmt_diff(d)}" for n, d in zip(ar_runs, ds))
+
   def combine(diffs):  # every seed must agree for "holds" / "does not hold"
     verdicts = {verdict(d) for d in diffs}
     return verdicts.pop() if len(verdicts) == 1 else "not resolved"
@@ -360,20 +365,18 @@ def findings(r: dict, a: dict) -> list[dict]:
     rows = r["runs"][n]["checkpoints"][str(last[n])]["probe"]["random_init_by_layer"]
     return f"{n}/{last[n]}/random_init_layer{max(rows, key=lambda x: x['val_accuracy'])['layer']}"
 
-  ds = [diff(best_of(n, last[n]), random_best(n)) for n in ar_runs]
+  ds, text = against(random_best)
   out.append({"claim": "Generatively pretrained features beat a random-init model's",
-              "verdict": combine(ds),
-              "numbers": "; ".join(f"{n}: {fmt_diff(d)}" for n, d in zip(ar_runs, ds)),
+              "verdict": combine(ds), "numbers": text,
               "caveat": "Best layers chosen on validation for both; one random init per run."})
   # 2. Pretrained beats the pixels.
   strongest = max(("raw_pixels", "quantized_pixels", "colour_histogram"),
                   key=lambda k: correct[k].mean())
-  ds = [diff(best_of(n, last[n]), strongest) for n in ar_runs]
+  ds, text = against(lambda n: strongest)
   out.append({"claim": "Pretrained features beat linear probes on the pixels",
               "verdict": combine(ds),
               "numbers": f"vs the strongest baseline on test ({strongest.replace('_', ' ')}, "
-                         f"{correct[strongest].mean():.4f}): "
-                         + "; ".join(f"{n}: {fmt_diff(d)}" for n, d in zip(ar_runs, ds)),
+                         f"{correct[strongest].mean():.4f}): " + text,
               "caveat": "The baseline is picked on test, which favours it: a conservative "
                         "comparison for the claim."})
   # 3. Best layer in the middle.
@@ -417,15 +420,14 @@ def findings(r: dict, a: dict) -> list[dict]:
     variants = {"unmasked": best_of(b, last[b]), "one mask": f"{b}/mask1/layer{best[(b, 'mask1')]}",
                 f"{BERT_MASKS} masks": masked}
     strongest = max(variants, key=lambda k: correct[variants[k]].mean())
-    ds = [diff(best_of(n, last[n]), variants[strongest]) for n in ar_runs]
+    ds, text = against(lambda n: variants[strongest], label=" minus BERT")
     out.append({"claim": "AR features beat BERT features in linear probes",
                 "verdict": combine(ds),
                 "numbers": f"BERT's strongest protocol on test ({strongest}) "
-                           f"{fmt_acc(a['ci'][variants[strongest]])}; "
-                           + "; ".join(f"{n} minus BERT: {fmt_diff(d)}" for n, d in zip(ar_runs, ds)),
+                           f"{fmt_acc(a['ci'][variants[strongest]])}; " + text,
                 "caveat": "One BERT seed; the same steps, model and data as AR; BERT's protocol "
                           "picked on test, which favours BERT."})
-    one = f"{b}/mask1/layer{best[(b, 'mask1')]}"
+    one = variants["one mask"]
     d = diff(masked, one)
     out.append({"claim": "Ensembling masks improves BERT's linear probe (over one mask)",
                 "verdict": verdict(d),

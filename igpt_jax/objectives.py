@@ -28,6 +28,18 @@ def bert_mask(rng, shape, prob: float = BERT_MASK_PROB):
   return jax.random.bernoulli(rng, prob, shape)
 
 
+def mask_ensemble(fn, shape, seed: int, masks: int):
+  """The mean of fn(mask) over `masks` BERT masks of `shape` drawn as in pretraining (the
+  paper's mask ensembling); mask i comes from key(seed) folded with i, so a seed gives the same
+  masks every time. One traced fn, looped over the masks."""
+  def mask(i):
+    return bert_mask(jax.random.fold_in(jax.random.key(seed), i), shape)
+
+  first = fn(mask(0))
+  total = jax.lax.fori_loop(1, masks, lambda i, acc: acc + fn(mask(i)), first)
+  return total / jnp.float32(masks)
+
+
 def bert_loss(logits, tokens, mask):
   """L_BERT: NLL on masked positions only, averaged per image then over the batch (as released).
 

@@ -53,22 +53,12 @@ def concat_groups(best: int, layers: list[int], count: int) -> list[int]:
 
 def masked_features(model, tokens, seed: int, masks: int):
   """[num_layers, B, d] probe features of a BERT model averaged over `masks` inputs masked as in
-  pretraining (the paper's mask ensembling); mask i is drawn from key(seed) folded with i, so the
-  same seed gives the same masks. masks=0: the unmasked features."""
-  import jax
-  import jax.numpy as jnp
-
+  pretraining (objectives.mask_ensemble: the same seed gives the same masks). masks=0: the
+  unmasked features."""
   from igpt_jax import objectives
   if not masks:
     return model.features(tokens)
-
-  def add(i, total):
-    mask = objectives.bert_mask(jax.random.fold_in(jax.random.key(seed), i), tokens.shape)
-    return total + model.features(tokens, mask)
-
-  first = model.features(tokens, objectives.bert_mask(
-      jax.random.fold_in(jax.random.key(seed), 0), tokens.shape))
-  return jax.lax.fori_loop(1, masks, add, first) / jnp.float32(masks)
+  return objectives.mask_ensemble(lambda m: model.features(tokens, m), tokens.shape, seed, masks)
 
 
 def in_memory_peak_bytes(stores: tuple, groups: int, dim: int) -> int:
@@ -108,31 +98,43 @@ def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=pri
   train, val, test = stores
   labels = train.labels()
   counts = np.bincount(labels, minlength=num_classes)
-  out = []
-  for v in labels_per_class(config):
-    if counts.min() < v:
-      raise UserError(
-          f"--config.probe.labels_per_class={p.labels_per_class!r}: {v} per class needs {v} "
-          f"train examples of every class; class {int(counts.argmin())} has {int(counts.min())} "
-          f"of the probe's {len(labels)} (raise probe.train_examples or lower the value).")
-    draws = []
+  values = labels_per_class(config)
+  if counts.min() < max(values):
+    v = next(v for v in values if counts.min() < v)
+    raise UserError(
+        f"--config.probe.labels_per_class={p.labels_per_class!r}: {v} per class needs {v} "
+        f"train examples of every class; class {int(counts.argmin())} has {int(counts.min())} "
+        f"of the probe's {len(labels)} (raise probe.train_examples or lower the value).")
+  draws = {}  # v -> one sorted row set per seed
+  for v in values:
+    draws[v] = []
     for s in range(p.low_data_seeds):
       rng = np.random.default_rng([config.seed, v, s])
-      draws.append(np.sort(np.concatenate([
+      draws[v].append(np.sort(np.concatenate([
           rng.choice(np.flatnonzero(labels == c), v, replace=False) for c in range(num_classes)])))
-    by_layer = []
-    for g, layer in enumerate(layers):
-      evals = (val.load([[g]]), test.load([[g]]))
-      fits = [logreg.fit_in_memory(train.load([[g]], rows=rows), *evals, num_classes,
-                                   tuple(p.l2), steps=p.steps)[0] for rows in draws]
+  # Each layer's validation, test and drawn train rows are read once, for every value and draw.
+  union = np.unique(np.concatenate([rows for per_v in draws.values() for rows in per_v]))
+  by_layer = {v: [] for v in values}
+  for g, layer in enumerate(layers):
+    evals = (val.load([[g]]), test.load([[g]]))
+    xt, yt = train.load([[g]], rows=union)
+    for v in values:
+      fits = []
+      for rows in draws[v]:
+        at = np.searchsorted(union, rows)
+        fits.append(logreg.fit_in_memory((xt[at], yt[at]), *evals, num_classes, tuple(p.l2),
+                                         steps=p.steps)[0])
       acc = np.asarray([f["accuracy"] for f in fits])
-      by_layer.append({"layer": layer, "mean": float(acc.mean()), "std": float(acc.std(ddof=1))
-                       if len(acc) > 1 else 0.0, "accuracies": acc.tolist(),
-                       "val_mean": float(np.mean([f["val_accuracy"] for f in fits])),
-                       "l2": [f["l2"] for f in fits]})
-    best = max(by_layer, key=lambda r: r["val_mean"])  # chosen on validation, as above
+      by_layer[v].append({"layer": layer, "mean": float(acc.mean()),
+                          "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                          "accuracies": acc.tolist(),
+                          "val_mean": float(np.mean([f["val_accuracy"] for f in fits])),
+                          "l2": [f["l2"] for f in fits]})
+  out = []
+  for v in values:
+    best = max(by_layer[v], key=lambda r: r["val_mean"])  # chosen on validation, as above
     out.append({"labels_per_class": v, "train_examples": v * num_classes,
-                "seeds": p.low_data_seeds, "by_layer": by_layer, "best_layer": best["layer"],
+                "seeds": p.low_data_seeds, "by_layer": by_layer[v], "best_layer": best["layer"],
                 "best_mean": best["mean"], "best_std": best["std"]})
     log(f"low-data probe, {v} labels per class: best layer {best['layer']} "
         f"{best['mean']:.4f} +- {best['std']:.4f} over {p.low_data_seeds} draws")

@@ -77,13 +77,9 @@ def check_fits_devices(config, stage: str = "pretrain") -> None:
 
 def ensembled_class_logits(model, tokens, seed: int, masks: int):
   """[B, classes]: a BERT model's class logits averaged over `masks` inputs masked as in
-  pretraining (the paper's mask ensembling); mask i is drawn from key(seed) folded with i."""
-  def add(i, total):
-    mask = objectives.bert_mask(jax.random.fold_in(jax.random.key(seed), i), tokens.shape)
-    return total + model.logits_and_class_logits(tokens, mask)[1]
-
-  first = add(0, 0.0)
-  return jax.lax.fori_loop(1, masks, add, first) / jnp.float32(masks)
+  pretraining (objectives.mask_ensemble)."""
+  return objectives.mask_ensemble(lambda m: model.logits_and_class_logits(tokens, m)[1],
+                                  tokens.shape, seed, masks)
 
 
 @dataclasses.dataclass

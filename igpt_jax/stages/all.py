@@ -59,7 +59,8 @@ def summary(results: dict, workdir: str) -> str:
       "", "Against the paper's findings (ImageNet, models 1,000x larger, 1M steps):", "",
   ]
   ft = f.get("test_accuracy", float("nan"))
-  n_probe = json.loads(workdir_lib.path(p["results"]).read_text())["test_examples"]
+  probe_results = json.loads(workdir_lib.path(p["results"]).read_text())
+  n_probe = probe_results["test_examples"]
   n_ft = f.get("test_examples", 0)
   checks = [
       ((p["best_accuracy"], n_probe), (p["random_init_accuracy"], n_probe),
@@ -70,7 +71,7 @@ def summary(results: dict, workdir: str) -> str:
        f"a linear model on these raw pixels is already at {p['raw_pixel_accuracy']:.2f}; "
        "features of a briefly trained small model are not there yet"),
       ((ft, n_ft), (p["best_accuracy"], n_probe), "fine-tuning beats the best linear probe",
-       _why_finetune(f, p)),
+       _why_finetune(f, p, probe_results["by_layer"])),
   ]
   for (a, n_a), (b, n_b), claim, why in checks:
     # Two binomial standard errors of the difference: what the test images can tell apart.
@@ -87,11 +88,11 @@ def summary(results: dict, workdir: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _why_finetune(f: dict, p: dict) -> str:
-  """Why fine-tuning fell short of the best probe, from what this run measured."""
+def _why_finetune(f: dict, p: dict, by_layer: list[dict]) -> str:
+  """Why fine-tuning fell short of the best probe, from what this run measured (`by_layer`:
+  the probe's results.json rows)."""
   start = f.get("head_probe", {}).get("start_eval_accuracy")
   end, n_val = f.get("eval_accuracy", float("nan")), f.get("eval_examples", 0)
-  by_layer = json.loads(workdir_lib.path(p["results"]).read_text())["by_layer"]
   last = by_layer[-1] if by_layer else None
   if start is None:
     return ("the class head started at zero (finetune.head_init=zeros) and these few steps "
