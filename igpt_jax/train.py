@@ -51,19 +51,19 @@ def head_lr(config) -> float:
   return config.finetune.lr if config.finetune.head_lr < 0 else config.finetune.head_lr
 
 
-def check_batch_split(train_cfg, mesh, rules, stage: str = "pretrain") -> None:
+def check_batch_split(train_cfg, mesh, rules) -> None:
   """One `error:` line when the mesh cannot split a micro-batch (JAX would raise a 30-line
-  IndivisibleError at the first step). The stages call it first, before a palette fit."""
-  prefix = "finetune" if stage == "finetune" else "train"
+  IndivisibleError at the first step). The stages call it first, before a palette fit. Both
+  stages take their batch size from config.train, so the message names train's fields."""
   if train_cfg.batch_size % train_cfg.accum_steps:
-    raise UserError(f"--config.{prefix}.batch_size={train_cfg.batch_size} is not divisible by "
+    raise UserError(f"--config.train.batch_size={train_cfg.batch_size} is not divisible by "
                     f"accum_steps={train_cfg.accum_steps}.")
   shards = sharding_lib.batch_shards(mesh, rules)
   micro = train_cfg.batch_size // train_cfg.accum_steps
   if micro % shards:
     raise UserError(
         f"The batch is split over {shards} devices (mesh {dict(mesh.shape)}), but a "
-        f"micro-batch has {micro} rows (--config.{prefix}.batch_size={train_cfg.batch_size} / "
+        f"micro-batch has {micro} rows (--config.train.batch_size={train_cfg.batch_size} / "
         f"accum_steps={train_cfg.accum_steps}): make it a multiple of {shards}, or change "
         "--config.mesh.*.")
 
@@ -71,8 +71,7 @@ def check_batch_split(train_cfg, mesh, rules, stage: str = "pretrain") -> None:
 def check_fits_devices(config, stage: str = "pretrain") -> None:
   """The mesh fits this run's devices and splits its batches: checked before anything slow."""
   mesh = sharding_lib.make_mesh(config.mesh)
-  check_batch_split(train_section(config, stage), mesh, sharding_lib.rules_from_config(config),
-                    stage)
+  check_batch_split(train_section(config, stage), mesh, sharding_lib.rules_from_config(config))
 
 
 def ensembled_class_logits(model, tokens, seed: int, masks: int):
@@ -209,7 +208,7 @@ class Trainer:
 
   def compile_step(self):
     """Ahead-of-time compile; the plan stage and the loop share it."""
-    check_batch_split(self.train_cfg, self.mesh, self.rules, self.stage)
+    check_batch_split(self.train_cfg, self.mesh, self.rules)
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       return self.jit_step().lower(self.abstract_state, self.abstract_batch()).compile()
 

@@ -187,22 +187,23 @@ def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
   from igpt_jax.stages import pretrain as pretrain_stage
   from test_train import tiny_config
   pretrain_stage.run(tiny_config(steps=2), str(tmp_path), log=lambda *_: None)
-  tiny = ["--config.model.num_layers=2", "--config.model.num_heads=4", "--config.train.steps=4",
-          "--config.train.batch_size=16", "--config.palette.samples=20000"]
-  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
-            *tiny, "--config.model.d_model=64")
-  assert_one_line_error(out, "different model: d_model saved 32 vs configured 64")
-  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
-            *tiny, "--config.model.d_model=32", "--config.palette.k=32")
-  assert_one_line_error(out, "has k=16 but palette.k=32")
+  tiny = ["--config.data.resolution=8", "--config.model.num_layers=2", "--config.model.num_heads=4",
+          "--config.train.steps=4", "--config.train.batch_size=16", "--config.palette.samples=20000"]
+  demo = (f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
+          *tiny)
+  wider, more_colours, diverging = cli_many(
+      (*demo, "--config.model.d_model=64"),
+      (*demo, "--config.model.d_model=32", "--config.palette.k=32"),
+      # A run that diverges, and (below) storage that will not serve a checkpoint: one line
+      # each, exit 1.
+      (*demo, "--config.model.d_model=32", "--config.train.lr=1e30",
+       "--config.train.max_nonfinite_steps=2", "--config.checkpoint.every=1000"))
+  assert_one_line_error(wider, "different model: d_model saved 32 vs configured 64")
+  assert_one_line_error(more_colours, "has k=16 but palette.k=32")
+  assert_one_line_error(diverging, "had non-finite gradients or updates", status=1)
+  assert "2 steps in a row" in diverging.stderr
+  assert "last good checkpoint (step 2) is kept" in diverging.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
-
-  # A run that diverges, and storage that will not serve a checkpoint: one line each, exit 1.
-  out = cli(f"--config={REPO}/configs/demo.py", "--config.stage=pretrain", f"--workdir={tmp_path}",
-            *tiny, "--config.model.d_model=32", "--config.train.lr=1e30",
-            "--config.train.max_nonfinite_steps=2", "--config.checkpoint.every=1000")
-  assert_one_line_error(out, "had non-finite gradients or updates", status=1)
-  assert "2 steps in a row" in out.stderr and "last good checkpoint (step 2) is kept" in out.stderr
   refusing = ("import runpy, sys, orbax.checkpoint as ocp\n"
               "def refuse(*a, **k): raise OSError('PERMISSION_DENIED: 403 from storage')\n"
               "ocp.CheckpointManager.restore = refuse\n"

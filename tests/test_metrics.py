@@ -31,8 +31,8 @@ def test_tensorboard_gets_scalars_sample_grids_and_probe_accuracy(tmp_path):
     assert [e.step for e in acc.Scalars(tag)] == list(range(1, 9))
   grids = acc.Images("samples")
   assert [e.step for e in grids] == [4, 8]
-  # 8 samples of 14x14 in one row with 2-pixel gaps.
-  assert (grids[0].height, grids[0].width) == (14 + 4, 8 * 16 + 2)
+  # 8 samples of 8x8 in one row with 2-pixel gaps.
+  assert (grids[0].height, grids[0].width) == (8 + 4, 8 * 10 + 2)
 
   probe.run(stage_config("probe"), workdir, log=QUIET)
   acc = read_events(os.path.join(workdir, "probe", "tensorboard"))

@@ -17,9 +17,10 @@ from igpt_jax.data import sources
 pytestmark = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
                                 reason="Debian's dataset-fashion-mnist is not installed")
 
-# 2 layers of width 32 on 14x14 Fashion-MNIST, batch 16, every step logged.
-TINY = ["--config=configs/demo.py", "--config.model.num_layers=2", "--config.model.d_model=32",
-        "--config.model.num_heads=4", "--config.train.batch_size=16", "--config.train.log_every=1",
+# 2 layers of width 32 on 8x8 Fashion-MNIST, batch 16, every step logged.
+TINY = ["--config=configs/demo.py", "--config.data.resolution=8", "--config.model.num_layers=2",
+        "--config.model.d_model=32", "--config.model.num_heads=4", "--config.train.batch_size=16",
+        "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.sample_every=0",
         "--config.train.warmup_steps=5", "--config.palette.samples=20000",
         "--config.palette.iters=5", "--config.checkpoint.every=1000"]

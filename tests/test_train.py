@@ -26,9 +26,11 @@ from test_model import load_config
 needs_fmnist = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
                                   reason="Debian's dataset-fashion-mnist is not installed")
 
-# A tiny demo: 2 layers of width 32 on 14x14 Fashion-MNIST; every step logged.
-TINY_OVERRIDES = ["--config.model.num_layers=2", "--config.model.d_model=32",
-                  "--config.model.num_heads=4", "--config.train.batch_size=16",
+# A tiny demo: 2 layers of width 32 on 8x8 Fashion-MNIST (64 tokens an image: the stage tests
+# evaluate whole 10k splits, whose cost grows with the square of the sequence); every step logged.
+TINY_OVERRIDES = ["--config.data.resolution=8", "--config.model.num_layers=2",
+                  "--config.model.d_model=32", "--config.model.num_heads=4",
+                  "--config.train.batch_size=16",
                   "--config.train.log_every=1", "--config.train.eval_every=0",
                   "--config.palette.samples=20000", "--config.palette.iters=5",
                   "--config.train.sample_every=0"]
@@ -37,6 +39,7 @@ TINY_OVERRIDES = ["--config.model.num_layers=2", "--config.model.d_model=32",
 def tiny_config(**train):
   config = load_config("demo")
   config.stage = "pretrain"
+  config.data.resolution = 8
   config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 32, 4
   config.palette.samples, config.palette.iters = 20_000, 5
   config.train.batch_size, config.train.log_every, config.train.eval_every = 16, 1, 0
