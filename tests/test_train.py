@@ -20,6 +20,7 @@ from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
+from igpt_jax.config import UserError
 from igpt_jax.data import sources
 from test_model import load_config
 
@@ -478,3 +479,12 @@ def test_bert_finetune_evaluation_ensembles_its_masks():
 def objectives_mask(config, tokens):
   from igpt_jax import objectives
   return objectives.bert_mask(jax.random.key(config.seed + 1), tokens.shape)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_batch_the_mesh_cannot_split_names_the_field_to_change(stage):
+  """Both stages take their batch from config.train (finetune has no batch_size of its own)."""
+  config = tiny_config(batch_size=12)
+  with pytest.raises(UserError, match=r"micro-batch has 12 rows "
+                     r"\(--config\.train\.batch_size=12 / accum_steps=1\): make it a multiple of 8"):
+    train_lib.check_fits_devices(config, stage)
