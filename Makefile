@@ -32,7 +32,13 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 # The test extra on top: libtpu, pytest, torch + transformers (Hugging Face round trips), ...
+# torch first, as PyTorch's CPU build: PyPI's Linux wheel is the CUDA one (several GB). Where
+# PyTorch's index cannot be reached pip says so and goes on with the other indexes (a local
+# CPU wheel, or PyPI's). The pin is setup.py's (TORCH_PIN there).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_PIN = $(shell sed -n 's/^TORCH_PIN = "\(.*\)".*/\1/p' setup.py)
 $(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --retries 1 --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(TEST_STAMP)
 

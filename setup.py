@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 
 JAX_VERSION = "0.10.2"  # the jax that libtpu below was built for
 TPU = f"jax[tpu]=={JAX_VERSION}"
+TORCH_PIN = "torch==2.13.0"  # `make test` installs it from PyTorch's CPU index first
 
 setup(
     name="igpt_jax",
@@ -47,7 +48,7 @@ setup(
             TPU,  # the tests compile for TPU slices
             "pytest>=8",
             "pytest-timeout>=2.3",
-            "torch==2.13.0",  # Hugging Face round trips; install the CPU build (README)
+            TORCH_PIN,  # Hugging Face round trips, the CPU build (Makefile, README)
             "transformers>=4.40",
             "scikit-learn>=1.4",
             "scikit-image>=0.24",
