@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO, xla_flags
-from test_multihost import STEPS, TINY, local, losses
+from test_multihost import TINY, local, losses
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 
@@ -101,10 +101,24 @@ def slurm(tmp_path_factory):
         pass
 
 
+# Long enough that the TERM, sent once 5 steps are logged, lands mid-run: at 8x8 a step takes
+# ~30 ms here (the TERM needs ~1 s to arrive), so 30 steps could end before it did.
+STEPS = 120
+
+
 def job_state(job: str, env) -> dict:
   out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
                        env=env).stdout
   return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_until(condition, deadline: float, what: str, log) -> None:
+  """Polls until `condition()`; past the deadline, fails naming what did not happen."""
+  while not condition():
+    if time.time() > deadline:
+      text = log.read_text() if log.exists() else "(no job log yet)"
+      raise AssertionError(f"{what} by the deadline; the job's log ends:\n{text[-3000:]}")
+    time.sleep(0.5)
 
 
 def test_slurm_job_is_preempted_requeued_and_resumes_to_the_same_losses(slurm, tmp_path):
@@ -124,32 +138,35 @@ def test_slurm_job_is_preempted_requeued_and_resumes_to_the_same_losses(slurm, t
       capture_output=True, text=True, env={**slurm, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
       check=True).stdout.strip()
   deadline = time.time() + 300
-  while time.time() < deadline:  # a few steps logged: mid-run
-    metrics = workdir / "metrics.jsonl"
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-      break
+  metrics = workdir / "metrics.jsonl"
+
+  def mid_run():
     assert job_state(job, slurm).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-3000:]
-    time.sleep(0.5)
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= 5
+  wait_until(mid_run, deadline, "5 steps logged", log)
   subprocess.run(["scancel", "--signal=TERM", job], check=True, env=slurm)
   signalled = time.time()
-  while time.time() < deadline:  # saved, exited 75, requeued
+
+  def requeued_after_the_save():
     state = job_state(job, slurm)
-    if state.get("Restarts") == "1" and state.get("JobState") == "PENDING":
-      break
-    time.sleep(0.5)
+    assert state.get("JobState") != "COMPLETED", "the run ended before the TERM reached it"
+    return state.get("Restarts") == "1" and state.get("JobState") == "PENDING"
+  wait_until(requeued_after_the_save, deadline, "saved, exited 75 and requeued", log)
   requeued = time.time()
   # SLURM holds a requeued job for ~2 minutes before it may start again. Let it start once the
   # first run's step processes are gone and the clock has moved past its credential's
   # revocation (slurmd compares whole seconds: a start in the same second is refused).
-  while time.time() < deadline and subprocess.run(
-      ["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
-    time.sleep(0.5)
+  wait_until(lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."],
+                                    capture_output=True).returncode != 0,
+             deadline, "the first run's step processes gone", log)
   time.sleep(3)
   subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
-  while time.time() < deadline and job_state(job, slurm).get("JobState") != "COMPLETED":
-    assert job_state(job, slurm).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"), \
-        log.read_text()[-3000:]
-    time.sleep(1)
+
+  def completed():
+    state = job_state(job, slurm).get("JobState")
+    assert state in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED"), log.read_text()[-3000:]
+    return state == "COMPLETED"
+  wait_until(completed, deadline, "the requeued job completed", log)
   done = time.time()
   text = log.read_text()
   state = job_state(job, slurm)
@@ -162,6 +179,7 @@ def test_slurm_job_is_preempted_requeued_and_resumes_to_the_same_losses(slurm, t
   assert text.count(f"Resumed from checkpoint step {min(saved)}") == 2  # both tasks ("0: ", "1: ")
   assert "0: Preemption signal" in text and "1: Preemption signal" in text  # srun --label
   assert losses(workdir).tolist() == losses(reference).tolist()
-  print(json.dumps({"slurm_to_first_steps_s": round(signalled - began, 1),
+  print(json.dumps({"saved_step": min(saved),
+                    "slurm_to_first_steps_s": round(signalled - began, 1),
                     "term_to_requeued_s": round(requeued - signalled, 1),
                     "requeued_to_completed_s": round(done - requeued, 1)}))
