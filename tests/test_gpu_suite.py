@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu_suite  # noqa: E402
@@ -21,7 +21,8 @@ def test_every_train_run_config_loads_with_its_overrides():
 
 
 def test_smoke_run_of_the_suite(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  # One CPU device (the suite's parts assume one accelerator), compiled fast: paths, not speed.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   script = os.path.join(REPO, "benchmarks", "gpu_suite.py")
   images = tmp_path / "images"
   subprocess.run([sys.executable, script, "--smoke", "--prepare_images", str(images)], env=env,
