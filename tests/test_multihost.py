@@ -260,7 +260,8 @@ def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
           "--config.train.eval_every=4", "--config.train.sample_every=8",
           "--config.train.batch_size=4", "--config.finetune.steps=4",
           "--config.finetune.eval_every=4", "--config.probe.steps=20", "--config.sample.num=2",
-          "--config.sample.completions=2", "--config.palette.samples=5000"]
+          "--config.sample.completions=2", "--config.palette.samples=5000",
+          "--config.probe.labels_per_class=5", "--config.probe.low_data_seeds=2"]
   code, one = single(4, *args, f"--workdir={tmp_path / 'one'}")
   assert code == 0, one[-3000:]
   code, two = local(2, 2, *args, f"--workdir={tmp_path / 'two'}")
@@ -271,6 +272,12 @@ def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
               "finetune_accuracy"):
     np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
   assert a["best_layer"] == b["best_layer"]
+  # Low-data probes: the same draws and fits on every process, and as on one.
+  low_one, low_two = (json.load(open(tmp_path / run / "probe" / "results.json"))["low_data"]
+                      for run in ("one", "two"))
+  assert [x["train_examples"] for x in low_two] == [50]
+  for x, y in zip(low_one[0]["by_layer"], low_two[0]["by_layer"], strict=True):
+    np.testing.assert_allclose(y["accuracies"], x["accuracies"], rtol=1e-4)
   np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
   rows = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]  # the 9-image split, twice
