@@ -161,9 +161,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                             tcfg.eval_batches))
     writer.write(0, scalars)
     head_fit["start_eval_accuracy"] = scalars.get("eval_accuracy")
-    log("step 0 (the probe's head): " + " ".join(
-        f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in scalars.items()
-        if k.startswith("eval_")))
+    log("step 0 (the probe's head): " + metrics_lib.scalars_text(
+        {k: v for k, v in scalars.items() if k.startswith("eval_")}))
 
   total = tcfg.steps
   rows = sharding_lib.host_rows(mesh, rules, tcfg.batch_size)

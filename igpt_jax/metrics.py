@@ -144,6 +144,13 @@ def _event_writer(logdir: str):
     return None
 
 
+def scalars_text(scalars: dict) -> str:
+  """'k=v ...' for a log line: counts (ints) whole, everything else to 4 significant digits;
+  None values left out."""
+  return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}"
+                  for k, v in scalars.items() if v is not None)
+
+
 class Progress:
   """A tqdm bar on a terminal, plain log lines otherwise (CI logs, files); silent with
   log=None (processes other than 0)."""
@@ -157,8 +164,7 @@ class Progress:
     self.last = initial
 
   def update(self, step: int, scalars: dict) -> None:
-    shown = {k: v for k, v in scalars.items() if v is not None}
-    text = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in shown.items())
+    text = scalars_text(scalars)
     if self.bar is not None:
       self.bar.update(step - self.last)
       self.bar.set_postfix_str(text)

@@ -31,10 +31,9 @@ needs_fmnist = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
 # evaluate whole 10k splits, whose cost grows with the square of the sequence); every step logged.
 TINY_OVERRIDES = ["--config.data.resolution=8", "--config.model.num_layers=2",
                   "--config.model.d_model=32", "--config.model.num_heads=4",
-                  "--config.train.batch_size=16",
-                  "--config.train.log_every=1", "--config.train.eval_every=0",
-                  "--config.palette.samples=20000", "--config.palette.iters=5",
-                  "--config.train.sample_every=0"]
+                  "--config.train.batch_size=16", "--config.train.log_every=1",
+                  "--config.train.eval_every=0", "--config.palette.samples=20000",
+                  "--config.palette.iters=5", "--config.train.sample_every=0"]
 
 
 def tiny_config(**train):
