@@ -71,8 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_bias = False  # True only for converted transformers checkpoints
   c.model.num_classes = 0  # > 0 adds the fine-tuning class head
   c.model.dtype = "float32"  # compute dtype; params stay float32
-  c.model.attention = "xla"  # xla | blocked (causal, CPUs) | cudnn (flash, GPUs, bf16)
-  c.model.remat = "none"  # none | full | a jax.checkpoint_policies name
+  # auto (the platform's best: splash on TPU, cudnn on GPU at 16-bit, blocked on CPU) | xla |
+  # blocked (causal, CPUs) | splash (Pallas, TPU; interpreted on CPU) | cudnn (flash, GPU, bf16)
+  c.model.attention = "auto"
+  c.model.splash_block_q = 512  # splash tiles in tokens: multiples of 128, capped at seq_len
+  c.model.splash_block_kv = 512
+  # none | full | a jax.checkpoint_policies name | save:NAME,... | offload:NAME,... (TPU), with
+  # NAME among query, key, value, attention_out, mlp_hidden (the block's named activations)
+  c.model.remat = "none"
   c.model.fused_qkv = False  # one stacked QKV matmul; parameters and checkpoints unchanged
   c.model.scan_layers = True  # False unrolls the layers (compile time grows with depth)
 
@@ -216,9 +222,9 @@ CHOICES = {
     "probe.solver": ("auto", "lbfgs", "adam"),
     "finetune.head_init": ("probe", "zeros"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("xla", "blocked", "cudnn"),
+    "model.attention": ("auto", "xla", "blocked", "splash", "cudnn"),
 }
-POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
+POSITIVE = ("model.splash_block_q", "model.splash_block_kv", "data.resolution", "data.shard_size", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
             "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
             "probe.batch_size", "probe.steps", "probe.concat", "probe.max_memory_mb",
@@ -290,13 +296,23 @@ def validate(config) -> None:
   remat = config.model.remat
   if remat not in ("none", "full"):
     import jax
-    if not hasattr(jax.checkpoint_policies, remat):
+    from igpt_jax.model import remat_policy
+    try:
+      remat_policy(remat)
+    except ValueError as e:
       import difflib
       names = ["none", "full"] + [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
       close = difflib.get_close_matches(remat, names, n=1)
-      raise UserError(f"--config.model.remat={remat!r} is neither 'none', 'full' nor a "
-                      "jax.checkpoint_policies name"
-                      + (f"; did you mean {close[0]!r}?" if close else "."))
+      raise UserError(f"--config.{e}".rstrip(".")
+                      + (f"; did you mean {close[0]!r}?" if close else ".")) from None
+  if config.model.attention == "splash":
+    from igpt_jax import attention as attention_lib
+    try:
+      attention_lib.check_splash_shape(
+          config.data.resolution ** 2,
+          attention_lib.SplashBlocks(config.model.splash_block_q, config.model.splash_block_kv))
+    except ValueError as e:
+      raise UserError(str(e)) from None
   if config.data.channels not in (1, 3):
     raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
   if not (config.data.validation_fraction == -1 or 0 <= config.data.validation_fraction < 1):

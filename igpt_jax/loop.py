@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import distributed
 from igpt_jax import head as head_lib
@@ -155,6 +156,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   mem = train_lib.memory_report(step_fn)
   if mem:
     log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
+  log(f"{stage}: attention {cfg.attention_on(attention_lib.mesh_platform(mesh))}.")
   if head_fit is not None and tcfg.eval_every:  # where LP-FT starts: the probe's accuracy
     scalars = {f"head_probe_{k}": v for k, v in head_fit.items()}
     scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,

@@ -21,7 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from igpt_jax import attention as attention_lib
+from igpt_jax.attention import attention
 from igpt_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations; `sharding.py` maps them to mesh axes.
@@ -30,9 +33,9 @@ LAYERS, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, POSITIONS, CLASSES = (
 BATCH = "batch"  # activations only
 RESIDUAL = (BATCH, None, None)  # [B, T, D]: split by batch, whole along the sequence and width
 
-ATTENTION_IMPLS = ("xla", "blocked", "cudnn")
-ATTENTION_BLOCK = 128  # query block of attention="blocked"
+ATTENTION_IMPLS = attention_lib.IMPLS
 OBJECTIVES = ("ar", "bert")
+QKV_NAMES = (attention_lib.QUERY, attention_lib.KEY, attention_lib.VALUE)  # checkpoint names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,10 @@ class ModelConfig:
   norm_eps: float = 1e-5
   num_classes: int = 0  # > 0 adds the fine-tuning class head
   dtype: str = "float32"  # compute dtype; parameters stay float32
-  attention: str = "xla"
-  remat: str = "none"  # 'none' | 'full' | a jax.checkpoint_policies name
+  attention: str = "auto"  # attention.py: auto | xla | blocked | splash | cudnn
+  splash_block_q: int = 512  # splash tiles, tokens (capped at seq_len)
+  splash_block_kv: int = 512
+  remat: str = "none"  # 'none' | 'full' | a jax.checkpoint_policies name | 'save:NAME,...'
   fused_qkv: bool = False  # one [3, d, H, K] projection instead of three; same parameters
   scan_layers: bool = True  # False unrolls the layer loop (longer compiles, no scan overhead)
 
@@ -65,15 +70,24 @@ class ModelConfig:
       raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
     if self.attention == "cudnn" and self.dtype != "bfloat16":
       raise ValueError("model.attention='cudnn' (flash attention) needs model.dtype='bfloat16'.")
-    if self.remat not in ("none", "full") and not hasattr(jax.checkpoint_policies, self.remat):
-      raise ValueError(f"model.remat={self.remat!r} is neither 'none', 'full' nor a "
-                       "jax.checkpoint_policies name.")
+    if self.attention == "splash":
+      attention_lib.check_splash_shape(self.seq_len, self.splash_blocks)
+    remat_policy(self.remat)  # raises ValueError on an unknown policy or name
     if abs(self.mlp_dim - self.d_model * self.mlp_ratio) > 1e-6:
       raise ValueError(f"d_model * mlp_ratio = {self.d_model * self.mlp_ratio} is not an integer.")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  def attention_on(self, platform: str) -> str:
+    """The attention implementation that runs on `platform` ('auto' resolved), for logs."""
+    return attention_lib.describe(self.attention, platform, self.dtype, self.seq_len,
+                                  self.splash_blocks)
+
+  @property
+  def splash_blocks(self) -> attention_lib.SplashBlocks:
+    return attention_lib.SplashBlocks(self.splash_block_q, self.splash_block_kv)
 
   @property
   def mlp_dim(self) -> int:
@@ -95,7 +109,8 @@ class ModelConfig:
         num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio, vocab_size=config.palette.k,
         seq_len=config.data.resolution ** 2, objective=m.objective, use_bias=m.use_bias,
-        num_classes=m.num_classes, dtype=m.dtype, attention=m.attention, remat=m.remat,
+        num_classes=m.num_classes, dtype=m.dtype, attention=m.attention,
+        splash_block_q=m.splash_block_q, splash_block_kv=m.splash_block_kv, remat=m.remat,
         fused_qkv=m.fused_qkv, scan_layers=m.scan_layers)
 
 
@@ -117,53 +132,6 @@ def rms_norm(x, gain=None, eps=1e-5):
 
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
-
-
-def attention(q, k, v, *, causal: bool, q_offset=0, impl: str = "xla"):
-  """Multi-head attention. q: [B, T, H, K]; k, v: [B, S, H, K]; returns [B, T, H, K].
-
-  Query t sits at absolute position q_offset + t and may see keys 0..q_offset + t (causal).
-  Scores and softmax are float32 whatever the compute dtype.
-  """
-  if impl == "cudnn":
-    if q.shape[1] != k.shape[1]:
-      raise ValueError("attention='cudnn' serves full-sequence passes; decoding uses 'xla'.")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-  if impl == "blocked" and causal and q_offset == 0 and q.shape[1] == k.shape[1]:
-    return blocked_causal_attention(q, k, v)
-  scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (q.shape[-1] ** -0.5)
-  if causal:
-    q_pos = q_offset + jnp.arange(q.shape[1])
-    k_pos = jnp.arange(k.shape[1])
-    scores = jnp.where(q_pos[:, None] >= k_pos[None, :], scores, -1e10)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhts,bshk->bthk", probs, v)
-
-
-def blocked_causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
-  """Causal attention by query blocks: block i sees keys [0, (i + 1) * block) only.
-
-  The same function as `attention(..., causal=True)`, but the fully masked upper blocks are never
-  computed (about half the score FLOPs and bytes at 1024 tokens) and each block's scores stay
-  small enough for CPU caches. Heads go in front ([B, H, T, K]) so every block is a plain batched
-  matmul over contiguous rows: with XLA on CPUs that layout alone is worth ~2x in the backward
-  pass. For CPUs, where attention is most of a 32x32 step; GPUs use cudnn.
-  """
-  t, scale = q.shape[1], q.shape[-1] ** -0.5
-  if t % block or t <= block or k.shape[1] != t:
-    return attention(q, k, v, causal=True)
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  out = []
-  for i in range(t // block):
-    end = (i + 1) * block
-    scores = jnp.einsum("bhtk,bhsk->bhts", q[:, :, i * block:end], k[:, :, :end],
-                        preferred_element_type=jnp.float32) * scale
-    q_pos = i * block + jnp.arange(block)
-    scores = jnp.where(q_pos[:, None] >= jnp.arange(end)[None, :], scores, -1e10)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out.append(jnp.einsum("bhts,bhsk->bhtk", probs, v[:, :, :end]))
-  return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2)
 
 
 class Block(nnx.Module):
@@ -207,11 +175,13 @@ class Block(nnx.Module):
       if self.cfg.use_bias:
         out = out + jnp.stack([self.q_bias[...], self.k_bias[...], self.v_bias[...]]
                               ).astype(dt)[:, None, None]
-      return tuple(constrain(out[i], (BATCH, None, HEADS, None)) for i in range(3))
-    def proj(w, b):
+      return tuple(checkpoint_name(constrain(out[i], (BATCH, None, HEADS, None)), name)
+                   for i, name in enumerate(QKV_NAMES))
+    def proj(w, b, name):
       out = jnp.einsum("btd,dhk->bthk", y, w[...].astype(dt)) + self._bias(b, dt)
-      return constrain(out, (BATCH, None, HEADS, None))
-    return proj(self.q, "q_bias"), proj(self.k, "k_bias"), proj(self.v, "v_bias")
+      return checkpoint_name(constrain(out, (BATCH, None, HEADS, None)), name)
+    return (proj(self.q, "q_bias", QKV_NAMES[0]), proj(self.k, "k_bias", QKV_NAMES[1]),
+            proj(self.v, "v_bias", QKV_NAMES[2]))
 
   def finish(self, x, attended):
     """Output projection, residual, then the MLP half of the block."""
@@ -221,20 +191,47 @@ class Block(nnx.Module):
     x = constrain(x, RESIDUAL)
     y = rms_norm(x, self.ln_2[...], self.cfg.norm_eps).astype(dt)
     y = quick_gelu(y @ self.fc[...].astype(dt) + self._bias("fc_bias", dt))
-    y = constrain(y, (BATCH, None, MLP))
+    y = checkpoint_name(constrain(y, (BATCH, None, MLP)), attention_lib.MLP_HIDDEN)
     return constrain(x + (y @ self.fc_out[...].astype(dt) + self._bias("fc_out_bias", dt)), RESIDUAL)
 
   def __call__(self, x):
     q, k, v = self.qkv(x)
-    return self.finish(x, attention(q, k, v, causal=self.cfg.causal, impl=self.cfg.attention))
+    return self.finish(x, attention(q, k, v, causal=self.cfg.causal, impl=self.cfg.attention,
+                                    splash_blocks=self.cfg.splash_blocks))
 
 
-def _remat(fn, policy: str):
-  if policy == "none":
-    return fn
-  if policy == "full":
-    return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+def remat_policy(spec: str):
+  """model.remat -> (rematerialise?, policy): 'none', 'full' (save nothing), a
+  jax.checkpoint_policies name, 'save:NAME,...' (save only these named activations: query, key,
+  value, attention_out, mlp_hidden) or 'offload:NAME,...' (those to host memory, TPU)."""
+  if spec == "none":
+    return False, None
+  if spec == "full":
+    return True, None
+  kind, _, names = spec.partition(":")
+  if kind in ("save", "offload") and names:
+    names = tuple(names.split(","))
+    unknown = sorted(set(names) - set(attention_lib.CHECKPOINT_NAMES))
+    if unknown:
+      raise ValueError(f"model.remat={spec!r}: unknown activation names {unknown}; the model "
+                       f"names {list(attention_lib.CHECKPOINT_NAMES)}.")
+    if kind == "save":
+      return True, jax.checkpoint_policies.save_only_these_names(*names)
+    return True, jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+        offload_src="device", offload_dst="pinned_host")
+  if not hasattr(jax.checkpoint_policies, spec):
+    raise ValueError(f"model.remat={spec!r} is neither 'none', 'full', 'save:NAME,...', "
+                     "'offload:NAME,...' nor a jax.checkpoint_policies name.")
+  return True, getattr(jax.checkpoint_policies, spec)
+
+
+def _remat(fn, spec: str, scanned: bool):
+  """The layer body under the remat policy. Inside a scan, prevent_cse=False: the loop already
+  keeps XLA from merging the recomputation into the forward pass, and the barriers it would
+  add cost time (jax.checkpoint's docs)."""
+  remat, policy = remat_policy(spec)
+  return jax.checkpoint(fn, policy=policy, prevent_cse=not scanned) if remat else fn
 
 
 class ImageGPT(nnx.Module):
@@ -311,7 +308,7 @@ class ImageGPT(nnx.Module):
       feats = jnp.mean(rms_norm(x, None, eps).astype(jnp.float32), axis=1) if collect_features else None
       return x, feats
 
-    body = _remat(body, self.cfg.remat)
+    body = _remat(body, self.cfg.remat, self.cfg.scan_layers)
     if self.cfg.scan_layers:
       return jax.lax.scan(body, h, stacked)
     feats = []

@@ -258,18 +258,25 @@ def activation_sharding(mesh, rules=DEFAULT_RULES):
     _ACTIVE_RULES.reset(token)
 
 
+def activation_spec(shape, names) -> P | None:
+  """The PartitionSpec the rules give an activation of `shape` with logical `names` (a mesh
+  axis that does not divide its dimension is dropped); None outside `activation_sharding`."""
+  rules = _ACTIVE_RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return None
+  spec = []
+  for dim, axes in zip(shape, logical_to_spec(names, rules, mesh)):
+    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    spec.append(axes if dim % size == 0 else None)
+  return P(*spec)
+
+
 def constrain(x, names):
   """with_sharding_constraint by logical names; a no-op outside `activation_sharding`.
 
   Without it, FSDP lets XLA keep the batch replicated and split activations along `embed`
   like the weights, which multiplies activation memory by the number of devices.
   """
-  rules = _ACTIVE_RULES.get()
-  mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh.empty:
-    return x
-  spec = []
-  for dim, axes in zip(x.shape, logical_to_spec(names, rules, mesh)):
-    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-    spec.append(axes if dim % size == 0 else None)
-  return jax.lax.with_sharding_constraint(x, P(*spec))
+  spec = activation_spec(x.shape, names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
+from igpt_jax import attention as attention_lib
 from igpt_jax import stages
 from igpt_jax import model as model_lib
 from igpt_jax.config import load_config_file
@@ -189,16 +190,18 @@ def test_blocked_causal_attention_equals_full_attention():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 3, 8)) for i in range(3))
   def loss(fn):
     return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))
-  full, grads = jax.jit(loss(lambda q, k, v: model_lib.attention(q, k, v, causal=True)))(q, k, v)
-  blocked, grads_b = jax.jit(loss(lambda q, k, v: model_lib.blocked_causal_attention(q, k, v, 4)))(
+  full, grads = jax.jit(loss(lambda q, k, v: attention_lib.xla_attention(q, k, v, causal=True)))(
       q, k, v)
+  blocked, grads_b = jax.jit(loss(lambda q, k, v: attention_lib.blocked_causal_attention(
+      q, k, v, 4)))(q, k, v)
   np.testing.assert_allclose(blocked, full, rtol=1e-5)
   for a, b in zip(grads_b, grads, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_blocked_attention_option_matches_default_model():
-  cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, vocab_size=16, seq_len=256)
+def test_blocked_attention_option_matches_xla_model():
+  cfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, vocab_size=16, seq_len=256,
+                    attention="xla")
   loss, grads = loss_and_grads(cfg)  # 256 tokens: two blocks of 128
   loss_b, grads_b = loss_and_grads(dataclasses.replace(cfg, attention="blocked"))
   np.testing.assert_allclose(loss_b, loss, rtol=1e-6)
