@@ -17,6 +17,7 @@ the TPU's choice; without a mesh it is JAX's default backend.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -53,10 +54,13 @@ def platform() -> str:
   return "gpu" if name in ("cuda", "rocm") else name
 
 
+def device_platform(device) -> str:
+  """'tpu' | 'gpu' | 'cpu' for a device (compile-only ones included)."""
+  return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+
+
 def mesh_platform(mesh) -> str:
-  """'tpu' | 'gpu' | 'cpu' for a concrete mesh's devices (compile-only ones included)."""
-  name = mesh.devices.flat[0].platform
-  return "gpu" if name in ("cuda", "rocm") else name
+  return device_platform(mesh.devices.flat[0])
 
 
 def describe(impl: str, on: str, dtype, seq_len: int, blocks: SplashBlocks) -> str:
@@ -171,19 +175,29 @@ def _splash_block_sizes(seq_len: int, blocks: SplashBlocks):
 def _splash_kernel(heads: int, seq_len: int, causal: bool, blocks: SplashBlocks,
                    head_shards: int, interpret: bool):
   """The kernel for all `heads` (its mask tables split into `head_shards`); cached, since
-  building the mask tables walks every block. The tables are kept as numpy arrays: constants
-  of the compiled step (a closed-over jax.Array becomes a hidden argument of the compiled step,
-  which an ahead-of-time compiled step is then called without)."""
+  building the mask tables walks every block.
+
+  The tables must be concrete numpy arrays, constants of the compiled step: the kernel is first
+  asked for while the step is traced, where jnp.array would give tracers (leaked by the cache)
+  or arrays on the mesh's devices (compile-only TPUs hold none), and a closed-over jax.Array
+  becomes a hidden argument that an ahead-of-time compiled step is later called without. So
+  they are built in a thread of their own, outside this thread's trace and mesh.
+  """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   shape = (seq_len, seq_len)
   one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
-  with jax.ensure_compile_time_eval():  # built while tracing the step: concrete tables
-    kernel = sk.make_splash_mha(
-        sm.MultiHeadMask([one] * heads), block_sizes=_splash_block_sizes(seq_len, blocks),
-        head_shards=head_shards, q_seq_shards=1, residual_checkpoint_name=ATTENTION_OUT,
-        interpret=interpret)
-    return jax.tree.map(np.asarray, kernel)
+
+  def build():
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      kernel = sk.make_splash_mha(
+          sm.MultiHeadMask([one] * heads), block_sizes=_splash_block_sizes(seq_len, blocks),
+          head_shards=head_shards, q_seq_shards=1, residual_checkpoint_name=ATTENTION_OUT,
+          interpret=interpret)
+      return jax.tree.map(np.asarray, kernel)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(build).result()
 
 
 def splash_attention(q, k, v, *, causal: bool, blocks: SplashBlocks = SplashBlocks()):
@@ -195,6 +209,13 @@ def splash_attention(q, k, v, *, causal: bool, blocks: SplashBlocks = SplashBloc
   from igpt_jax import sharding as sharding_lib  # model -> attention -> sharding, no circle
   batch, seq_len, heads, head_dim = q.shape
   interpret = platform() == "cpu"
+  precision = jax.config.jax_default_matmul_precision
+  if not interpret and precision not in (None, "default", "bfloat16", "fastest"):
+    # Mosaic compiles the kernel's bf16 dots at the default precision only (it fails with
+    # "Bad lhs type" otherwise), and reads the setting when the whole step is lowered.
+    raise ValueError(f"attention='splash' on a TPU needs jax_default_matmul_precision left at "
+                     f"its default (it is {precision!r}); use model.attention='xla' for "
+                     "higher-precision matmuls.")
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, K]
   mesh = jax.sharding.get_abstract_mesh()

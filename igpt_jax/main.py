@@ -231,6 +231,7 @@ def main(argv):
     return
   from igpt_jax import targets
   targets.quiet_libtpu_without_tpu()  # before JAX starts its backends
+  targets.set_libtpu_flags()  # the TPU run and its plan compile with the same flags
   if config.stage == "plan" and config.plan.target:
     # Compile-only devices need no accelerator: leave this machine's TPU or GPU to its jobs.
     import jax

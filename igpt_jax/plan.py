@@ -10,16 +10,22 @@ plugin is installed, else for simulated CPU devices, labelled as estimates.
 FLOPs come from the compiler's cost analysis. XLA counts a loop body once, and the layers (and
 micro-batches) are loops, so the step's FLOPs and HBM bytes are measured on unrolled 1- and
 2-layer twins of the step and extrapolated linearly in depth: the per-layer cost, remat and
-all, is what the compiler emitted.
+all, is what the compiler emitted. The cost analysis cannot see inside a Pallas kernel (it
+counts a splash kernel's bytes, not its FLOPs), so every splash kernel call in the compiled
+twins is found by name and its matmuls are added analytically (`kernel_flops_per_device`).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import time
 
 import jax
 import ml_collections
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import targets as targets_lib
@@ -29,7 +35,8 @@ from igpt_jax.config import UserError
 GIB = targets_lib.GIB
 # Remat policies the search tries, least recomputation first; the values only order them (a
 # rough share of the forward pass each recomputes). The chosen setting's figures are the compiler's.
-REMAT_COST = {"none": 0.0, "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
+REMAT_COST = {"none": 0.0, "save:query,key,value,attention_out,mlp_hidden": 0.25,
+              "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
 ROOM = 0.5  # a step using under this share of HBM "fits with room to spare"
 
 
@@ -46,6 +53,8 @@ def with_overrides(config, overrides: dict):
   """A copy of `config` with {'mesh.fsdp': -1, ...} applied."""
   new = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
+    if key.startswith("_"):  # the search's own bookkeeping
+      continue
     section, field = key.split(".")
     new[section][field] = value
   return new
@@ -80,6 +89,8 @@ def try_compile(config, devices, hbm_bytes: int) -> dict:
     return {"fits": False, "out_of_memory": why, "compile_s": time.perf_counter() - began}
   out = train_lib.memory_report(compiled)
   out["mesh"] = dict(mesh.shape)
+  out["attention"] = model_lib.ModelConfig.from_config(config).attention_on(
+      attention_lib.mesh_platform(mesh))
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   out["fits"] = out.get("per_device_bytes", 0) <= hbm_bytes
@@ -89,10 +100,39 @@ def try_compile(config, devices, hbm_bytes: int) -> dict:
   return out
 
 
+# A splash kernel call in compiled HLO: its name says which kernel; among its outputs is the
+# device's [batch, heads, seq, head_dim] block ([heads, seq, head_dim] for one row).
+_SPLASH_CALL = re.compile(r"%splash_mh?q?a_(fwd|dq|dkv)[\w.]*\s*=\s*\((.*?)\)\s*custom-call\(")
+_SHAPE = re.compile(r"\w+\[([\d,]+)\]")
+
+
+def kernel_flops(hlo_text: str, cfg: model_lib.ModelConfig) -> float:
+  """FLOPs of the splash kernels in a compiled step's HLO, per device: each call's matmuls
+  (attention.SPLASH_KERNEL_MATMULS) over the blocks its mask lets it visit (a causal kernel
+  visits the diagonal blocks whole: attention.causal_block_fraction)."""
+  blocks = cfg.splash_blocks
+  fraction = (attention_lib.causal_block_fraction(cfg.seq_len, blocks.q, blocks.kv)
+              if cfg.causal else 1.0)
+  total = 0.0
+  for kind, outputs in _SPLASH_CALL.findall(hlo_text):
+    shapes = [tuple(map(int, dims.split(","))) for dims in _SHAPE.findall(outputs)]
+    # batch x heads of this device: the largest output ending in [seq, head_dim] (the kernel's
+    # scratch blocks are [block_q, head_dim], and block_q may be the whole sequence)
+    rows = max((math.prod(s[:-2]) for s in shapes
+                if len(s) >= 3 and s[-2:] == (cfg.seq_len, cfg.head_dim)), default=None)
+    if rows is None:
+      raise ValueError(f"plan: cannot read the shape of a splash kernel call: {outputs[:200]}")
+    if kind == "dkv" and blocks.fused_backward:
+      kind = "fused_bwd"
+    total += (attention_lib.SPLASH_KERNEL_MATMULS[kind] * 2 * rows * cfg.seq_len ** 2
+              * cfg.head_dim * fraction)
+  return total
+
+
 def compiler_cost(config, devices) -> dict:
   """Per-device FLOPs and HBM bytes of one step, from the compiler's cost analysis of unrolled
   1- and 2-layer twins (one micro-batch each), extrapolated to the model's depth and times
-  the micro-batches."""
+  the micro-batches; `kernel_flops` are the fused kernels' FLOPs the cost analysis misses."""
   accum = config.train.accum_steps
   costs = []
   for layers in (1, 2):
@@ -104,64 +144,116 @@ def compiler_cost(config, devices) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if not cost:
       return {}  # XLA's CUDA compiler offers no cost analysis
-    costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
-  (f1, b1), (f2, b2) = costs
+    kernels = kernel_flops(compiled.as_text(), model_lib.ModelConfig.from_config(twin))
+    costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                  kernels))
+  (f1, b1, k1), (f2, b2, k2) = costs
   depth = config.model.num_layers - 1
-  return {"flops": accum * (f1 + depth * (f2 - f1)), "bytes": accum * (b1 + depth * (b2 - b1))}
+  return {"flops": accum * (f1 + depth * (f2 - f1)), "bytes": accum * (b1 + depth * (b2 - b1)),
+          "kernel_flops": accum * (k1 + depth * (k2 - k1))}
 
 
 def roofline(config, devices, chip: targets_lib.Chip, chips: int) -> dict:
   """Step time if compute or HBM traffic ran at the chip's peak (whichever binds), and the MFU
-  that time implies (model FLOPs: 6N + attention, as training's MFU counts them)."""
+  that time implies (model FLOPs: 6N + attention, as training's MFU counts them). Compute is
+  the compiler's FLOPs plus the fused kernels'; `run_hours` and `chip_hours` are train.steps at
+  that step time: a lower bound on the run's cost."""
   cost = compiler_cost(config, devices)
   if not cost:
     return {"roofline": "unavailable: this compiler gives no cost analysis"}
-  step_s = targets_lib.roofline(cost["flops"], cost["bytes"], chip)
   cfg = model_lib.ModelConfig.from_config(config)
   tokens = config.train.batch_size * cfg.seq_len
   model_flops = model_lib.flops_per_token(cfg) * tokens
-  return {"compiler_flops_per_device": cost["flops"], "hbm_bytes_per_device": cost["bytes"],
+  counted = cost["flops"] + cost["kernel_flops"]
+  # The cost analysis counts a loop body once; where the compiler itself makes loops (a
+  # collective matmul over the tensor axis) its count falls below the model's: then the
+  # model's count stands in, so the roofline never claims more than 100% MFU.
+  flops = max(counted, model_flops / chips)
+  step_s = targets_lib.roofline(flops, cost["bytes"], chip)
+  run_hours = config.train.steps * step_s / 3600
+  return {"compiler_flops_per_device": cost["flops"],
+          "kernel_flops_per_device": cost["kernel_flops"],
+          "counted_over_model_flops": counted * chips / model_flops,
+          "flops_undercounted": counted * chips < model_flops,
+          "hbm_bytes_per_device": cost["bytes"],
           "model_flops_per_step": model_flops,
           "step_s_roofline": step_s, "tokens_per_s_roofline": tokens / step_s,
           "mfu_roofline": model_flops / (chips * chip.peak_flops * step_s),
-          "bound": "compute" if cost["flops"] / chip.peak_flops >= cost["bytes"] / chip.hbm_bandwidth
-                   else "HBM bandwidth"}
+          "bound": "compute" if flops / chip.peak_flops >= cost["bytes"] / chip.hbm_bandwidth
+                   else "HBM bandwidth",
+          "run_hours": run_hours, "chip_hours": run_hours * chips}
 
 
 # -- search ------------------------------------------------------------------------------------
 
-def candidates(config, chips: int, slices: int, platform: str) -> list[dict]:
-  """Settings a user can change, best-estimated first: least recomputation, then fewest
-  micro-batches, then least tensor parallelism (smaller matmuls), then plain data parallelism
-  before FSDP (one gradient all-reduce instead of parameter gathers every micro-batch)."""
-  batch, heads = config.train.batch_size, config.model.num_heads
-  dtype = "bfloat16" if platform == "tpu" else config.model.dtype
+# Square splash tiles the search tries. One: the TPU compiler gives the same memory and bytes for
+# 256, 512 and 1024 at 1024 tokens (it does not model a tile's re-reads or per-tile overhead), so a
+# second size could never fit where the first does not. 512 is MaxText's default too.
+SPLASH_BLOCKS_SEARCHED = (512,)
+
+
+def attention_options(config, platform: str, compiled_on: str) -> list[dict]:
+  """Attention settings the search tries on `platform`, fused kernels first. `compiled_on` is
+  the platform of the devices compiled for (a GPU target estimated on CPUs cannot compile
+  cuDNN's kernel, so only XLA's attention is tried there)."""
+  seq_len = config.data.resolution ** 2
+  dtype = "bfloat16" if platform in ("tpu", "gpu") else config.model.dtype
   out = []
-  for remat in REMAT_COST:
-    for accum in (1, 2, 4, 8, 16):
-      for tensor in (1, 2, 4, 8):
-        if chips % tensor or heads % tensor:
-          continue
-        shards = chips // tensor
-        if batch % (shards * slices * accum):
-          continue
-        for layout in ("data", "fsdp"):
-          out.append({"mesh.data": shards if layout == "data" else 1,
-                      "mesh.fsdp": shards if layout == "fsdp" else 1,
-                      "mesh.tensor": tensor, "model.remat": remat, "train.accum_steps": accum,
-                      "model.dtype": dtype})
+  if platform == "tpu":
+    for block in SPLASH_BLOCKS_SEARCHED:
+      blocks = attention_lib.SplashBlocks(block, block)
+      if attention_lib.splash_fits(seq_len, blocks) and (block <= seq_len or not out):
+        out.append({"model.attention": "splash", "model.splash_block_q": min(block, seq_len),
+                    "model.splash_block_kv": min(block, seq_len)})
+  if platform == "gpu" and compiled_on == "gpu" and jax.numpy.dtype(dtype).itemsize == 2:
+    out.append({"model.attention": "cudnn"})
+  return out + [{"model.attention": "xla"}]
+
+
+def candidates(config, chips: int, slices: int, platform: str, compiled_on: str = "") -> list[dict]:
+  """Settings a user can change, best-estimated first: fused attention (the scores never
+  reach HBM), then least recomputation, then fewest micro-batches, then least tensor
+  parallelism (smaller matmuls), then plain data parallelism before FSDP (one gradient
+  all-reduce instead of parameter gathers every micro-batch)."""
+  batch, heads = config.train.batch_size, config.model.num_heads
+  dtype = "bfloat16" if platform in ("tpu", "gpu") else config.model.dtype
+  out = []
+  for rank, attention in enumerate(attention_options(config, platform, compiled_on or platform)):
+    for remat in REMAT_COST:
+      for accum in (1, 2, 4, 8, 16):
+        for tensor in (1, 2, 4, 8):
+          if chips % tensor or heads % tensor:
+            continue
+          shards = chips // tensor
+          if batch % (shards * slices * accum):
+            continue
+          for layout in ("data", "fsdp"):
+            out.append({**attention, "mesh.data": shards if layout == "data" else 1,
+                        "mesh.fsdp": shards if layout == "fsdp" else 1,
+                        "mesh.tensor": tensor, "model.remat": remat,
+                        "train.accum_steps": accum, "model.dtype": dtype, "_attention": rank})
   return out
 
 
 def _rank(setting: dict) -> tuple:
-  return (REMAT_COST.get(setting["model.remat"], 1.0), setting["train.accum_steps"],
-          setting["mesh.tensor"], setting["mesh.fsdp"] > 1)
+  return (setting["_attention"], REMAT_COST.get(setting["model.remat"], 1.0),
+          setting["train.accum_steps"], setting["mesh.tensor"], setting["mesh.fsdp"] > 1)
 
 
-def current_setting(config, mesh: dict) -> dict:
-  return {"mesh.data": mesh["data"] // max(config.mesh.slices, 1), "mesh.fsdp": mesh["fsdp"],
-          "mesh.tensor": mesh["tensor"], "model.remat": config.model.remat,
-          "train.accum_steps": config.train.accum_steps, "model.dtype": config.model.dtype}
+def current_setting(config, mesh: dict, platform: str, compiled_on: str) -> dict:
+  """The config's own setting in `candidates`' terms ('auto' attention resolved)."""
+  options = attention_options(config, platform, compiled_on)
+  cfg = model_lib.ModelConfig.from_config(config)
+  attention = {"model.attention": attention_lib.resolve(cfg.attention, platform, cfg.dtype,
+                                                        cfg.seq_len, cfg.splash_blocks)}
+  if attention["model.attention"] == "splash":
+    attention.update({"model.splash_block_q": min(cfg.splash_block_q, cfg.seq_len),
+                      "model.splash_block_kv": min(cfg.splash_block_kv, cfg.seq_len)})
+  rank = options.index(attention) if attention in options else len(options)
+  return {**attention, "mesh.data": mesh["data"] // max(config.mesh.slices, 1),
+          "mesh.fsdp": mesh["fsdp"], "mesh.tensor": mesh["tensor"],
+          "model.remat": config.model.remat, "train.accum_steps": config.train.accum_steps,
+          "model.dtype": config.model.dtype, "_attention": rank}
 
 
 def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: str,
@@ -169,7 +261,8 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
   """Compiles candidates best-estimated first; returns the first that fits (with its figures),
   or None. With `better_than` (a setting that already fits) only better-ranked ones are tried."""
   tried = 0
-  for setting in candidates(config, chips, slices, platform):
+  compiled_on = attention_lib.device_platform(devices[0])
+  for setting in candidates(config, chips, slices, platform, compiled_on):
     if better_than is not None and _rank(setting) >= _rank(better_than):
       break
     if setting == better_than:
@@ -193,7 +286,7 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
 
 
 def overrides_text(setting: dict) -> str:
-  return " ".join(f"--config.{k}={v}" for k, v in setting.items())
+  return " ".join(f"--config.{k}={v}" for k, v in setting.items() if not k.startswith("_"))
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -215,7 +308,9 @@ def plan_simulated(config, log) -> dict:
     devices = devices[:config.plan.num_devices]
   compiled, mesh = compile_step(config, devices)
   log(f"Compiled the train step for mesh {dict(mesh.shape)} ({len(devices)} devices).")
-  out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled)}
+  out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled),
+         "attention": model_lib.ModelConfig.from_config(config).attention_on(
+             attention_lib.mesh_platform(mesh))}
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   if config.plan.device_memory_gb and "per_device_bytes" in out:
@@ -233,7 +328,8 @@ def plan_tpu(config, target: targets_lib.Target, log) -> dict:
   hosts = targets_lib.hosts(devices)
   log(f"plan: {target.name} x {slices} slice(s): {len(devices)} chips on {hosts} hosts "
       f"({devices[0].device_kind}, topology {target.topology}); compiling with libtpu...")
-  out = {"target": target.name, "compiler": _libtpu_version(), "chips": len(devices),
+  out = {"target": target.name, "compiler": _libtpu_version(),
+         "libtpu_flags": os.environ.get("LIBTPU_INIT_ARGS", ""), "chips": len(devices),
          "hosts": hosts, "slices": slices, "topology": target.topology,
          "hbm_bytes": hbm, "hbm_gib": round(hbm / GIB, 2)}
   out.update(_verdict(config, devices, target, len(devices), slices, log))
@@ -286,7 +382,8 @@ def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
     out.update(_rounded(roofline(config, devices, target.chip, chips)))
   per_slice = chips // slices
   if result["fits"]:
-    log(f"plan: fits: {out['per_device_gib']:.2f} of {hbm / GIB:.2f} GiB per chip"
+    log(f"plan: fits (attention {out['attention']}): {out['per_device_gib']:.2f} of "
+        f"{hbm / GIB:.2f} GiB per chip"
         + (f"; roofline {out['step_s_roofline']:.3f} s/step, MFU <= "
            f"{100 * out['mfu_roofline']:.0f}% ({out['bound']} bound)." if "mfu_roofline" in out
            else "."))
@@ -295,7 +392,9 @@ def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
         + (out.get("out_of_memory") or f"{out['per_device_gib']:.2f} GiB per chip"))
   roomy = result["fits"] and result.get("per_device_bytes", 0) < ROOM * hbm
   if config.plan.search and (not result["fits"] or roomy):
-    current = current_setting(config, result["mesh"]) if "mesh" in result else None
+    compiled_on = attention_lib.device_platform(devices[0])
+    current = (current_setting(config, result["mesh"], target.platform, compiled_on)
+               if "mesh" in result else None)
     found = search(config, devices, hbm, per_slice, slices, target.platform,
                    current if result["fits"] else None, log)
     if found:

@@ -148,6 +148,33 @@ def has_tpu() -> bool:
   return bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
 
 
+# libtpu flags that let XLA overlap FSDP's all-gathers and reduce-scatters with compute, as
+# MaxText runs its v5e and v5p training configs: the seven shared by MaxText/configs/v5e/16b.sh,
+# v5e/128b.sh and v5p/128b.sh (LIBTPU_INIT_ARGS there). v5p/128b.sh adds megacore- and
+# collective-permute-specific ones (xla_tpu_megacore_fusion_allow_ags=false,
+# xla_enable_async_collective_permute, xla_tpu_enable_ag_backward_pipelining), left out here:
+# one set for every generation, so that a plan and the run it describes compile alike.
+LIBTPU_FLAGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+
+
+def set_libtpu_flags() -> str:
+  """LIBTPU_INIT_ARGS for training on a TPU and for planning with libtpu's compiler: ours
+  (LIBTPU_FLAGS) unless the user set their own, which are then left exactly as they are.
+  Read by libtpu when JAX starts it, so called before any backend starts. Returns the flags."""
+  import os
+  if "LIBTPU_INIT_ARGS" not in os.environ:
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(LIBTPU_FLAGS)
+  return os.environ["LIBTPU_INIT_ARGS"]
+
+
 def quiet_libtpu_without_tpu() -> None:
   """On a machine without a TPU, an installed libtpu still looks for a TPU VM's metadata server
   and host list when JAX starts, and prints a screen of warnings about each; these settings

@@ -20,6 +20,9 @@
 # failure it prints every worker's log tail and exits 1. Run the supervisor itself under
 # tmux/nohup on a machine that stays up. --dry-run prints the gcloud commands instead.
 # The workdir must be a gs:// path (every worker writes checkpoints to the same place).
+# libtpu flags: igpt_jax.main sets LIBTPU_INIT_ARGS to its collective-overlap flags (the ones
+# MaxText's TPU configs use; igpt_jax/targets.py names them), and `plan` compiles with the same;
+# a LIBTPU_INIT_ARGS set where you call `run` replaces them on every worker.
 set -euo pipefail
 
 COMMAND="${1:-}"
@@ -149,9 +152,11 @@ start_job() {
   need CONFIG WORKDIR
   local args
   args="$(printf '%q ' --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]+"${EXTRA[@]}"}")"
+  local flags=""
+  if [[ -n "${LIBTPU_INIT_ARGS+set}" ]]; then flags="LIBTPU_INIT_ARGS=$(printf '%q' "$LIBTPU_INIT_ARGS") "; fi
   on_workers all "mkdir -p ~/igpt_run && rm -f ~/igpt_run/exit_code && cd ~/igpt_jax && \
 echo \"[tpu_pod] start \$(date -u +%FT%TZ)\" >> ~/igpt_run/train.log && \
-{ setsid nohup bash -c '~/igpt_venv/bin/python -m igpt_jax.main $args >> ~/igpt_run/train.log 2>&1; \
+{ setsid nohup bash -c '$flags~/igpt_venv/bin/python -m igpt_jax.main $args >> ~/igpt_run/train.log 2>&1; \
 echo \$? > ~/igpt_run/exit_code' > /dev/null 2>&1 < /dev/null & } && echo started on \$(hostname)"
 }
 

@@ -21,6 +21,9 @@ def xla_flags(devices: int | None = None, fast_compile: bool = True) -> str:
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# In-process plans compile with the libtpu flags igpt_jax.main gives every run (targets.py).
+from igpt_jax import targets as _targets  # noqa: E402
+_targets.set_libtpu_flags()
 
 # JAX's persistent compilation cache, shared by this process and every process a test starts
 # (they inherit the environment): dozens of them compile the same tiny train step, which halves a

@@ -28,7 +28,10 @@ def full_optimisation():
   as users compile (conftest's fast-compile flag is for the CPU backend's tiny steps)."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(CPU_FAST_COMPILE, "").strip())
-    yield
+    # ... and at the default matmul precision, as users compile (conftest asks for 'highest'
+    # for the CPU tests' numerics; the splash kernel compiles at the default only).
+    with jax.default_matmul_precision(None):
+      yield
 
 
 def config_of(name: str, **overrides):
@@ -41,8 +44,9 @@ def config_of(name: str, **overrides):
 
 
 def cli(*args, timeout=900):
+  env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}  # main sets its own
   proc = subprocess.run([sys.executable, "-m", "igpt_jax.main", *args, "--workdir=/tmp/igpt_plan"],
-                        capture_output=True, text=True, cwd=REPO, timeout=timeout)
+                        capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
   return proc
 
 
@@ -127,6 +131,29 @@ def test_each_config_fits_its_reference_slice_as_shipped(name, target, hosts):
   assert out["hosts"] == hosts and out["compiler"].startswith("libtpu")
   assert out["per_device_bytes"] <= out["hbm_bytes"]
   assert out["rows"]["checked"] and out["rows"]["hosts"] == hosts
+  assert out["attention"] == "splash (auto on tpu)"  # the shipped default, resolved for a TPU
+
+
+def test_splash_kernel_flops_are_added_to_the_compilers():
+  """XLA's cost analysis counts no FLOPs inside a Pallas kernel; the plan finds each splash call
+  in the compiled twins and adds its matmuls. A narrow iGPT-S (d=128, 2 heads) of 2 layers at
+  16x16 (256 tokens, one 256-token tile), batch 128 over 16 chips: 8 images per chip."""
+  config = config_of("igpt_s", **{"plan.target": "v5litepod-16", "plan.search": False,
+                                  "data.resolution": 16, "model.d_model": 128,
+                                  "model.num_heads": 2, "model.num_layers": 2})
+  out = plan_lib.run(config, log=lambda _: None)
+  assert out["attention"] == "splash (auto on tpu)" and out["fits"]
+  # Per layer and chip: forward 2, dq 3, dkv 4 matmuls of [256, 64] x [64, 256] per image and
+  # head; one tile covers the whole causal mask (fraction 1).
+  per_matmul = 2 * 8 * 2 * 256 * 256 * 64
+  assert out["kernel_flops_per_device"] == 2 * 9 * per_matmul
+  ratio = out["counted_over_model_flops"]
+  assert 1.0 <= ratio < 1.6 and not out["flops_undercounted"], ratio
+  # Without the kernels' FLOPs the compiler's own count falls below the model's.
+  assert out["compiler_flops_per_device"] * out["chips"] < out["model_flops_per_step"]
+  step_s = config.train.batch_size * 256 / out["tokens_per_s_roofline"]
+  assert out["run_hours"] == pytest.approx(config.train.steps * step_s / 3600, rel=1e-3)
+  assert out["chip_hours"] == pytest.approx(out["run_hours"] * 16, rel=1e-3)
 
 
 def test_roofline_from_the_compilers_flops_and_bytes():
@@ -159,6 +186,9 @@ def test_readme_recipe_fits_its_slice_through_the_cli():
   assert ("--config=configs/igpt_l.py --config.stage=plan \\\n    --config.plan.target=v5litepod-64"
           in readme)
   assert "WARNING" not in proc.stderr  # libtpu told there is no TPU VM to look for
+  assert out["attention"] == "splash (auto on tpu)"
+  # The plan compiled with the libtpu flags a TPU run gets from igpt_jax.main.
+  assert out["libtpu_flags"] == " ".join(targets_lib.LIBTPU_FLAGS)
 
 
 def test_a_step_that_does_not_fit_is_reported_with_overrides_that_do():

@@ -17,10 +17,11 @@ JOB = ["--config", "configs/igpt_l.py", "--workdir", "gs://b/runs/l"]
 
 @pytest.fixture
 def pod(tmp_path):
-  def call(*args, plan="", workers=2, timeout=120, job_seconds=0.5):
+  def call(*args, plan="", workers=2, timeout=120, job_seconds=0.5, env=None):
     (tmp_path / "plan").write_text(plan)
     env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "FAKE_GCLOUD_DIR": str(tmp_path),
-           "FAKE_WORKERS": str(workers), "IGPT_POLL_SECONDS": "0.3", "FAKE_JOB_SECONDS": str(job_seconds)}
+           "FAKE_WORKERS": str(workers), "IGPT_POLL_SECONDS": "0.3", "FAKE_JOB_SECONDS": str(job_seconds),
+           **(env or {})}
     proc = subprocess.run(["bash", f"{REPO}/launch/tpu_pod.sh", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO)
     return proc.returncode, proc.stdout + proc.stderr
@@ -116,3 +117,6 @@ def test_dry_run_prints_the_gcloud_commands(pod):
   code, out = pod("run", *SLICE, *JOB, "--dry-run", "--", "--config.train.steps=100")
   assert code == 0 and "--worker=all" in out and "igpt_jax.main" in out
   assert "--config.train.steps=100" in out and not (pod.dir / "calls.log").exists()
+  assert "LIBTPU_INIT_ARGS" not in out  # igpt_jax.main sets its own flags on the workers
+  code, out = pod("run", *SLICE, *JOB, "--dry-run", env={"LIBTPU_INIT_ARGS": "--xla_a=1 --xla_b=2"})
+  assert code == 0 and "LIBTPU_INIT_ARGS=--xla_a=1" in out and "--xla_b=2" in out

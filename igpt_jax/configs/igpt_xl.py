@@ -2,11 +2,12 @@
 
 The paper trained XL at batch 64 for 2M steps; batch 128 here keeps the sizes comparable.
 
-Reference slice: v5p-256 (128 TPU v5p chips, 32 hosts). As shipped -- ZeRO-3 over 32 chips x
-4-way tensor parallelism, bfloat16 compute, no remat, batch 128 in 4 micro-batches -- the TPU
-compiler puts the step at 62.9 GiB of a chip's 95 GiB (`--config.stage=plan
---config.plan.target=v5p-256`; tests/test_plan.py checks it). Full remat with fsdp=64 x tensor=2
-needs only 10.1 GiB but recomputes the forward pass: 1.6x the compiler's FLOPs per step.
+Reference slice: v5p-256 (128 TPU v5p chips, 32 hosts). As shipped -- ZeRO-3 over all 128 chips,
+splash attention (model.attention='auto' on a TPU), bfloat16 compute, no remat, batch 128 at
+once (one image per chip) -- the TPU compiler puts the step at 51.3 GiB of a chip's 95 GiB,
+roofline MFU 93% (compute bound; `--config.stage=plan --config.plan.target=v5p-256`;
+tests/test_plan.py checks it). With XLA's attention the 4096-token scores needed fsdp=32 x
+tensor=4 in 4 micro-batches (62.9 GiB).
 """
 from igpt_jax.config import base_config
 
@@ -18,7 +19,7 @@ def get_config():
   c.data.resolution = 64
   c.train.lr = 5e-4
   c.model.dtype = "bfloat16"
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
-  c.train.accum_steps = 4
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.train.accum_steps = 1
   c.probe.concat = 5  # the paper's multi-layer probe for XL
   return c
