@@ -1,6 +1,7 @@
 """The plan table: each paper-size config, as shipped, compiled for TPU slices by libtpu's own
-compiler (no TPU needed) -- per-chip memory, whether it fits, the roofline step time and MFU
-from the compiler's FLOPs and HBM bytes, and compile time -- plus GPU rows from XLA's CUDA
+compiler (no TPU needed) -- the attention that runs there, per-chip memory, whether it fits, the
+roofline step time and MFU from the compiler's FLOPs (plus the splash kernels', which its cost
+analysis cannot see) and HBM bytes, and compile time -- plus GPU rows from XLA's CUDA
 compiler without a GPU where jax's CUDA plugin is installed (`.[gpu-plan]`), else from XLA's
 CPU compiler (labelled `cpu-estimate`).
 
@@ -46,8 +47,9 @@ def row(config: str, target: str, out: dict) -> str:
   step = f"{out['step_s_roofline']:.3f}" if "step_s_roofline" in out else "-"
   mesh = out.get("mesh") or {}
   mesh_text = ("x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) or "1") if mesh else "-"
+  attention = (out.get("attention") or "-").split(" ")[0]
   return (f"| {config} | {target} ({out['compiler']}) | {out['chips']} / {out['hosts']} | "
-          f"{mesh_text} | {gib} | {'yes' if out['fits'] else 'no'} | "
+          f"{mesh_text} | {attention} | {gib} | {'yes' if out['fits'] else 'no'} | "
           f"{step} | {mfu} | {out['compile_s']} |")
 
 
@@ -57,8 +59,8 @@ def main():
   parser.add_argument("--targets", nargs="+", default=None)
   args = parser.parse_args()
   results = {}
-  lines = ["| config | target (compiler) | chips / hosts | mesh | GiB per chip | fits | "
-           "roofline s/step | roofline MFU | compile s |", "|---" * 9 + "|"]
+  lines = ["| config | target (compiler) | chips / hosts | mesh | attention | GiB per chip | "
+           "fits | roofline s/step | roofline MFU | compile s |", "|---" * 10 + "|"]
   for config in args.configs:
     for target in args.targets or TARGETS[config]:
       out = plan(config, target)

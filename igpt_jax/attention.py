@@ -189,7 +189,11 @@ def _splash_kernel(heads: int, seq_len: int, causal: bool, blocks: SplashBlocks,
   one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
 
   def build():
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    try:
+      host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device, then numpy
+      host = None
+    with jax.default_device(host):
       kernel = sk.make_splash_mha(
           sm.MultiHeadMask([one] * heads), block_sizes=_splash_block_sizes(seq_len, blocks),
           head_shards=head_shards, q_seq_shards=1, residual_checkpoint_name=ATTENTION_OUT,

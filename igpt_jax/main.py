@@ -14,7 +14,7 @@ launch/local.sh -n N runs N processes on this machine.
 Most used overrides:
   --config.train.steps=N           --config.train.batch_size=N     --config.train.lr=X
   --config.model.num_layers=N      --config.model.d_model=N        --config.model.dtype=bfloat16
-  --config.model.attention=cudnn   --config.model.remat=full       --config.model.objective=bert
+  --config.model.attention=splash  --config.model.remat=full       --config.model.objective=bert
   --config.data.source=folder      --config.data.path=DIR          --config.data.name=cifar10
   --config.data.prepared=DIR       --config.data.source=prepared   --config.data.augment=paper
   --config.mesh.fsdp=-1            --config.plan.num_devices=256   --config.checkpoint.every=N

@@ -220,7 +220,7 @@ def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
 
 def test_plan_simulates_the_devices_a_mesh_needs():
   out = cli(f"--config={REPO}/configs/igpt_xl.py", "--config.stage=plan",
-            "--workdir=/tmp/igpt_plan_xl_laptop")
+            "--config.mesh.tensor=4", "--workdir=/tmp/igpt_plan_xl_laptop")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "planning on 4 simulated CPU devices" in out.stdout
   result = json.loads(out.stdout.strip().splitlines()[-1])
