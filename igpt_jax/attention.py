@@ -41,10 +41,10 @@ CHECKPOINT_NAMES = (QUERY, KEY, VALUE, ATTENTION_OUT, MLP_HIDDEN)
 @dataclasses.dataclass(frozen=True)
 class SplashBlocks:
   """Splash tile sizes (tokens); each is capped at the sequence length. Forward and backward
-  kernels use the same query/key blocks."""
+  kernels (dq and dkv apart: the TPU compiler puts splash's fused dq+dkv backward at more HBM
+  bytes for iGPT-S) use the same query/key blocks."""
   q: int = 512
   kv: int = 512
-  fused_backward: bool = False  # one dq+dkv backward kernel instead of two
 
 
 def platform() -> str:
@@ -164,11 +164,8 @@ def _splash_block_sizes(seq_len: int, blocks: SplashBlocks):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   check_splash_shape(seq_len, blocks)
   bq, bkv = min(blocks.q, seq_len), min(blocks.kv, seq_len)
-  backward = dict(block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv)
-  if not blocks.fused_backward:
-    backward.update(block_q_dq=bq, block_kv_dq=bkv)
-  return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                       use_fused_bwd_kernel=blocks.fused_backward, **backward)
+  return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                       block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
 
 
 @functools.lru_cache(maxsize=16)
@@ -246,9 +243,8 @@ def splash_attention(q, k, v, *, causal: bool, blocks: SplashBlocks = SplashBloc
 
 # Matmuls of [T, K] x [K, S] size each splash kernel does per head (its cost analysis counts
 # none): forward QK^T and PV; the dq kernel recomputes the scores, dP = dO V^T and dQ = dS K;
-# the dkv kernel recomputes the scores, dP, dV = P^T dO and dK = dS^T Q; the fused backward
-# kernel does the five distinct ones once.
-SPLASH_KERNEL_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "fused_bwd": 5}
+# the dkv kernel recomputes the scores, dP, dV = P^T dO and dK = dS^T Q.
+SPLASH_KERNEL_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
 def causal_block_fraction(seq_len: int, block_q: int, block_kv: int) -> float:

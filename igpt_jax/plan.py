@@ -122,8 +122,6 @@ def kernel_flops(hlo_text: str, cfg: model_lib.ModelConfig) -> float:
                 if len(s) >= 3 and s[-2:] == (cfg.seq_len, cfg.head_dim)), default=None)
     if rows is None:
       raise ValueError(f"plan: cannot read the shape of a splash kernel call: {outputs[:200]}")
-    if kind == "dkv" and blocks.fused_backward:
-      kind = "fused_bwd"
     total += (attention_lib.SPLASH_KERNEL_MATMULS[kind] * 2 * rows * cfg.seq_len ** 2
               * cfg.head_dim * fraction)
   return total
