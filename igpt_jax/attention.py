@@ -27,15 +27,16 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from igpt_jax import sharding as sharding_lib
+from igpt_jax.config import CHECKPOINT_NAMES, splash_shape_problem
+
 IMPLS = ("auto", "xla", "blocked", "splash", "cudnn")
 BLOCKED_QUERY_BLOCK = 128  # query block of impl="blocked"
-SPLASH_LANES = 128  # splash's blocks are multiples of the TPU's 128 lanes
 
 # Checkpoint names on the block's activations (model.py names q/k/v and the MLP hidden), for
 # `model.remat=save:NAME,...` policies. ATTENTION_OUT is also the name of splash's residuals
 # (its output and log-sum-exp): saving it spares the backward pass a second forward kernel.
-QUERY, KEY, VALUE, ATTENTION_OUT, MLP_HIDDEN = "query", "key", "value", "attention_out", "mlp_hidden"
-CHECKPOINT_NAMES = (QUERY, KEY, VALUE, ATTENTION_OUT, MLP_HIDDEN)
+QUERY, KEY, VALUE, ATTENTION_OUT, MLP_HIDDEN = CHECKPOINT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +94,9 @@ def splash_fits(seq_len: int, blocks: SplashBlocks) -> bool:
 
 def check_splash_shape(seq_len: int, blocks: SplashBlocks) -> None:
   """Splash tiles are multiples of 128 tokens that divide the sequence: a ValueError otherwise."""
-  for name, size in (("splash_block_q", blocks.q), ("splash_block_kv", blocks.kv)):
-    block = min(size, seq_len)
-    if block % SPLASH_LANES or seq_len % block:
-      raise ValueError(
-          f"attention='splash' needs model.{name} (capped at the {seq_len} tokens) to be a "
-          f"multiple of {SPLASH_LANES} that divides the sequence; got {size}. Use "
-          "data.resolution >= 16 with a multiple-of-128 sequence, or another attention.")
+  problem = splash_shape_problem(seq_len, blocks.q, blocks.kv)
+  if problem:
+    raise ValueError(problem)
 
 
 def attention(q, k, v, *, causal: bool, q_offset=0, impl: str = "xla",
@@ -207,7 +204,6 @@ def splash_attention(q, k, v, *, causal: bool, blocks: SplashBlocks = SplashBloc
   The kernel takes one example's [H, T, K]; `jax.vmap` runs it over the device's rows. Queries
   are scaled by 1/sqrt(K) first (the kernel does not scale).
   """
-  from igpt_jax import sharding as sharding_lib  # model -> attention -> sharding, no circle
   batch, seq_len, heads, head_dim = q.shape
   interpret = platform() == "cpu"
   precision = jax.config.jax_default_matmul_precision

@@ -203,6 +203,37 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The block's named activations (model.py and attention.py tag them), for remat policies that
+# save or offload only these: --config.model.remat=save:query,key,value.
+CHECKPOINT_NAMES = ("query", "key", "value", "attention_out", "mlp_hidden")
+SPLASH_LANES = 128  # splash attention's tiles are multiples of a TPU's 128 lanes
+
+
+def remat_names(spec: str) -> tuple[str, tuple[str, ...]] | None:
+  """'save:NAME,...' / 'offload:NAME,...' -> (kind, names); None for any other spec. A
+  ValueError names an unknown activation."""
+  kind, _, names = spec.partition(":")
+  if kind not in ("save", "offload") or not names:
+    return None
+  names = tuple(names.split(","))
+  unknown = sorted(set(names) - set(CHECKPOINT_NAMES))
+  if unknown:
+    raise ValueError(f"model.remat={spec!r}: unknown activation names {unknown}; the model "
+                     f"names {list(CHECKPOINT_NAMES)}.")
+  return kind, names
+
+
+def splash_shape_problem(seq_len: int, block_q: int, block_kv: int) -> str | None:
+  """Why splash tiles (capped at the sequence) cannot tile `seq_len` tokens, or None."""
+  for name, size in (("splash_block_q", block_q), ("splash_block_kv", block_kv)):
+    block = min(size, seq_len)
+    if block % SPLASH_LANES or seq_len % block:
+      return (f"attention='splash' needs model.{name} (capped at the {seq_len} tokens) to be a "
+              f"multiple of {SPLASH_LANES} that divides the sequence; got {size}. Use "
+              "data.resolution >= 16 with a multiple-of-128 sequence, or another attention.")
+  return None
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Runs a configs/*.py file's `get_config()` (for code that has no absl flags to do it);
   'file.py:arg' passes arg, as --config does."""
@@ -295,24 +326,23 @@ def validate(config) -> None:
       raise UserError(f"--config.{key}={_get(config, key)} must be zero or positive.")
   remat = config.model.remat
   if remat not in ("none", "full"):
-    import jax
-    from igpt_jax.model import remat_policy
     try:
-      remat_policy(remat)
+      named = remat_names(remat)
     except ValueError as e:
+      raise UserError(f"--config.{e}") from None
+    import jax
+    if named is None and not hasattr(jax.checkpoint_policies, remat):
       import difflib
       names = ["none", "full"] + [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
       close = difflib.get_close_matches(remat, names, n=1)
-      raise UserError(f"--config.{e}".rstrip(".")
-                      + (f"; did you mean {close[0]!r}?" if close else ".")) from None
+      raise UserError(f"--config.model.remat={remat!r} is neither 'none', 'full', "
+                      "'save:NAME,...', 'offload:NAME,...' nor a jax.checkpoint_policies name"
+                      + (f"; did you mean {close[0]!r}?" if close else "."))
   if config.model.attention == "splash":
-    from igpt_jax import attention as attention_lib
-    try:
-      attention_lib.check_splash_shape(
-          config.data.resolution ** 2,
-          attention_lib.SplashBlocks(config.model.splash_block_q, config.model.splash_block_kv))
-    except ValueError as e:
-      raise UserError(str(e)) from None
+    problem = splash_shape_problem(config.data.resolution ** 2, config.model.splash_block_q,
+                                   config.model.splash_block_kv)
+    if problem:
+      raise UserError(problem)
   if config.data.channels not in (1, 3):
     raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
   if not (config.data.validation_fraction == -1 or 0 <= config.data.validation_fraction < 1):

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from igpt_jax import attention as attention_lib
 from igpt_jax.attention import attention
+from igpt_jax.config import remat_names
 from igpt_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations; `sharding.py` maps them to mesh axes.
@@ -217,13 +218,9 @@ def remat_policy(spec: str):
     return False, None
   if spec == "full":
     return True, None
-  kind, _, names = spec.partition(":")
-  if kind in ("save", "offload") and names:
-    names = tuple(names.split(","))
-    unknown = sorted(set(names) - set(attention_lib.CHECKPOINT_NAMES))
-    if unknown:
-      raise ValueError(f"model.remat={spec!r}: unknown activation names {unknown}; the model "
-                       f"names {list(attention_lib.CHECKPOINT_NAMES)}.")
+  named = remat_names(spec)
+  if named:
+    kind, names = named
     if kind == "save":
       return True, jax.checkpoint_policies.save_only_these_names(*names)
     return True, jax.checkpoint_policies.save_and_offload_only_these_names(
