@@ -192,21 +192,24 @@ def test_readme_recipe_fits_its_slice_through_the_cli():
 
 
 def test_a_step_that_does_not_fit_is_reported_with_overrides_that_do():
-  """Pure data parallelism, no remat, 8 rows per chip at once: the compiler's RESOURCE_EXHAUSTED
-  is the answer fits: false (exit 0), with overrides that fit when pasted back."""
+  """XLA's attention, pure data parallelism, no remat, 8 rows per chip at once: the compiler's
+  RESOURCE_EXHAUSTED is the answer fits: false (exit 0), with overrides that fit when pasted
+  back (the fused kernel first: the search tries splash before any other change)."""
   proc = cli("--config=configs/igpt_s.py", "--config.stage=plan", "--config.plan.target=v5litepod-16",
              "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.model.remat=none",
-             "--config.train.accum_steps=1", "--config.plan.roofline=false")
+             "--config.train.accum_steps=1", "--config.plan.roofline=false",
+             "--config.model.attention=xla")
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["fits"] is False and "RESOURCE_EXHAUSTED" in out["out_of_memory"]
   suggested = out["suggested"]
-  assert suggested["fits"] and "--config." in suggested["overrides"]
+  assert suggested["fits"] and "--config.model.attention=splash" in suggested["overrides"]
   overrides = suggested["overrides"].split() + ["--config.plan.search=false",
                                                 "--config.plan.roofline=false"]
   proc = cli("--config=configs/igpt_s.py", "--config.stage=plan",
              "--config.plan.target=v5litepod-16", "--config.mesh.data=-1",
-             "--config.mesh.fsdp=1", "--config.model.remat=none", *overrides)
+             "--config.mesh.fsdp=1", "--config.model.remat=none", "--config.model.attention=xla",
+             *overrides)
   again = json.loads(proc.stdout.strip().splitlines()[-1])
   assert again["fits"] and abs(again["per_device_gib"] - suggested["per_device_gib"]) < 1e-3
 

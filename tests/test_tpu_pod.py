@@ -19,7 +19,7 @@ JOB = ["--config", "configs/igpt_l.py", "--workdir", "gs://b/runs/l"]
 def pod(tmp_path):
   def call(*args, plan="", workers=2, timeout=120, job_seconds=0.5, env=None):
     (tmp_path / "plan").write_text(plan)
-    env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "FAKE_GCLOUD_DIR": str(tmp_path),
+    env = {**{k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}, "PATH": f"{FAKE}:{os.environ['PATH']}", "FAKE_GCLOUD_DIR": str(tmp_path),
            "FAKE_WORKERS": str(workers), "IGPT_POLL_SECONDS": "0.3", "FAKE_JOB_SECONDS": str(job_seconds),
            **(env or {})}
     proc = subprocess.run(["bash", f"{REPO}/launch/tpu_pod.sh", *args], capture_output=True,
