@@ -287,7 +287,7 @@ class ImageGPT(nnx.Module):
       wte = jnp.concatenate([wte, self.sos[...][None]], axis=0)
     h = (jnp.take(_whole(wte), input_ids, axis=0)
          + jnp.take(self.wpe[...], positions, axis=0))
-    return constrain(h.astype(self.cfg.compute_dtype), RESIDUAL)
+    return h.astype(self.cfg.compute_dtype)
 
   def embed(self, tokens, bert_mask=None):
     """Embeds pixel tokens [B, N]: shifted behind the start vector (AR) or masked (BERT)."""
@@ -297,10 +297,10 @@ class ImageGPT(nnx.Module):
         raise ValueError("bert_mask is only meaningful for objective='bert'.")
       sos = jnp.full((tokens.shape[0], 1), self.cfg.vocab_size, tokens.dtype)
       return self.embed_inputs(jnp.concatenate([sos, tokens[:, :-1]], axis=1), jnp.arange(n))
-    h = constrain(jnp.take(_whole(self.wte[...]), tokens, axis=0), RESIDUAL)
+    h = jnp.take(_whole(self.wte[...]), tokens, axis=0)
     if bert_mask is not None:
       h = h * (1.0 - bert_mask.astype(h.dtype))[..., None]
-    return constrain((h + self.wpe[...][:n]).astype(self.cfg.compute_dtype), RESIDUAL)
+    return (h + self.wpe[...][:n]).astype(self.cfg.compute_dtype)
 
   # -- trunk ---------------------------------------------------------------------------------
 
