@@ -48,16 +48,20 @@ class SplashBlocks:
   kv: int = 512
 
 
+def _platform_kind(name: str) -> str:
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
 def platform() -> str:
   """'tpu' | 'gpu' | 'cpu': the platform of the mesh in context, else JAX's default backend."""
   mesh = jax.sharding.get_abstract_mesh()
-  name = mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
-  return "gpu" if name in ("cuda", "rocm") else name
+  return _platform_kind(mesh.abstract_device.platform if not mesh.empty
+                        else jax.default_backend())
 
 
 def device_platform(device) -> str:
   """'tpu' | 'gpu' | 'cpu' for a device (compile-only ones included)."""
-  return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+  return _platform_kind(device.platform)
 
 
 def mesh_platform(mesh) -> str:
@@ -85,11 +89,7 @@ def resolve(impl: str, on: str | None = None, dtype="float32", seq_len: int | No
 
 
 def splash_fits(seq_len: int, blocks: SplashBlocks) -> bool:
-  try:
-    check_splash_shape(seq_len, blocks)
-  except ValueError:
-    return False
-  return True
+  return splash_shape_problem(seq_len, blocks.q, blocks.kv) is None
 
 
 def check_splash_shape(seq_len: int, blocks: SplashBlocks) -> None:
@@ -221,9 +221,8 @@ def splash_attention(q, k, v, *, causal: bool, blocks: SplashBlocks = SplashBloc
     kernel = _splash_kernel(heads, seq_len, causal, blocks, 1, interpret)
     return jnp.swapaxes(jax.vmap(kernel)(q, k, v), 1, 2)
   head_axes = spec[1]
-  head_shards = int(np.prod([mesh.shape[a] for a in
-                             ((head_axes,) if isinstance(head_axes, str) else head_axes or ())]))
-  kernel = _splash_kernel(heads, seq_len, causal, blocks, head_shards, interpret)
+  kernel = _splash_kernel(heads, seq_len, causal, blocks, sharding_lib.axes_size(mesh, head_axes),
+                          interpret)
   kernel_spec = kernel.manual_sharding_spec(
       jax.sharding.NamedSharding(mesh, P(head_axes, None)))
 

@@ -68,6 +68,11 @@ def compile_step(config, devices):
   return trainer.compile_step(), mesh
 
 
+def attention_ran(config, mesh) -> str:
+  """The attention the step compiled for `mesh` runs ('auto' resolved for its platform)."""
+  return model_lib.ModelConfig.from_config(config).attention_on(attention_lib.mesh_platform(mesh))
+
+
 def _out_of_memory(error: Exception) -> str | None:
   text = str(error)
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
@@ -89,8 +94,7 @@ def try_compile(config, devices, hbm_bytes: int) -> dict:
     return {"fits": False, "out_of_memory": why, "compile_s": time.perf_counter() - began}
   out = train_lib.memory_report(compiled)
   out["mesh"] = dict(mesh.shape)
-  out["attention"] = model_lib.ModelConfig.from_config(config).attention_on(
-      attention_lib.mesh_platform(mesh))
+  out["attention"] = attention_ran(config, mesh)
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   out["fits"] = out.get("per_device_bytes", 0) <= hbm_bytes
@@ -199,10 +203,12 @@ def attention_options(config, platform: str, compiled_on: str) -> list[dict]:
   out = []
   if platform == "tpu":
     for block in SPLASH_BLOCKS_SEARCHED:
-      blocks = attention_lib.SplashBlocks(block, block)
-      if attention_lib.splash_fits(seq_len, blocks) and (block <= seq_len or not out):
-        out.append({"model.attention": "splash", "model.splash_block_q": min(block, seq_len),
-                    "model.splash_block_kv": min(block, seq_len)})
+      tile = min(block, seq_len)  # tiles are capped at the sequence: skip a repeat
+      option = {"model.attention": "splash", "model.splash_block_q": tile,
+                "model.splash_block_kv": tile}
+      fits = attention_lib.splash_fits(seq_len, attention_lib.SplashBlocks(tile, tile))
+      if fits and option not in out:
+        out.append(option)
   if platform == "gpu" and compiled_on == "gpu" and jax.numpy.dtype(dtype).itemsize == 2:
     out.append({"model.attention": "cudnn"})
   return out + [{"model.attention": "xla"}]
@@ -307,8 +313,7 @@ def plan_simulated(config, log) -> dict:
   compiled, mesh = compile_step(config, devices)
   log(f"Compiled the train step for mesh {dict(mesh.shape)} ({len(devices)} devices).")
   out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled),
-         "attention": model_lib.ModelConfig.from_config(config).attention_on(
-             attention_lib.mesh_platform(mesh))}
+         "attention": attention_ran(config, mesh)}
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   if config.plan.device_memory_gb and "per_device_bytes" in out:

@@ -112,6 +112,12 @@ def logical_to_spec(names, rules=DEFAULT_RULES, mesh=None) -> P:
   return P(*spec)
 
 
+def axes_size(mesh, axes) -> int:
+  """How many ways a PartitionSpec entry (None, one mesh axis or a tuple of them) splits a
+  dimension on `mesh`."""
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def shardings_for(abstract_tree, mesh, rules=DEFAULT_RULES):
   """NamedShardings for every nnx Variable of an abstract state, from its logical names.
 
@@ -124,8 +130,7 @@ def shardings_for(abstract_tree, mesh, rules=DEFAULT_RULES):
     shape = var.get_value().shape
     fixed = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-      fixed.append(axes if dim % size == 0 else None)
+      fixed.append(axes if dim % axes_size(mesh, axes) == 0 else None)
     return NamedSharding(mesh, P(*fixed))
 
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -267,8 +272,7 @@ def activation_spec(shape, names) -> P | None:
     return None
   spec = []
   for dim, axes in zip(shape, logical_to_spec(names, rules, mesh)):
-    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-    spec.append(axes if dim % size == 0 else None)
+    spec.append(axes if dim % axes_size(mesh, axes) == 0 else None)
   return P(*spec)
 
 
