@@ -2,7 +2,6 @@
 alone and inside the sharded train step; what `auto` picks per platform; the FLOPs the plan adds
 for a kernel the compiler cannot see into; named remat policies."""
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
