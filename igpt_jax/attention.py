@@ -28,9 +28,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from igpt_jax import sharding as sharding_lib
-from igpt_jax.config import CHECKPOINT_NAMES, splash_shape_problem
+from igpt_jax.config import ATTENTIONS, CHECKPOINT_NAMES, splash_shape_problem
 
-IMPLS = ("auto", "xla", "blocked", "splash", "cudnn")
+IMPLS = ATTENTIONS
 BLOCKED_QUERY_BLOCK = 128  # query block of impl="blocked"
 
 # Checkpoint names on the block's activations (model.py names q/k/v and the MLP hidden), for

@@ -209,18 +209,22 @@ CHECKPOINT_NAMES = ("query", "key", "value", "attention_out", "mlp_hidden")
 SPLASH_LANES = 128  # splash attention's tiles are multiples of a TPU's 128 lanes
 
 
+# jax.checkpoint_policies that are policies themselves (the others are factories that take
+# names or policies: save:/offload: above spell those).
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims", "everything_saveable", "nothing_saveable")
+ATTENTIONS = ("auto", "xla", "blocked", "splash", "cudnn")
+OBJECTIVES = ("ar", "bert")
+DTYPES = ("float32", "bfloat16")  # compute; float16 would need loss scaling
+
+
 def remat_names(spec: str) -> tuple[str, tuple[str, ...]] | None:
-  """'save:NAME,...' / 'offload:NAME,...' -> (kind, names); None for any other spec. A
-  ValueError names an unknown activation."""
+  """'save:NAME,...' / 'offload:NAME,...' -> (kind, names); None for any other spec (unknown
+  activation names are `model_problem`'s to refuse)."""
   kind, _, names = spec.partition(":")
   if kind not in ("save", "offload") or not names:
     return None
-  names = tuple(names.split(","))
-  unknown = sorted(set(names) - set(CHECKPOINT_NAMES))
-  if unknown:
-    raise ValueError(f"model.remat={spec!r}: unknown activation names {unknown}; the model "
-                     f"names {list(CHECKPOINT_NAMES)}.")
-  return kind, names
+  return kind, tuple(names.split(","))
 
 
 def splash_shape_problem(seq_len: int, block_q: int, block_kv: int) -> str | None:
@@ -228,10 +232,65 @@ def splash_shape_problem(seq_len: int, block_q: int, block_kv: int) -> str | Non
   for name, size in (("splash_block_q", block_q), ("splash_block_kv", block_kv)):
     block = min(size, seq_len)
     if block % SPLASH_LANES or seq_len % block:
-      return (f"attention='splash' needs model.{name} (capped at the {seq_len} tokens) to be a "
-              f"multiple of {SPLASH_LANES} that divides the sequence; got {size}. Use "
+      return (f"model.attention='splash' needs model.{name} (capped at the {seq_len} tokens) to "
+              f"be a multiple of {SPLASH_LANES} that divides the sequence; got {size}. Use "
               "data.resolution >= 16 with a multiple-of-128 sequence, or another attention.")
   return None
+
+
+def model_fields(config) -> dict:
+  """The model's shape and numerics (model.ModelConfig's fields) from a run config."""
+  m = config.model
+  return dict(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+              mlp_ratio=m.mlp_ratio, vocab_size=config.palette.k,
+              seq_len=config.data.resolution ** 2, objective=m.objective, use_bias=m.use_bias,
+              num_classes=m.num_classes, dtype=m.dtype, attention=m.attention,
+              splash_block_q=m.splash_block_q, splash_block_kv=m.splash_block_kv,
+              remat=m.remat, fused_qkv=m.fused_qkv, scan_layers=m.scan_layers)
+
+
+def model_problem(f: dict) -> str | None:
+  """What is wrong with a model's fields (`model_fields`), in one sentence that starts with the
+  field, or None. The one check of these fields: `validate` runs it on the run config before
+  anything slow, and model.ModelConfig on itself."""
+  for name in ("num_layers", "d_model", "num_heads", "mlp_ratio", "splash_block_q",
+               "splash_block_kv"):
+    if not f[name] > 0:
+      return f"model.{name}={f[name]} must be positive."
+  if not f["vocab_size"] > 0 or not f["seq_len"] > 0:
+    return f"palette.k={f['vocab_size']} and data.resolution must be positive."
+  for name, allowed in (("objective", OBJECTIVES), ("attention", ATTENTIONS), ("dtype", DTYPES)):
+    if f[name] not in allowed:
+      return f"model.{name}={f[name]!r} is not one of {', '.join(allowed)}."
+  if f["d_model"] % f["num_heads"]:
+    return (f"model.d_model={f['d_model']} is not divisible by "
+            f"model.num_heads={f['num_heads']}.")
+  if abs(round(f["d_model"] * f["mlp_ratio"]) - f["d_model"] * f["mlp_ratio"]) > 1e-6:
+    return (f"model.mlp_ratio={f['mlp_ratio']}: d_model * mlp_ratio = "
+            f"{f['d_model'] * f['mlp_ratio']} is not a whole number of units.")
+  if f["attention"] == "cudnn" and f["dtype"] != "bfloat16":
+    return ("model.attention='cudnn' (flash attention) needs model.dtype='bfloat16'; use "
+            "model.attention='auto' for float32.")
+  if f["attention"] == "splash":
+    problem = splash_shape_problem(f["seq_len"], f["splash_block_q"], f["splash_block_kv"])
+    if problem:
+      return problem
+  return _remat_problem(f["remat"])
+
+
+def _remat_problem(spec: str) -> str | None:
+  if spec in ("none", "full") or spec in REMAT_POLICIES:
+    return None
+  named = remat_names(spec)
+  if named is not None:
+    unknown = sorted(set(named[1]) - set(CHECKPOINT_NAMES))
+    return (f"model.remat={spec!r}: unknown activation names {unknown}; the model names "
+            f"{list(CHECKPOINT_NAMES)}." if unknown else None)
+  import difflib
+  close = difflib.get_close_matches(spec, ["none", "full", *REMAT_POLICIES], n=1)
+  return (f"model.remat={spec!r} is none of 'none', 'full', 'save:NAME,...', 'offload:NAME,...'"
+          f" or a jax.checkpoint_policies policy ({', '.join(REMAT_POLICIES)})"
+          + (f"; did you mean {close[0]!r}?" if close else "."))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -249,14 +308,11 @@ CHOICES = {
     "data.source": ("prepared", "fashion_mnist", "tfds", "folder", "numpy"),
     "data.augment": ("auto", "paper", "crop", "none"),
     "data.pipeline": ("auto", "tf.data", "python"),
-    "model.objective": ("ar", "bert"),
     "probe.solver": ("auto", "lbfgs", "adam"),
     "finetune.head_init": ("probe", "zeros"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "blocked", "splash", "cudnn"),
-}
-POSITIVE = ("model.splash_block_q", "model.splash_block_kv", "data.resolution", "data.shard_size", "palette.k", "palette.samples", "model.num_layers", "model.d_model",
-            "model.num_heads", "model.mlp_ratio", "train.batch_size", "train.accum_steps",
+}  # model.* choices: model_problem
+POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples",
+            "train.batch_size", "train.accum_steps",
             "train.log_every", "train.max_nonfinite_steps", "checkpoint.every", "checkpoint.keep",
             "probe.batch_size", "probe.steps", "probe.concat", "probe.max_memory_mb",
             "probe.epochs", "probe.fit_batch_size", "probe.lr", "mesh.slices",
@@ -324,25 +380,9 @@ def validate(config) -> None:
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:  # also refuses NaN
       raise UserError(f"--config.{key}={_get(config, key)} must be zero or positive.")
-  remat = config.model.remat
-  if remat not in ("none", "full"):
-    try:
-      named = remat_names(remat)
-    except ValueError as e:
-      raise UserError(f"--config.{e}") from None
-    import jax
-    if named is None and not hasattr(jax.checkpoint_policies, remat):
-      import difflib
-      names = ["none", "full"] + [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
-      close = difflib.get_close_matches(remat, names, n=1)
-      raise UserError(f"--config.model.remat={remat!r} is neither 'none', 'full', "
-                      "'save:NAME,...', 'offload:NAME,...' nor a jax.checkpoint_policies name"
-                      + (f"; did you mean {close[0]!r}?" if close else "."))
-  if config.model.attention == "splash":
-    problem = splash_shape_problem(config.data.resolution ** 2, config.model.splash_block_q,
-                                   config.model.splash_block_kv)
-    if problem:
-      raise UserError(problem)
+  problem = model_problem(model_fields(config))
+  if problem:
+    raise UserError(f"--config.{problem}")
   if config.data.channels not in (1, 3):
     raise UserError(f"--config.data.channels={config.data.channels} must be 1 or 3.")
   if not (config.data.validation_fraction == -1 or 0 <= config.data.validation_fraction < 1):
@@ -350,9 +390,6 @@ def validate(config) -> None:
                     "be in [0, 1), or -1 for the paper's per data set.")
   if not 0 < config.data.crop_min <= 1:
     raise UserError(f"--config.data.crop_min={config.data.crop_min} must be in (0, 1].")
-  if config.model.d_model % config.model.num_heads:
-    raise UserError(f"--config.model.d_model={config.model.d_model} is not divisible by "
-                    f"--config.model.num_heads={config.model.num_heads}.")
   if config.train.batch_size % config.train.accum_steps:
     raise UserError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
                     f"--config.train.accum_steps={config.train.accum_steps}.")

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from igpt_jax import attention as attention_lib
 from igpt_jax.attention import attention
-from igpt_jax.config import remat_names
+from igpt_jax import config as config_lib
 from igpt_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations; `sharding.py` maps them to mesh axes.
@@ -34,8 +34,6 @@ LAYERS, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, POSITIONS, CLASSES = (
 BATCH = "batch"  # activations only
 RESIDUAL = (BATCH, None, None)  # [B, T, D]: split by batch, whole along the sequence and width
 
-ATTENTION_IMPLS = attention_lib.IMPLS
-OBJECTIVES = ("ar", "bert")
 QKV_NAMES = (attention_lib.QUERY, attention_lib.KEY, attention_lib.VALUE)  # checkpoint names
 
 
@@ -61,21 +59,9 @@ class ModelConfig:
   scan_layers: bool = True  # False unrolls the layer loop (longer compiles, no scan overhead)
 
   def __post_init__(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}.")
-    if self.objective not in OBJECTIVES:
-      raise ValueError(f"model.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}.")
-    if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
-    if self.attention == "cudnn" and self.dtype != "bfloat16":
-      raise ValueError("model.attention='cudnn' (flash attention) needs model.dtype='bfloat16'.")
-    if self.attention == "splash":
-      attention_lib.check_splash_shape(self.seq_len, self.splash_blocks)
-    remat_policy(self.remat)  # raises ValueError on an unknown policy or name
-    if abs(self.mlp_dim - self.d_model * self.mlp_ratio) > 1e-6:
-      raise ValueError(f"d_model * mlp_ratio = {self.d_model * self.mlp_ratio} is not an integer.")
+    problem = config_lib.model_problem(dataclasses.asdict(self))  # the one check of these
+    if problem:
+      raise ValueError(problem)
 
   @property
   def head_dim(self) -> int:
@@ -105,14 +91,7 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config) -> "ModelConfig":
     """Builds the model shape from a full ml_collections run config."""
-    m = config.model
-    return cls(
-        num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio, vocab_size=config.palette.k,
-        seq_len=config.data.resolution ** 2, objective=m.objective, use_bias=m.use_bias,
-        num_classes=m.num_classes, dtype=m.dtype, attention=m.attention,
-        splash_block_q=m.splash_block_q, splash_block_kv=m.splash_block_kv, remat=m.remat,
-        fused_qkv=m.fused_qkv, scan_layers=m.scan_layers)
+    return cls(**config_lib.model_fields(config))
 
 
 def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
@@ -218,7 +197,7 @@ def remat_policy(spec: str):
     return False, None
   if spec == "full":
     return True, None
-  named = remat_names(spec)
+  named = config_lib.remat_names(spec)
   if named:
     kind, names = named
     if kind == "save":
@@ -226,10 +205,7 @@ def remat_policy(spec: str):
     return True, jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
         offload_src="device", offload_dst="pinned_host")
-  if not hasattr(jax.checkpoint_policies, spec):
-    raise ValueError(f"model.remat={spec!r} is neither 'none', 'full', 'save:NAME,...', "
-                     "'offload:NAME,...' nor a jax.checkpoint_policies name.")
-  return True, getattr(jax.checkpoint_policies, spec)
+  return True, getattr(jax.checkpoint_policies, spec)  # config.model_problem checked the name
 
 
 def _remat(fn, spec: str, scanned: bool):

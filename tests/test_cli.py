@@ -166,9 +166,17 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
       (("--config=eval/cifar10:xl", "--show_config"), "the model size is one of s, m, l"),
       ((demo, "--config.probe.labels_per_class=4;25", w),
        "must be positive numbers of examples per class"),
+      # Model fields: one check (config.model_problem), before any data is read.
+      ((demo, "--config.model.remat=save_only_these_names", w),
+       "--config.model.remat='save_only_these_names' is none of"),
+      ((demo, "--config.model.dtype=float16", w),
+       "--config.model.dtype='float16' is not one of float32, bfloat16"),
+      ((demo, "--config.model.attention=cudnn", w),
+       "--config.model.attention='cudnn' (flash attention) needs model.dtype='bfloat16'"),
   ]
   for (args, expected), out in zip(cases, cli_many(*(args for args, _ in cases)), strict=True):
     assert_one_line_error(out, expected)
+  assert not (tmp_path / "w" / "palette.npz").exists()  # every refusal came before the data
 
 
 def test_list_fields_are_refused_in_one_sentence_in_process():
