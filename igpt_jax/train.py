@@ -170,6 +170,8 @@ class Trainer:
       (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    factor = optim.schedule(self.train_cfg)(state["step"])  # by the step: see optim.py
+    updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
     grad_norm = optax.tree.norm(grads)
     # The update's norm is not finite iff some update is not (or overflows): one cheap
     # reduction that also catches a finite gradient times a non-finite learning rate.
@@ -185,7 +187,7 @@ class Trainer:
     out = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32),
            "nonfinite_streak": new_state["nonfinite_streak"],
            "nonfinite_longest": new_state["nonfinite_longest"],
-           "lr": optim.learning_rate(self.train_cfg)(state["step"]), **aux}
+           "lr": self.train_cfg.lr * factor, **aux}  # the trunk's, as applied
     return new_state, out
 
   def batch_keys(self):
