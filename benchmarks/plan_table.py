@@ -41,8 +41,9 @@ def plan(config: str, target: str) -> dict:
 def row(config: str, target: str, out: dict) -> str:
   if "error" in out:
     return f"| {config} | {target} | error: {out['error']} |"
-  gib = (f"{out['per_device_gib']:.2f} of {out['hbm_gib']:.0f}" if "per_device_gib" in out
-         else f"out of memory ({out['hbm_gib']:.0f})")
+  usable = out.get("usable_gib", out["hbm_gib"])  # the compiler's limit
+  gib = (f"{out['per_device_gib']:.2f} of {usable:g}" if "per_device_gib" in out
+         else f"out of memory ({usable:g})")
   mfu = f"{100 * out['mfu_roofline']:.0f}% ({out['bound']})" if "mfu_roofline" in out else "-"
   step = f"{out['step_s_roofline']:.3f}" if "step_s_roofline" in out else "-"
   mesh = out.get("mesh") or {}

@@ -68,6 +68,14 @@ def compile_step(config, devices):
   return trainer.compile_step(), mesh
 
 
+def undivided(config, mesh) -> str:
+  """sharding.undivided for the model `config` makes on `mesh` ('' when all is split)."""
+  from flax import nnx
+  _, params = nnx.split(model_lib.abstract_model(model_lib.ModelConfig.from_config(config)),
+                        nnx.Param)
+  return sharding_lib.undivided(params, mesh, sharding_lib.rules_from_config(config))
+
+
 def attention_ran(config, mesh) -> str:
   """The attention the step compiled for `mesh` runs ('auto' resolved for its platform)."""
   return model_lib.ModelConfig.from_config(config).attention_on(attention_lib.mesh_platform(mesh))
@@ -95,6 +103,9 @@ def try_compile(config, devices, hbm_bytes: int) -> dict:
   out = train_lib.memory_report(compiled)
   out["mesh"] = dict(mesh.shape)
   out["attention"] = attention_ran(config, mesh)
+  whole = undivided(config, mesh)
+  if whole:
+    out["undivided"] = whole
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   out["fits"] = out.get("per_device_bytes", 0) <= hbm_bytes
@@ -314,6 +325,10 @@ def plan_simulated(config, log) -> dict:
   log(f"Compiled the train step for mesh {dict(mesh.shape)} ({len(devices)} devices).")
   out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled),
          "attention": attention_ran(config, mesh)}
+  whole = undivided(config, mesh)
+  if whole:
+    out["undivided"] = whole
+    log(f"warning: {whole}")
   if "per_device_bytes" in out:
     out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
   if config.plan.device_memory_gb and "per_device_bytes" in out:
@@ -327,14 +342,15 @@ def plan_tpu(config, target: targets_lib.Target, log) -> dict:
   config = with_overrides(config, {"mesh.slices": slices})
   began = time.perf_counter()
   devices = targets_lib.topology_devices(target, slices)
-  hbm = target.hbm_bytes
+  hbm = target.usable_bytes
   hosts = targets_lib.hosts(devices)
   log(f"plan: {target.name} x {slices} slice(s): {len(devices)} chips on {hosts} hosts "
       f"({devices[0].device_kind}, topology {target.topology}); compiling with libtpu...")
   out = {"target": target.name, "compiler": _libtpu_version(),
          "libtpu_flags": os.environ.get("LIBTPU_INIT_ARGS", ""), "chips": len(devices),
          "hosts": hosts, "slices": slices, "topology": target.topology,
-         "hbm_bytes": hbm, "hbm_gib": round(hbm / GIB, 2)}
+         "hbm_gib": round(target.hbm_bytes / GIB, 2), "hbm_bytes": hbm,
+         "usable_gib": round(hbm / GIB, 2)}
   out.update(_verdict(config, devices, target, len(devices), slices, log))
   out["plan_s"] = round(time.perf_counter() - began, 1)
   return out
@@ -362,7 +378,8 @@ def plan_gpu(config, target: targets_lib.Target, log) -> dict:
         "compiler, no GPU needed).")
   out = {"target": target.name, "compiler": compiler, "chips": target.chips,
          "hosts": -(-target.chips // targets_lib.GPUS_PER_HOST), "slices": 1,
-         "hbm_bytes": target.hbm_bytes, "hbm_gib": round(target.hbm_bytes / GIB, 2)}
+         "hbm_gib": round(target.hbm_bytes / GIB, 2), "hbm_bytes": target.usable_bytes,
+         "usable_gib": round(target.usable_bytes / GIB, 2)}
   out.update(_verdict(config, devices, target, target.chips, 1, log))
   return out
 
@@ -377,13 +394,15 @@ def _installed(name: str) -> str | None:
 
 
 def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
-  hbm = target.hbm_bytes
+  hbm = target.usable_bytes
   result = try_compile(config, devices, hbm)
   out = {k: v for k, v in result.items() if k != "compile_s"}
   out["compile_s"] = round(result["compile_s"], 1)
   if "per_device_bytes" in result and config.plan.roofline:
     out.update(_rounded(roofline(config, devices, target.chip, chips)))
   per_slice = chips // slices
+  if "undivided" in out:
+    log(f"warning: {out['undivided']}")
   if result["fits"]:
     log(f"plan: fits (attention {out['attention']}): {out['per_device_gib']:.2f} of "
         f"{hbm / GIB:.2f} GiB per chip"

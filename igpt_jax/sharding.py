@@ -121,19 +121,46 @@ def axes_size(mesh, axes) -> int:
 def shardings_for(abstract_tree, mesh, rules=DEFAULT_RULES):
   """NamedShardings for every nnx Variable of an abstract state, from its logical names.
 
-  A dimension that its mesh axes do not divide evenly is replicated instead (with no error):
-  small models on big meshes still compile, only less sharded.
+  A dimension that its mesh axes do not divide evenly is replicated instead: small models on
+  big meshes still compile, only less sharded (`undivided` names them, and the stages say so).
   """
-  def one(var):
-    names = var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape)
-    spec = logical_to_spec(names, rules, mesh)
-    shape = var.get_value().shape
-    fixed = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-      fixed.append(axes if dim % axes_size(mesh, axes) == 0 else None)
-    return NamedSharding(mesh, P(*fixed))
+  return jax.tree.map(lambda var: NamedSharding(mesh, _param_spec(var, mesh, rules)[0]),
+                      abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+def undivided(abstract_tree, mesh, rules=DEFAULT_RULES) -> str:
+  """'' when every parameter dimension is split as the rules say; else one sentence naming the
+  dimensions the mesh does not divide, which stay whole on every device of that mesh axis (a
+  hand-set mesh that multiplies their memory without a word)."""
+  found: dict = {}
+  for var in jax.tree.leaves(abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    for name, dim, axes in _param_spec(var, mesh, rules)[1]:
+      found.setdefault((name, dim, axes), 0)
+      found[(name, dim, axes)] += 1
+  parts = [f"{name} ({dim}) by mesh.{'x'.join((axes,) if isinstance(axes, str) else axes)}="
+           f"{axes_size(mesh, axes)} ({count} parameter{'s' if count > 1 else ''})"
+           for (name, dim, axes), count in found.items()]
+  if not parts:
+    return ""
+  return (f"the mesh does not divide {'; '.join(parts)}: those parameters are whole on every "
+          "device of that axis instead of split (their memory multiplied by its size); choose "
+          "mesh sizes that divide them.")
+
+
+def _param_spec(var, mesh, rules) -> tuple[P, list]:
+  """A parameter's PartitionSpec from its logical names, and the (name, size, mesh axes) of
+  the dimensions left whole because the axes do not divide them."""
+  shape = var.get_value().shape
+  names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
+  spec = tuple(logical_to_spec(names, rules, mesh))
+  fixed, dropped = [], []
+  for dim, name, axes in zip(shape, names, spec + (None,) * (len(shape) - len(spec))):
+    if dim % axes_size(mesh, axes) == 0:
+      fixed.append(axes)
+    else:
+      fixed.append(None)
+      dropped.append((name, dim, axes))
+  return P(*fixed), dropped
 
 
 def batch_sharding(mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

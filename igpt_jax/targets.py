@@ -10,6 +10,11 @@ specifications:
   A100 80GB SXM: 312 TFLOP/s,  80 GB, 2,039 GB/s   NVIDIA A100 datasheet
   H100 SXM:      989 TFLOP/s,  80 GB, 3,350 GB/s   NVIDIA H100 datasheet (dense, no sparsity)
   H200 SXM:      989 TFLOP/s, 141 GB, 4,800 GB/s   NVIDIA H200 datasheet
+What a program may use of a TPU's HBM is the compiler's own limit, a little below the chip's
+(libtpu keeps some for itself): `usable_bytes`, as libtpu 0.0.42's out-of-memory message states
+it ("exceeds available HBM (15.75G)" on v5e; tests/test_plan.py compiles an oversized program
+for each generation and checks this table against the message). v5p's limit is above its
+published 95 GiB. GPUs: the device's memory (XLA's allocator may reserve less; not modelled).
 GPU targets compile with XLA's CUDA compiler without a GPU when jax's CUDA plugin is installed
 (`pip install "jax[cuda12]"`): compile-only devices from a device description (`gpu_config`,
 the fields XLA reads from a real device: SMs, shared memory, L2, clock, compute capability).
@@ -38,13 +43,15 @@ class Chip:
   dims: int  # 2-D or 3-D torus
   gpu: tuple = ()  # GPUs: (name, compute capability, SMs, shared memory per SM and per block
   #                  opt-in, L2 bytes, clock GHz) for XLA's device description
+  usable_bytes: int = 0  # the compiler's limit per chip (0: hbm_bytes)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275 * TERA, 1200 * GB, 2, 3),
-    "v5litepod": Chip("v5e", 16 * GIB, 197 * TERA, 819 * GB, 1, 2),
-    "v5p": Chip("v5p", 95 * GIB, 459 * TERA, 2765 * GB, 2, 3),
-    "v6e": Chip("v6e", 32 * GIB, 918 * TERA, 1640 * GB, 1, 2),
+    "v4": Chip("v4", 32 * GIB, 275 * TERA, 1200 * GB, 2, 3, usable_bytes=int(30.75 * GIB)),
+    "v5litepod": Chip("v5e", 16 * GIB, 197 * TERA, 819 * GB, 1, 2,
+                      usable_bytes=int(15.75 * GIB)),
+    "v5p": Chip("v5p", 95 * GIB, 459 * TERA, 2765 * GB, 2, 3, usable_bytes=int(95.74 * GIB)),
+    "v6e": Chip("v6e", 32 * GIB, 918 * TERA, 1640 * GB, 1, 2, usable_bytes=int(31.25 * GIB)),
 }
 ALIASES = {"v5e": "v5litepod"}
 GPUS = {
@@ -79,6 +86,11 @@ class Target:
   @property
   def hbm_bytes(self) -> int:
     return self.chip.hbm_bytes
+
+  @property
+  def usable_bytes(self) -> int:
+    """What the compiler lets a program use per chip: what `plan` judges fits against."""
+    return self.chip.usable_bytes or self.chip.hbm_bytes
 
 
 def topology_shape(chips: int, dims: int) -> tuple[int, ...]:

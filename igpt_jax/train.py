@@ -93,12 +93,14 @@ class Trainer:
   tx: object = None
   state_shardings: object = None
   abstract_state: object = None
+  undivided: str = ""  # sharding.undivided: parameter dimensions the mesh leaves whole
 
   def __post_init__(self):
     self.train_cfg = train_section(self.config, self.stage)
     abstract = model_lib.abstract_model(self.cfg)
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     param_shardings = _pure(sharding_lib.shardings_for(abstract_params, self.mesh, self.rules))
+    self.undivided = sharding_lib.undivided(abstract_params, self.mesh, self.rules)
     self.tx = optim.make_optimizer(self.train_cfg, head_lr=head_lr(self.config)
                                    if self.stage == "finetune" else None)
     self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))

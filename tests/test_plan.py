@@ -241,3 +241,38 @@ def test_a_typo_in_the_target_is_one_line():
   proc = cli("--config=configs/igpt_s.py", "--config.stage=plan", "--config.plan.target=v5lite-16")
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v5litepod-4", "v5p-8", "v6e-4"])
+def test_fits_are_judged_against_the_compilers_own_hbm_limit(name):
+  """A program far too big for one chip: libtpu's refusal states the HBM it lets a program use
+  ("exceeds available HBM (15.75G)" on v5e), the limit `plan` must judge fits against -- not the
+  chip's nominal 16 GiB."""
+  import re
+  import jax.numpy as jnp
+  target = targets_lib.parse(name)
+  device = targets_lib.topology_devices(target)[0]
+  mesh = jax.sharding.Mesh(np.asarray([device]), ("x",))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  huge = jax.ShapeDtypeStruct((50 * 2**20, 1024), jnp.float32, sharding=whole)  # 200 GiB
+  step = jax.jit(lambda x: jnp.cumsum(x * 2.0, axis=0)[::2].sum(), in_shardings=whole,
+                 out_shardings=whole)
+  with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as refusal:
+    step.lower(huge).compile()
+  limit = float(re.search(r"available HBM \(([\d.]+)G\)", str(refusal.value)).group(1))
+  assert round(target.usable_bytes / 2**30, 2) == limit
+
+
+def test_a_mesh_that_does_not_divide_a_dimension_says_so():
+  """24 heads on tensor=16 (a hand-set mesh): those weights stay whole on every device of the
+  axis; the plan's JSON and log say so in one line instead of multiplying memory silently."""
+  config = config_of("igpt_l", **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 16,
+                                  "model.num_heads": 24})
+  mesh = sharding_lib.make_mesh(config.mesh, targets_lib.topology_devices(
+      targets_lib.parse("v5litepod-16")))
+  why = plan_lib.undivided(config, mesh)
+  assert why.startswith("the mesh does not divide heads (24) by mesh.tensor=16"), why
+  assert "choose mesh sizes that divide them" in why
+  assert plan_lib.undivided(config_of("igpt_l", **{"mesh.tensor": 8}), sharding_lib.make_mesh(
+      config_of("igpt_l", **{"mesh.tensor": 8}).mesh, targets_lib.topology_devices(
+          targets_lib.parse("v5litepod-16")))) == ""
