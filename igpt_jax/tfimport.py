@@ -1,4 +1,4 @@
-"""TensorFlow, imported without its native start-up lines on stderr.
+"""TensorFlow, imported without its native start-up lines on stderr and without the GPUs.
 
 TensorFlow's C++ logging prints INFO lines at import and again when its runtime starts (oneDNN,
 CPU features), before anything can configure it and whatever TF_CPP_MIN_LOG_LEVEL says; the
@@ -11,15 +11,29 @@ import os
 import sys
 
 
+_gpus_hidden = False
+
+
 def tensorflow():
-  """The `tensorflow` module; the first import runs with file descriptor 2 pointed at /dev/null
-  (an ImportError still reaches the caller)."""
+  """The `tensorflow` module, with every GPU hidden from it; the first import runs with file
+  descriptor 2 pointed at /dev/null (an ImportError still reaches the caller).
+
+  TensorFlow only feeds JAX here: a GPU build (Colab, NGC images) would otherwise reserve most
+  of each GPU's memory for itself as soon as its runtime starts, memory JAX needs."""
+  global _gpus_hidden
   if sys.modules.get("tensorflow") is None:  # not imported yet, or blocked (an ImportError)
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _native_stderr_silenced():
       import tensorflow  # noqa: F401
-  return sys.modules["tensorflow"]
+  tf = sys.modules["tensorflow"]
+  if not _gpus_hidden:
+    try:
+      tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # its runtime started before us (the caller imported it): too late
+      pass
+    _gpus_hidden = True
+  return tf
 
 
 @contextlib.contextmanager

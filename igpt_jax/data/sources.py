@@ -273,9 +273,8 @@ def tfds_split(name: str, split: str) -> str:
 def tfds_builder(name: str, data_dir: str = "", log=print):
   """The TFDS builder of `name`, downloaded and prepared first if it is not yet (data sets that
   need manual downloads, like imagenet2012, read them from <data_dir>/downloads/manual)."""
-  tf = tfimport.tensorflow()
+  tfimport.tensorflow()  # first: TFDS starts TensorFlow's runtime, whose GPUs are then hidden
   import tensorflow_datasets as tfds
-  tf.config.set_visible_devices([], "GPU")
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
     if not builder.is_prepared():  # TFDS decides, on gs:// too
