@@ -7,7 +7,8 @@ labels. A prepared set (`data.source='prepared'`, made by the prepare stage) is 
 `pread` or ranged reads of the rows asked for, so host memory does not grow with the data set. The other sources
 load into memory and suit small data (Fashion-MNIST, CIFAR, a numpy array); prepare anything
 larger. Images of varying size (image folders, imagenet2012) are stored at
-`storage_side(resolution)` so the random crop still has pixels to choose from.
+`storage_side(resolution)` so the random crop still has pixels to choose from -- a folder of
+small images at its smallest image's side instead (`folder_side`: nothing is enlarged).
 
 Splits ("roles"): pretrain, train, validation, test. Validation is held out from the source's
 train split (a fixed-seed choice of `validation_fraction` of it: the paper held out 4% of
@@ -233,6 +234,39 @@ def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: fl
   return [f for f, _ in chosen], np.asarray([c for _, c in chosen], np.int32), class_names
 
 
+def _short_side(path: str) -> int:
+  """An image file's short side from its header alone (0 when it cannot be read)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return min(im.size)
+  except Exception:  # noqa: BLE001 - unreadable: skipped when decoded
+    return 0
+
+
+def folder_side(files: list[str], resolution: int, upsample: bool = False, pool=None,
+                where: str = "") -> int:
+  """The side a folder's images are stored at: twice the input side (the paper's crops then
+  have pixels to choose from), or less -- the smallest image's own short side -- so that no
+  image is enlarged on the way. Images smaller than `resolution` are refused (enlarging them
+  makes blurred pixels) unless `upsample`; then they are enlarged to the input side."""
+  sides = np.asarray(list(pool.map(_short_side, files, chunksize=64)) if pool is not None
+                     else [_short_side(f) for f in files], np.int64)
+  readable = sides > 0
+  if not readable.any():
+    return storage_side(resolution)
+  small = readable & (sides < resolution)
+  if small.any() and not upsample:
+    i = int(np.flatnonzero(small)[np.argmin(sides[small])])
+    raise DataError(
+        f"{int(small.sum())} of the {len(files)} images in {where or 'the folder'} are smaller "
+        f"than data.resolution={resolution} (the smallest: {files[i]}, short side {sides[i]} "
+        "px): training on them would enlarge them (blurred pixels). Remove them, lower "
+        f"--config.data.resolution to at most {int(sides[readable].min())}, or set "
+        "--config.data.upsample=True to accept it.")
+  return int(min(storage_side(resolution), max(resolution, sides[readable].min())))
+
+
 def decode_files(files: list[str], channels: int, side: int, pool=None) -> list:
   """Each file -> [side, side, C] uint8, or None where unreadable; in `pool` if given (a
   process pool: PIL decoding holds the GIL)."""
@@ -243,12 +277,13 @@ def decode_files(files: list[str], channels: int, side: int, pool=None) -> list:
 
 
 def load_folder(root: str, role: str, channels: int, resolution: int, seed: int = SPLIT_SEED,
-                eval_fraction: float = 0.1, log=print) -> ImageSet:
-  """An image folder's split in memory (see `folder_files`); unreadable files are skipped and
-  each is logged once."""
+                eval_fraction: float = 0.1, log=print, upsample: bool = False) -> ImageSet:
+  """An image folder's split in memory (see `folder_files`), stored at `folder_side` of the
+  whole folder (every split alike); unreadable files are skipped and each is logged once."""
   files, labels, class_names = folder_files(root, role, seed, eval_fraction)
   with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    decoded = decode_files(files, channels, storage_side(resolution), pool)
+    side = folder_side(_all_files(root), resolution, upsample, pool, repr(root))
+    decoded = decode_files(files, channels, side, pool)
   keep = [i for i, arr in enumerate(decoded) if arr is not None]
   skipped = [files[i] for i, arr in enumerate(decoded) if arr is None]
   for f in skipped:
@@ -258,8 +293,17 @@ def load_folder(root: str, role: str, channels: int, resolution: int, seed: int 
                     "read: check the files are images.")
   if skipped:
     log(f"{len(skipped)} unreadable file(s) skipped in {root!r} ({role} split).")
+  if side < storage_side(resolution):
+    log(f"{root!r}: images stored at {side}x{side}, the smallest image's side (twice the input "
+        f"side, {storage_side(resolution)}, would enlarge it); data.augment=auto crops none.")
   return ImageSet(np.stack([decoded[i] for i in keep]), labels[keep], class_names,
-                  f"folder:{root}:{role}", skipped, full_size=True)
+                  f"folder:{root}:{role}", skipped,
+                  full_size=side == storage_side(resolution))
+
+
+def _all_files(root: str) -> list[str]:
+  """Every image file of a folder, all splits (`folder_files` with everything in one)."""
+  return folder_files(root, "train", eval_fraction=0.0)[0]
 
 
 # -- TFDS -------------------------------------------------------------------------------------
@@ -458,7 +502,7 @@ def load_split(config, split: str, log=print) -> ImageSet:
   if d.source == "tfds":
     return load_tfds(d.name, split, d.channels, d.resolution, data_dir=d.path, log=log)
   if d.source == "folder":
-    return load_folder(d.path, role, d.channels, d.resolution, log=log)
+    return load_folder(d.path, role, d.channels, d.resolution, log=log, upsample=d.upsample)
   if d.source == "numpy":
     if not d.path or not os.path.exists(d.path):
       raise DataError(f"data.source='numpy' needs --config.data.path to an .npz with "

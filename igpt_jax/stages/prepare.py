@@ -44,8 +44,9 @@ def _plan(config, pool, log):
     raise DataError("data.source='prepared' is already prepared: set data.source to the "
                     "original (tfds, folder, numpy, fashion_mnist) to prepare it.")
   if d.source == "folder":
-    side, out = sources.storage_side(d.resolution), {}
-    class_names = []
+    out, class_names = {}, []
+    side = sources.folder_side(sources.folder_files(d.path, "train", eval_fraction=0.0)[0],
+                               d.resolution, d.upsample, pool, repr(d.path))
     for split in ("train", "test"):
       files, labels, class_names = sources.folder_files(d.path, split)
 
@@ -57,7 +58,8 @@ def _plan(config, pool, log):
         return images, labels[lo:hi][keep], [files[lo + i] for i, a in enumerate(decoded) if a is None]
 
       out[split] = _Split(len(files), read)
-    return f"folder:{d.path}", side, True, class_names, out
+    return (f"folder:{d.path}", side, side == sources.storage_side(d.resolution), class_names,
+            out)
   if d.source == "tfds":
     builder = sources.tfds_builder(d.name, d.path, log)
     class_names, full_size = sources.tfds_info(builder)
