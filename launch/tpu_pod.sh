@@ -16,7 +16,9 @@
 # every worker (setsid nohup: it outlives this shell and the ssh session), each writing
 # ~/igpt_run/train.log and its exit status. run --supervise stays and watches: when the job
 # exits 75 (saved after a preemption) or the slice was preempted and has been made again, it
-# starts the job again, which resumes from the checkpoint, until it exits 0; on any other
+# starts the job again, which resumes from the checkpoint, until it exits 0 (it remakes the
+# slice as `describe` said it was when supervision began: type, version, spot, queued, so
+# `run` needs none of create's flags); on any other
 # failure it prints every worker's log tail and exits 1. Run the supervisor itself under
 # tmux/nohup on a machine that stays up. --dry-run prints the gcloud commands instead.
 # The workdir must be a gs:// path (every worker writes checkpoints to the same place).
@@ -172,6 +174,35 @@ print_logs() {  # print_logs all|I
 tail -n $LINES ~/igpt_run/train.log 2>/dev/null || echo '(no log)'"
 }
 
+# What `create` needs to remake the slice as it is: read from gcloud while it exists (a
+# preempted slice is deleted and made again, so it cannot be asked then). Flags given to `run`
+# are kept; spot and queued also come from the slice itself.
+remember_slice() {
+  local fields type version spot queued
+  if ! fields="$(gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" \
+      --format='value(acceleratorType,runtimeVersion,schedulingConfig.spot,queuedResource)' \
+      2>/dev/null)"; then
+    [[ -n "$TYPE" ]] && return 0
+    echo "error: run --supervise: slice $NAME in $ZONE was not found, so it could not be made" \
+      "again after a preemption; create it first (or give --type to run)" >&2
+    exit 2
+  fi
+  IFS=$'\t' read -r type version spot queued <<<"$fields" || true
+  TYPE="${TYPE:-$type}"
+  VERSION="${VERSION:-$version}"
+  [[ "${spot,,}" == true ]] && SPOT=1
+  [[ -n "$queued" ]] && QUEUED=1
+  if [[ -z "$TYPE" ]]; then
+    echo "error: run --supervise: gcloud does not report the accelerator type of $NAME; give" \
+      "--type to run" >&2
+    exit 2
+  fi
+  local how="$TYPE"
+  [[ "$SPOT" == 1 ]] && how+=", spot"
+  [[ "$QUEUED" == 1 ]] && how+=", queued"
+  say "supervising $NAME ($how): a preempted slice is made again like this"
+}
+
 supervise() {
   local restarts=0 lost=0 state statuses codes
   while true; do
@@ -216,6 +247,7 @@ case "$COMMAND" in
   create) create_slice ;;
   run)
     need CONFIG WORKDIR
+    if [[ "$SUPERVISE" == 1 && "$DRY_RUN" != 1 ]]; then remember_slice; fi
     start_job
     if [[ "$SUPERVISE" == 1 && "$DRY_RUN" != 1 ]]; then supervise; fi ;;
   status)

@@ -120,3 +120,40 @@ def test_dry_run_prints_the_gcloud_commands(pod):
   assert "LIBTPU_INIT_ARGS" not in out  # igpt_jax.main sets its own flags on the workers
   code, out = pod("run", *SLICE, *JOB, "--dry-run", env={"LIBTPU_INIT_ARGS": "--xla_a=1 --xla_b=2"})
   assert code == 0 and "LIBTPU_INIT_ARGS=--xla_a=1" in out and "--xla_b=2" in out
+
+
+def readme_pod_commands() -> list[list[str]]:
+  """The README's runnable `launch/tpu_pod.sh` lines, as a user pastes them (without --dry-run,
+  which a user drops to run them for real)."""
+  import re
+  import shlex
+  text = open(os.path.join(REPO, "README.md")).read()
+  block = text[text.index("Launch on a TPU pod slice"):]
+  block = block[block.index("```bash") + 7:block.index("```", block.index("```bash") + 7)]
+  commands = re.sub(r"\\\n\s*", " ", block).strip().splitlines()
+  return [[a for a in shlex.split(c)[1:] if a != "--dry-run"] for c in commands]
+
+
+def test_the_readmes_supervised_run_remakes_a_preempted_slice_as_it_was(pod):
+  """`run --supervise` as the README writes it (no --type, no --spot): the slice it remakes after
+  a preemption is the one `describe` reported when supervision began -- a spot v5litepod-64."""
+  create, run = readme_pod_commands()
+  assert create[0] == "create" and "--spot" in create and run[0] == "run" and "--type" not in run
+  assert pod(*create)[0] == 0
+  code, out = pod(*run, plan="P P\n0 0\n")
+  assert code == 0, out
+  assert "supervising igpt-l (v5litepod-64, spot)" in out
+  remade = creates(pod.calls())[1]
+  assert "--accelerator-type=v5litepod-64" in remade and "--spot" in remade
+  assert "--version=v2-alpha-tpuv5-lite" in remade
+
+
+def test_a_queued_slice_is_remade_through_a_queued_resource(pod):
+  assert pod("create", *SLICE, "--type", "v5p-128", "--queued")[0] == 0
+  code, out = pod("run", *SLICE, *JOB, "--supervise", plan="P P\n0 0\n")
+  assert code == 0, out
+  remade = creates(pod.calls())[1]
+  assert "queued-resources create" in remade and "--accelerator-type=v5p-128" in remade
+  pod("delete", *SLICE)
+  code, out = pod("run", *SLICE, *JOB, "--supervise")  # nothing to describe, no --type
+  assert code == 2 and "was not found" in out
