@@ -78,18 +78,28 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._remote = "://" in str(self.path)
-    self._tb = None
+    self._tb, self._tb_opened = None, False
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      self._tb = _event_writer(str(self.path.parent / "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines past `step`: a run resumed from a checkpoint rewrites them identically."""
-    if not (self.enabled and self.path.exists()):
+    """Drops rows and TensorBoard events past `step`: a run resumed from a checkpoint logs them
+    again (identically), and a curve must not get two points per step."""
+    if not self.enabled:
       return
-    keep = [line for line in self.path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
-    workdir_lib.write_atomic(self.path, "".join(keep).encode())  # a reader never sees it empty
+    if self.path.exists():
+      keep = [line for line in self.path.read_text().splitlines(keepends=True)
+              if line.strip() and json.loads(line)["step"] <= step]
+      workdir_lib.write_atomic(self.path, "".join(keep).encode())  # never seen empty
+    _truncate_events(self.path.parent / "tensorboard", step)
+
+  def _events(self):
+    """TensorBoard's writer, opened at the first write (after `truncate_after`, so the file it
+    starts is never one that is cut back); None where it cannot write."""
+    if self.enabled and not self._tb_opened:
+      self._tb_opened = True
+      self._tb = _event_writer(str(self.path.parent / "tensorboard"))
+    return self._tb
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -103,14 +113,14 @@ class MetricsWriter:
         f.write(line)
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
-    if self._tb is None:
+    if self._events() is None:
       return
     values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if v is not None]
     self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
 
   def write_image(self, step: int, tag: str, image) -> None:
     """A uint8 [H, W, C] image (a sample grid, a plot) into TensorBoard's Images tab."""
-    if self._tb is None:
+    if self._events() is None:
       return
     import io
 
@@ -130,6 +140,38 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read_rows(directory) -> list[dict]:
+  """The rows of `directory`/metrics.jsonl ([] when there is none)."""
+  from etils import epath
+  path = epath.Path(directory) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_events(logdir, step: int) -> None:
+  """Rewrites every TensorBoard event file in `logdir` without the events past `step`, each
+  file whole or not at all."""
+  import io
+
+  from etils import epath
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.summary.writer.record_writer import RecordWriter
+  logdir = epath.Path(logdir)
+  if not logdir.exists():
+    return
+  for path in sorted(logdir.glob("*tfevents*")):
+    events = list(event_file_loader.EventFileLoader(str(path)).Load())
+    if all(e.step <= step for e in events):
+      continue
+    buffer = io.BytesIO()
+    records = RecordWriter(buffer)
+    for event in events:
+      if event.step <= step:
+        records.write(event.SerializeToString())
+    workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 def _event_writer(logdir: str):
