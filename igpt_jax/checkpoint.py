@@ -7,7 +7,8 @@ restores onto a different device count.
 
 A restore tells three failures apart, because they need opposite responses:
 - a damaged step (truncated, corrupt, half-deleted files) is moved aside with a warning and the
-  next older step is tried;
+  next older step is tried -- only when every one of several reads (with backoff) fails on its
+  contents: an object store's transient error must not roll training back to an older step;
 - a step that does not match the config (model shape, palette, optimizer-state tree) stops the
   run with one sentence and touches nothing: the user changed a setting, and the checkpoint is
   still good for the old one;
@@ -97,15 +98,42 @@ def tree_difference(saved, wanted) -> str:
   return "; ".join(parts)
 
 
+def fingerprint(params) -> str:
+  """A digest of a parameter tree's values, computed where they live (a sharded model is never
+  copied to one host): which weights a cache was built from, whatever step or file they came
+  from. Two wrapping sums of each leaf's float32 bits, one weighted by position."""
+  import hashlib
+  sums = distributed.to_host(_fingerprint_sums(jax.tree.leaves(params)))
+  return hashlib.sha256(np.ascontiguousarray(sums).tobytes()).hexdigest()[:16]
+
+
+@jax.jit
+def _fingerprint_sums(leaves):
+  import jax.numpy as jnp
+  out = []
+  for x in leaves:
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    weight = jnp.ones(bits.shape, jnp.uint32)
+    for d in range(bits.ndim):  # an odd multiplier per axis: 1 + sum_d index_d * m_d
+      m = (0x9E3779B1 * (d + 1)) % 2**32 | 1
+      weight = weight + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(m)
+    out += [jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)]
+  return jnp.stack(out)
+
+
 def _without_params(state: dict) -> dict:
   """The `train` item: everything in the train state but the parameters."""
   return {k: v for k, v in state.items() if k != "params"}
 
 
 class Checkpointer:
+  """`read_attempts` reads of a step, `retry_wait_s` x 4^i apart, before it counts as damaged
+  or unreadable."""
 
-  def __init__(self, directory, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory, keep: int = 3, async_save: bool = True, read_attempts: int = 3,
+               retry_wait_s: float = 1.0):
     self.directory = epath.Path(directory)
+    self.read_attempts, self.retry_wait_s = max(1, read_attempts), retry_wait_s
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
@@ -136,7 +164,8 @@ class Checkpointer:
     `config` (the run's config as a dict) lets a mismatch name the setting that changed.
     """
     for step in reversed([s for s in self.all_steps() if steps is None or s in steps]):
-      status, result, error = self._try_restore(step, abstract_state, check_meta, config)
+      status, result, error = self._read_with_retries(step, abstract_state, check_meta, config,
+                                                      log)
       statuses = distributed.allgather(np.int32(status))
       worst = int(statuses.max())
       if worst == _OK:
@@ -154,6 +183,21 @@ class Checkpointer:
       raise RestoreFailed(f"Another process could not read checkpoint {where}; nothing was "
                           "changed (see its error).")
     return None
+
+  def _read_with_retries(self, step: int, abstract_state: dict, check_meta, config, log):
+    """`_try_restore` until it reads the step or refuses it (a mismatch), at most
+    `read_attempts` times: a step is damaged only when every read says so."""
+    for attempt in range(self.read_attempts):
+      if attempt:
+        wait = self.retry_wait_s * 4 ** (attempt - 1)
+        log(f"warning: reading checkpoint {self.directory / str(step)} failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''});"
+            f" reading it again in {wait:g} s ({attempt + 1}/{self.read_attempts}).")
+        time.sleep(wait)
+      status, result, error = self._try_restore(step, abstract_state, check_meta, config)
+      if status in (_OK, _MISMATCH):
+        break
+    return status, result, error
 
   def _try_restore(self, step: int, abstract_state: dict, check_meta, config):
     """(status, (state, meta) or None, error or None) of this process's attempt at `step`."""
