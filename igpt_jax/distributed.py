@@ -3,12 +3,14 @@
 Every stage runs on N processes (a TPU pod slice, a SLURM job, `launch/local.sh -n N`). Each
 process calls `initialize` before JAX touches a device. Files other than checkpoints are written
 by process 0 only (`is_chief`); numbers that every host must agree on go through `agree`/
-`allgather`; preemption uses JAX's sync point when there are several processes (so that every
-host saves the same step) and a SIGTERM handler when there is one.
+`allgather`; preemption (`PREEMPTION`) uses JAX's sync point when there are several processes
+(so that every host stops at the same step or batch) and signal handlers when there is one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 
 import jax
@@ -157,45 +159,179 @@ def to_host(array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after a preemption signal; the same command resumes
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped for a preemption after keeping its work; rerun it
 
 
 class Preempted(Exception):
-  """A training stage saved after a preemption signal and stopped before its last step. The
-  CLI exits with EXIT_PREEMPTED and `all` starts no later stage."""
+  """A stage stopped because the job is being stopped (a scheduler's SIGTERM, Ctrl-C), after
+  keeping what it had finished: a training step's checkpoint, a probe's whole feature chunks, a
+  prepared set's whole shards. The CLI exits with EXIT_PREEMPTED, `all` starts no later stage,
+  and the same command continues where it stopped."""
 
   def __init__(self, result: dict):
-    super().__init__(f"preempted at step {result.get('step')}")
+    super().__init__(f"preempted in {result.get('stage')}"
+                     + (f" at step {result['step']}" if "step" in result else ""))
     self.result = result
 
 
-class PreemptionWatch:
-  """Tells the training loop when to save and stop because the job is being preempted.
+# Where JAX's preemption service (XLA's PreemptionSyncManager) posts the first notice any process
+# receives: every process can read it without a collective.
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 
-  One process: a SIGTERM handler sets a flag (restored on exit). Several: JAX's preemption sync
-  point, which catches SIGTERM itself and agrees with every host on the step to save at; a
-  Python handler here would replace its handler, and each host would stop at a different step.
+
+class Preemption:
+  """Whether the job is being stopped, asked at the same points by every process.
+
+  One process: SIGTERM and SIGINT (Ctrl-C) handlers set a flag. Several: JAX's preemption service
+  catches SIGTERM on any process and tells the others; a Python SIGTERM handler would replace its
+  handler, so SIGINT is handed to it as a SIGTERM -- by a thread woken through the signal
+  module's wakeup fd, at once, even while the main thread waits in a barrier or a compile
+  (where a Python handler would only run once it returns). Two ways to ask:
+  - `should_stop()` / `check()`, collective: every process calls them at the same points in the
+    same order (each training step, each batch of a pass over a split, each fit); they turn true
+    at the same call everywhere (JAX's sync point over a counter of these calls), so every
+    process stops at the same step or batch and saves the same state.
+  - `requested()` / `raise_if_requested()`, no collective: for work one process does while the
+    others wait (process 0's palette fit, a data set's preparation); see `on_chief`.
+  A second Ctrl-C quits at once (KeyboardInterrupt), without saving.
   """
 
   def __init__(self):
-    self.signalled = False
-    self._previous = None
+    self.signal: str | None = None  # the signal this process's handler saw
+    self.stopping = False  # a stop point was reached; stays so
+    self._calls = 0
+    self._previous: dict = {}
+    self._handed_on = False  # a Ctrl-C was handed to JAX's notifier
+    self._wakeup = None  # (socket pair, the wakeup fd before ours)
 
-  def __enter__(self):
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    return self
+  def install(self) -> bool:
+    """The handlers (see the class doc); False when they were installed already. Main thread
+    only, after `initialize`."""
+    if self._previous:
+      return False
+    wanted = [signal.SIGINT] + ([] if _several() else [signal.SIGTERM])
+    self._previous = {s: signal.signal(s, self._on_signal) for s in wanted}
+    if _several():
+      self._watch_wakeup_fd()
+    return True
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  def uninstall(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+    if self._wakeup is not None:
+      (reader, writer), before = self._wakeup
+      signal.set_wakeup_fd(before)
+      writer.close()  # ends the watching thread
+      self._wakeup = None
 
-  def _on_sigterm(self, signum, frame):
-    self.signalled = True
+  def _watch_wakeup_fd(self) -> None:
+    """A thread that hands a Ctrl-C to JAX's notifier as soon as it arrives: Python's C-level
+    handler writes each signal's number to the wakeup fd, whatever the main thread is doing."""
+    import socket
+    import threading
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    self._wakeup = ((reader, writer), before)
 
-  def should_stop(self, step: int) -> bool:
-    """Call once per step on every process."""
-    if jax.process_count() == 1:
-      return self.signalled
-    from jax.experimental import multihost_utils
-    return multihost_utils.reached_preemption_sync_point(step)
+    def watch():
+      with reader:
+        while data := reader.recv(64):  # b'' once `uninstall` closes the writer
+          if signal.SIGINT in data:
+            self._hand_on()
+
+    threading.Thread(target=watch, daemon=True, name="preemption-signals").start()
+
+  def _hand_on(self) -> None:
+    if not self._handed_on:
+      self._handed_on = True
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier tells every process
+
+  @contextlib.contextmanager
+  def installed(self):
+    """The handlers for a block (a library caller's training loop, in a notebook), unless
+    already there; after it, a stop it saw is forgotten (the notebook's next run starts)."""
+    mine = self.install()
+    try:
+      yield self
+    finally:
+      if mine:
+        self.uninstall()
+        self.signal, self.stopping = None, False
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.signal == "SIGINT":
+      raise KeyboardInterrupt  # Ctrl-C twice: quit now, without saving
+    self.signal = signal.Signals(signum).name
+    if _several() and signum == signal.SIGINT:
+      self._hand_on()  # unless the wakeup thread did already
+
+  def requested(self) -> bool:
+    """Whether a stop was asked for, here or on any process (no collective)."""
+    if self.signal is not None or self.stopping:
+      return True
+    if not _several():
+      return False
+    try:
+      return _client().key_value_try_get(_NOTICE_KEY) is not None
+    except Exception:  # noqa: BLE001 - NOT_FOUND: no notice yet
+      return False
+
+  def should_stop(self) -> bool:
+    """Collective (see the class doc): True from the same call on every process once a stop
+    was asked for anywhere."""
+    if not self.stopping:
+      if not _several():
+        self.stopping = self.signal is not None
+      else:
+        from jax.experimental import multihost_utils
+        self._calls += 1
+        self.stopping = bool(multihost_utils.reached_preemption_sync_point(self._calls))
+    return self.stopping
+
+  def check(self, stage: str, **result) -> None:
+    """Collective: raises Preempted({'stage': stage, **result}) at the stop point."""
+    if self.should_stop():
+      raise Preempted({"stage": stage, **result})
+
+  def raise_if_requested(self, stage: str, **result) -> None:
+    """No collective: raises Preempted as soon as a stop was asked for anywhere."""
+    if self.requested():
+      self.stopping = True
+      raise Preempted({"stage": stage, **result})
+
+  def batches(self, items, stage: str):
+    """`items` with a collective `check` before each: a pass over a split that every process
+    makes in lockstep (evaluation, feature extraction) stops at the same batch everywhere."""
+    for item in items:
+      self.check(stage)
+      yield item
+
+
+PREEMPTION = Preemption()  # one per process: the signal handlers are the process's
+
+
+def _several() -> bool:
+  """Several processes joined by jax.distributed (asked without starting a backend when there
+  is no cluster: `prepare` runs on a host whose accelerator may be another job's)."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def on_chief(name: str, work) -> None:
+  """Runs `work()` on process 0 while the others wait at a barrier. A preemption of that work
+  (it raises Preempted) stops every process: process 0 still reaches the barrier, then tells
+  the others."""
+  stopped = None
+  if is_chief():
+    try:
+      work()
+    except Preempted as e:
+      stopped = e
+  barrier(name)
+  told = from_chief(f"{name}_preempted", "yes" if stopped else "")
+  if stopped is not None:
+    raise stopped
+  if told:
+    raise Preempted({"stage": name})

@@ -2,7 +2,9 @@
 a chunk at a time.
 
 A store is a folder of chunks `r<lo>-c<chunk>.npz`, each [rows, groups, dim] features (float16;
-uint8 for pixels) and [rows] labels (-1 marks padding), plus `meta.json`, written last. Every
+uint8 for pixels) and [rows] labels (-1 marks padding), plus `meta.json`, written last and
+removed first when an extraction starts again (a store being written never reads back as
+complete), and a progress file per row range that lets a stopped extraction resume. Every
 process writes the rows its devices hold of each global batch (`lo` names that row range, so
 processes holding replicas of the same rows write once), and nothing holds more than one chunk:
 host memory is bounded by `chunk_bytes`, whatever the number of examples. A probe on the same
@@ -133,18 +135,25 @@ class Store:
 
 
 class Writer:
-  """Collects this process's rows batch by batch and writes a chunk whenever one is full."""
+  """Collects this process's rows batch by batch and writes a chunk whenever one is full; after
+  each chunk, a progress file records the chunks so far and how many batches they hold, so an
+  extraction that is stopped (or killed) resumes after its last whole chunk."""
 
-  def __init__(self, path, lo: int, chunk_rows: int, dtype):
+  def __init__(self, path, lo: int, chunk_rows: int, dtype, key: dict | None = None):
     self.path, self.lo, self.chunk_rows, self.dtype = epath.Path(path), lo, chunk_rows, dtype
+    self.key = key
     self.path.mkdir(parents=True, exist_ok=True)
-    self.xs, self.ys, self.rows, self.names, self.total_rows = [], [], 0, [], 0
+    done = progress(self.path, lo, key)
+    self.names, self.total_rows, self.batches = done["chunks"], done["rows"], done["batches"]
+    self.xs, self.ys, self.rows = [], [], 0
 
   def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    """The rows of the next batch (batch number `self.batches`)."""
     self.xs.append(np.asarray(x, np.float32 if self.dtype == np.float16 else self.dtype))
     self.ys.append(np.asarray(y, np.int32))
     self.rows += len(y)
     self.total_rows += len(y)
+    self.batches += 1
     if self.rows >= self.chunk_rows:
       self.flush()
 
@@ -166,6 +175,39 @@ class Writer:
     workdir_lib.write_atomic(self.path / name, buffer.getvalue())
     self.names.append(name)
     self.xs, self.ys, self.rows = [], [], 0
+    record = {"key": self.key, "chunks": self.names, "rows": self.total_rows,
+              "batches": self.batches}
+    workdir_lib.write_atomic(self.path / _progress_name(self.lo),
+                             json.dumps(record).encode())
+
+
+def _progress_name(lo: int) -> str:
+  return f"progress-r{lo:06d}.json"
+
+
+def progress(path, lo: int, key: dict) -> dict:
+  """What an earlier extraction for `key` left of row range `lo` in the store at `path`: its
+  whole chunks, their rows and batches (none when there is no record for this key)."""
+  record = epath.Path(path) / _progress_name(lo)
+  if record.exists():
+    done = json.loads(record.read_text())
+    if done.get("key") == key and all((epath.Path(path) / n).exists() for n in done["chunks"]):
+      return done
+  return {"chunks": [], "rows": 0, "batches": 0}
+
+
+def _start_over_unless_resumable(path, key: dict) -> None:
+  """Process 0, before an extraction into `path`: the old meta.json goes first (an interrupted
+  extraction must never read back as complete); everything else too, unless it is an earlier
+  extraction of the same `key` to resume."""
+  path = epath.Path(path)
+  if not path.exists():
+    return
+  (path / "meta.json").unlink(missing_ok=True)
+  records = [json.loads(p.read_text()) for p in path.glob("progress-r*.json")]
+  if not any(r.get("key") == key for r in records):
+    for p in path.iterdir():
+      p.unlink()
 
 
 def chunk_rows_for(row_bytes: int, chunk_bytes: int, batch_rows: int) -> int:
@@ -179,30 +221,50 @@ def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int
   and streams each output to its store (a dict name -> path). Returns the opened Stores.
 
   Every process takes part (one forward per global batch over the mesh) and writes only the
-  rows its devices hold; process 0 writes meta.json once all processes are done."""
+  rows its devices hold; process 0 writes meta.json once all processes are done. An earlier
+  extraction of the same `key` that was stopped (or killed) resumes after its last whole chunk;
+  a stop now (SIGTERM, Ctrl-C: the same batch on every process) raises distributed.Preempted,
+  dropping the rows held for the next chunk, so a resumed store is chunk for chunk the one an
+  uninterrupted extraction writes."""
   from igpt_jax import distributed
   from igpt_jax import sharding as sharding_lib
   from igpt_jax.data import pipeline
   rows = sharding_lib.host_rows(mesh, rules, batch_size)
   lo = int(rows[0])  # names this process's row set (replicas share it, disjoint sets differ)
   writes = distributed.allgather(np.int32(lo)).tolist().index(lo) == jax.process_index()
-  writers, dims = {}, {}
+  if distributed.is_chief():
+    for path in stores.values():
+      _start_over_unless_resumable(path, key)
+  distributed.barrier("features-start")
   num_batches = -(-len(data) // batch_size)
-  for j, batch in enumerate(pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
-                                                  augment=augment)):
+  done = min(progress(path, lo, key)["batches"] for path in stores.values()) if writes \
+      else num_batches
+  # Every process from the same batch; at least the last one runs, which opens each store's
+  # writer (a stop after the last chunk, before meta.json, leaves only meta.json to write).
+  start = min(int(distributed.allgather(np.int32(done)).min()), num_batches - 1)
+  if start and log:
+    log(f"features: resuming after {min(start * batch_size, len(data))}/{len(data)} examples "
+        "(the whole chunks of a stopped extraction).")
+  writers, dims = {}, {}
+  batches = pipeline.eval_batches(data, batch_size=batch_size, rows=rows, augment=augment,
+                                  start_batch=start)
+  for j, batch in enumerate(distributed.PREEMPTION.batches(batches, "probe"), start):
     g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")}, mesh, rules,
                                   batch_size)
     tokens, pixels = tokenizer(g["images"], g["boxes"], with_pixels=True)
     labels = np.where(batch["mask"] > 0, batch["labels"], -1).astype(np.int32)
-    for name, out in forward(tokens, pixels).items():
-      part = _host_part(out, rows, axis=0)
-      if name not in writers:
+    parts = {name: _host_part(out, rows, axis=0)
+             for name, out in forward(tokens, pixels).items()}
+    if not writers:  # every store's chunks hold the same batches: they resume from one batch
+      dtypes = {n: np.uint8 if p.dtype == np.uint8 else np.float16 for n, p in parts.items()}
+      chunk = min(chunk_rows_for(int(np.prod(p.shape[1:])) * np.dtype(dtypes[n]).itemsize + 4,
+                                 chunk_bytes - 4096, len(rows))  # + label, - npz headers
+                  for n, p in parts.items())
+      for name, part in parts.items():
         dims[name] = part.shape[1:]
-        dtype = np.uint8 if part.dtype == np.uint8 else np.float16
-        row_bytes = int(np.prod(part.shape[1:])) * np.dtype(dtype).itemsize + 4  # + label
-        chunk = chunk_rows_for(row_bytes, chunk_bytes - 4096, len(rows))  # - npz headers
-        writers[name] = Writer(stores[name], lo, chunk, dtype)
-      if writes:
+        writers[name] = Writer(stores[name], lo, chunk, dtypes[name], key)
+    for name, part in parts.items():
+      if writes and j >= writers[name].batches:  # a store may hold more than another
         writers[name].add(part, labels)
     if log and (j % 20 == 0 or j == num_batches - 1):
       log(f"features: {min((j + 1) * batch_size, len(data))}/{len(data)} examples")

@@ -26,8 +26,9 @@ def pooled_features(trainer, params, data, tokenizer, config) -> np.ndarray:
   rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
   pooled = trainer.pooled_fn
   parts, n = [], len(data)
-  for j, batch in enumerate(pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
-                                                  augment=config.data.augment)):
+  batches = pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
+                                  augment=config.data.augment)
+  for j, batch in enumerate(distributed.PREEMPTION.batches(batches, "finetune")):
     g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")},
                                   trainer.mesh, trainer.rules, batch_size)
     x = pooled(params, tokenizer(g["images"], g["boxes"]))
@@ -52,6 +53,7 @@ def fit(trainer, params, splits: dict, tokenizer, config, log=print) -> tuple[di
       f"{len(train)} train and {len(val)} validation images...")
   xt = pooled_features(trainer, params, train, tokenizer, config)
   xv = pooled_features(trainer, params, val, tokenizer, config)
+  distributed.PREEMPTION.check("finetune")  # before the fit, which cannot stop midway
   head = logreg.fit_classifier((xt, train.labels), (xv, val.labels),
                                trainer.cfg.num_classes, tuple(config.probe.l2),
                                steps=config.probe.steps)

@@ -235,6 +235,7 @@ def fit_streamed(train, val, test, num_classes: int, l2_grid, *, mesh, rules, ba
 
   rng = np.random.default_rng(seed)
   for epoch in range(epochs):
+    distributed.PREEMPTION.check("probe")  # every process, each epoch
     for x, y in _batches(train, rows, lo, view, rng, shuffle=True):
       params, opt_state = step(params, opt_state, *to_global(x, y))
       # One step in flight. Nothing else waits on these steps, and queued ones deadlock XLA's

@@ -3,12 +3,14 @@ out, resumption, preemption and the stop on non-finite steps.
 
 Every process runs the same loop: it feeds the rows of each global batch that its devices hold
 (sharding.host_rows), saves checkpoints together with the others (Orbax), and stops at the same
-step as the others on preemption (distributed.PreemptionWatch). Only process 0 writes metrics.
+step as the others on preemption (distributed.PREEMPTION). Only process 0 writes metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import time
 
 import jax
@@ -44,10 +46,13 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
   batch_size = trainer.train_cfg.batch_size
   rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
   total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
-  for i, batch in enumerate(pipeline.eval_batches(eval_data, batch_size=batch_size, rows=rows,
-                                                  augment=config.data.augment)):
-    if max_batches and i >= max_batches:
-      break
+  batches = pipeline.eval_batches(eval_data, batch_size=batch_size, rows=rows,
+                                  augment=config.data.augment)
+  if max_batches:
+    batches = itertools.islice(batches, max_batches)
+  # A whole split is long: a stop (every process at the same batch) ends it, and the caller
+  # keeps what it has (the training loop saves its step).
+  for batch in distributed.PREEMPTION.batches(batches, config.stage):
     g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes", "labels", "mask")},
                                   trainer.mesh, trainer.rules, batch_size)
     tokens = tokenizer(g["images"], g["boxes"])
@@ -73,13 +78,11 @@ def eval_split(config, log=print):
 
 
 def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
-  """What a checkpoint says about itself. `saved` is unique to this save (every process writes
-  the same one: process 0's), so caches built from a checkpoint (probe features) can tell a
-  re-run that reached the same step from the one they were built from."""
-  import uuid
+  """What a checkpoint says about itself: its config, model shape and palette (with a digest
+  that every stage reading the checkpoint compares with the palette it would use)."""
   return {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
           "palette": np.asarray(centers).tolist(),
-          "saved": distributed.from_chief("checkpoint_id", uuid.uuid4().hex)}
+          "palette_sha256": workdir_lib.palette_digest(centers)}
 
 
 def pretrain(config, workdir, log=print, stop_after: int | None = None) -> dict:
@@ -96,10 +99,19 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   Pretraining starts from a fresh init; fine-tuning from the pretraining checkpoint's
   parameters plus a zero class head. `stop_after` ends this run at that step with a
   checkpoint, as a preemption would, without changing the schedule (set by the step count).
+  A stage already trained to its last step trains nothing and reports its result again.
+  SIGTERM / Ctrl-C (distributed.PREEMPTION) stop it at the next step, or in the middle of an
+  evaluation, with that step saved; before the first step, with nothing to save.
   """
+  with distributed.PREEMPTION.installed():
+    return _fit(config, workdir, stage, log, stop_after)
+
+
+def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   from igpt_jax import palette as palette_lib
   from igpt_jax.data import pipeline, sources, transform
 
+  preemption = distributed.PREEMPTION
   mesh = sharding_lib.make_mesh(config.mesh)  # first: a mesh that does not fit fails at once
   rules = sharding_lib.rules_from_config(config)
   centers = workdir_lib.load_palette(config, workdir)  # stages.pretrain fits one if missing
@@ -119,15 +131,19 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
 
   trainer = train_lib.Trainer(cfg, config, mesh, rules, stage=stage)
   tcfg = trainer.train_cfg
+  if trainer.undivided:
+    log(f"warning: {trainer.undivided}")
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
   head_fit = None
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir, stage),
                                      keep=config.checkpoint.keep)
   distributed.agree(f"{stage}_checkpoint_steps", str(ckpt.all_steps()),
                     f"the checkpoint steps in {ckpt.directory}")
+  palette_file = workdir_lib.palette_path(config, workdir)
   restored = ckpt.restore_latest(
       trainer.abstract_state, config=config.to_dict(), log=log,
-      check_meta=lambda meta: workdir_lib.check_same_model(meta, cfg, ckpt.directory))
+      check_meta=lambda meta: workdir_lib.check_checkpoint(meta, cfg, centers, ckpt.directory,
+                                                           palette_file))
   if restored is not None:
     start, state, _ = restored
     log(f"Resumed from checkpoint step {start} in {ckpt.directory}.")
@@ -148,25 +164,37 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
       state["params"] = pretrained
     log(f"{stage}: {model_lib.count_params(cfg):,} parameters on mesh {dict(mesh.shape)}"
         f"{f' over {jax.process_count()} processes' if jax.process_count() > 1 else ''}.")
+  total, writer = tcfg.steps, None
+  try:
+    preemption.check(stage, step=start)  # a stop during restore or set-up: nothing to save yet
+    if start >= total:
+      result = _finished(trainer, state, start, config, workdir, eval_data, test_data,
+                         tokenizer, log)
+      ckpt.close()
+      return result
+    writer = metrics_lib.MetricsWriter(workdir_lib.stage_dir(workdir, stage),
+                                       enabled=distributed.is_chief())
+    writer.truncate_after(start)
+    step_fn = trainer.compile_step()
+    mem = train_lib.memory_report(step_fn)
+    if mem:
+      log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
+    log(f"{stage}: attention {cfg.attention_on(attention_lib.mesh_platform(mesh))}.")
+    preemption.check(stage, step=start)  # a stop during compilation
+    if head_fit is not None and tcfg.eval_every:  # where LP-FT starts: the probe's accuracy
+      scalars = {f"head_probe_{k}": v for k, v in head_fit.items()}
+      scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
+                              tcfg.eval_batches))
+      writer.write(0, scalars)
+      head_fit["start_eval_accuracy"] = scalars.get("eval_accuracy")
+      log("step 0 (the probe's head): " + metrics_lib.scalars_text(
+          {k: v for k, v in scalars.items() if k.startswith("eval_")}))
+  except BaseException:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+    raise
 
-  metrics_dir = workdir_lib.stage_dir(workdir, stage)
-  writer = metrics_lib.MetricsWriter(metrics_dir, enabled=distributed.is_chief())
-  writer.truncate_after(start)
-  step_fn = trainer.compile_step()
-  mem = train_lib.memory_report(step_fn)
-  if mem:
-    log(f"Train step compiled: {mem['per_device_bytes'] / 2**20:.1f} MiB per device.")
-  log(f"{stage}: attention {cfg.attention_on(attention_lib.mesh_platform(mesh))}.")
-  if head_fit is not None and tcfg.eval_every:  # where LP-FT starts: the probe's accuracy
-    scalars = {f"head_probe_{k}": v for k, v in head_fit.items()}
-    scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
-                            tcfg.eval_batches))
-    writer.write(0, scalars)
-    head_fit["start_eval_accuracy"] = scalars.get("eval_accuracy")
-    log("step 0 (the probe's head): " + metrics_lib.scalars_text(
-        {k: v for k, v in scalars.items() if k.startswith("eval_")}))
-
-  total = tcfg.steps
   rows = sharding_lib.host_rows(mesh, rules, tcfg.batch_size)
   batches = pipeline.train_batches(
       data, batch_size=tcfg.batch_size, seed=config.seed, start_step=start,
@@ -181,7 +209,6 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   last_log_time, last_log_step = time.perf_counter(), start
   step, summary = start, {}
   last_grid_end = time.perf_counter()
-  preemption = distributed.PreemptionWatch()
   profiler = Profiler(tcfg.profile_steps, workdir_lib.path(workdir) / "profile",
                       distributed.is_chief() or tcfg.profile_all_hosts, log)
   watchdog = Watchdog(tcfg.watchdog_factor, log=log)
@@ -191,7 +218,7 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
   one_in_flight = jax.devices()[0].platform == "cpu" and len(jax.devices()) > 1
   signalled = False
   try:
-    with preemption, watchdog:
+    with watchdog:
       for step in range(start + 1, total + 1):
         profiler.before(step)
         began = time.perf_counter()
@@ -205,12 +232,10 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
         profiler.after(step, state)
         watchdog.beat(step)
         is_last = step == total
-        signalled = preemption.should_stop(step)  # every process, every step
+        signalled = preemption.should_stop()  # every process, every step
         preempted = step == stop_after or signalled
-        save = step % config.checkpoint.every == 0 or is_last or preempted
-        if step % tcfg.log_every == 0 or is_last or save:
-          _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
         if step % tcfg.log_every == 0 or is_last:
+          _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
           loss = float(out["loss"])  # waits for the step
           now = time.perf_counter()
           steps_done = max(step - last_log_step, 1)
@@ -226,13 +251,13 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
                                             len(jax.devices())), **hosts}
           if jax.process_count() > 1 and distributed.is_chief():
             log(metrics_lib.host_times_line(hosts))
-          with watchdog.paused():  # a preempted step saves first: no evaluation in the grace time
-            if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last) and not preempted:
-              scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
-                                      tcfg.eval_batches))
-            if stage == "finetune" and is_last and not preempted:  # the final number, on test
-              scalars.update(evaluate(trainer, state["params"], test_data(), tokenizer, config,
-                                      prefix="test"))
+          if not preempted:  # a preempted step saves first: no evaluation in the grace time
+            with watchdog.paused():
+              try:
+                scalars.update(_evaluations(trainer, state["params"], step, is_last, eval_data,
+                                            test_data, tokenizer, config))
+              except distributed.Preempted:  # stopped mid-evaluation: save this step
+                preempted = signalled = True
           writer.write(step, scalars)
           progress.update(step, scalars)
           summary = scalars
@@ -247,7 +272,8 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
           last_grid_end = time.perf_counter()
           log(f"Sample grid at step {step}: {spent:.1f} s, {100 * spent / since:.0f}% of the "
               f"{since:.0f} s trained since the last one (train.sample_every=0 turns it off).")
-        if save:
+        if step % config.checkpoint.every == 0 or is_last or preempted:
+          _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
           ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
         if preempted:
           log(f"Stopping early: saved step {step}." if not signalled else
@@ -264,8 +290,62 @@ def fit(config, workdir, stage: str, log=print, stop_after: int | None = None) -
             "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
   if head_fit is not None:
     result["head_probe"] = head_fit
-  if signalled and step < total:  # saved, not done: the caller exits 75
-    raise distributed.Preempted(result)
+  if signalled and (step < total or not _has_final(result, trainer)):
+    raise distributed.Preempted(result)  # saved, not done: the caller exits 75
+  if step == total:
+    workdir_lib.write_json(workdir_lib.result_path(workdir, stage), result)
+  return result
+
+
+def _evaluations(trainer, params, step: int, is_last: bool, eval_data, test_data, tokenizer,
+                 config) -> dict:
+  """The evaluations due at `step`: validation every eval_every steps and at the end; for
+  fine-tuning, the test split at the end (the final number)."""
+  tcfg, out = trainer.train_cfg, {}
+  if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
+    out.update(evaluate(trainer, params, eval_data, tokenizer, config, tcfg.eval_batches))
+  if trainer.stage == "finetune" and is_last:
+    out.update(evaluate(trainer, params, test_data(), tokenizer, config, prefix="test"))
+  return out
+
+
+def _has_final(result: dict, trainer) -> bool:
+  """Whether a last step's result holds the evaluations due at the end."""
+  if trainer.train_cfg.eval_every and "eval_loss" not in result:
+    return False
+  return trainer.stage != "finetune" or "test_accuracy" in result
+
+
+def _finished(trainer, state, start: int, config, workdir, eval_data, test_data, tokenizer,
+              log) -> dict:
+  """A stage already trained to its last step (or past it) reports its result: the one it
+  wrote when it finished, or -- when that is missing or lacks the final evaluations (stopped
+  during them) -- the last logged row with those evaluations run now on the saved state."""
+  stage, total = trainer.stage, trainer.train_cfg.steps
+  path = workdir_lib.result_path(workdir, stage)
+  saved = json.loads(path.read_text()) if path.exists() else None
+  usable = saved is not None and saved.get("step") == start and _has_final(saved, trainer)
+  if not distributed.any_process(not usable):
+    log(f"{stage}: already trained to step {start} (train.steps={total}); its result, from "
+        f"{path}, follows.")
+    return saved
+  metrics_dir = workdir_lib.stage_dir(workdir, stage)
+  rows = metrics_lib.read_rows(metrics_dir)
+  last = next((r for r in reversed(rows) if r["step"] == start), {})
+  first = next((r for r in rows if r["step"] == 0), {})
+  log(f"{stage}: already trained to step {start} (train.steps={total}); evaluating the saved "
+      "state for its result.")
+  scalars = {**{k: v for k, v in last.items() if k != "step"},
+             **_evaluations(trainer, state["params"], start, True, eval_data, test_data,
+                            tokenizer, config)}
+  result = {"stage": stage, "step": start,
+            "checkpoints": str(workdir_lib.checkpoint_dir(workdir, stage)),
+            "metrics": str(metrics_dir / "metrics.jsonl"),
+            **{k: v for k, v in scalars.items() if v is not None}}
+  head = {k[len("head_probe_"):]: v for k, v in first.items() if k.startswith("head_probe_")}
+  if head:
+    result["head_probe"] = {**head, "start_eval_accuracy": first.get("eval_accuracy")}
+  workdir_lib.write_json(path, result)
   return result
 
 

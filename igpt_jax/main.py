@@ -254,6 +254,8 @@ def main(argv):
       distributed.initialize(_COORDINATOR.value, _PROCESS_COUNT.value, _PROCESS_INDEX.value,
                              _HEARTBEAT.value)
       distributed.BARRIER_TIMEOUT_S = _BARRIER_TIMEOUT.value
+    if config.stage != "plan":  # SIGTERM and Ctrl-C stop any stage at its next safe point
+      distributed.PREEMPTION.install()
     workdir = _WORKDIR.value
     if workdir is None:
       if config.stage in READS_A_RUN:
@@ -267,7 +269,10 @@ def main(argv):
     run(config, workdir)
   except config_lib.UserError as e:  # includes data, palette and checkpoint mismatches
     exit_with_error(str(e))
-  except distributed.Preempted as e:  # saved; a supervisor reruns the same command
+  except distributed.Preempted as e:  # kept what it finished; a supervisor reruns the command
+    why = distributed.PREEMPTION.signal or "a preemption notice"
+    log(f"{e.result.get('stage', config.stage)}: stopped ({why}); what it finished is kept. Exiting with status {distributed.EXIT_PREEMPTED}: run the "
+        "same command again to continue.")
     print(json.dumps({**e.result, "preempted": True}), flush=True)
     sys.exit(distributed.EXIT_PREEMPTED)
   except config_lib.RunFailed as e:  # diverged, unreadable storage, a dead peer: one line

@@ -257,13 +257,17 @@ def _lloyd_step(x, centers):
   return new, inertia
 
 
-def fit(pixels, k: int, seed: int = 0, iters: int = 30, log=None) -> np.ndarray:
-  """k-means on pixels [M, C] in [-1, 1]: k-means++ init, then Lloyd. Deterministic for a seed."""
+def fit(pixels, k: int, seed: int = 0, iters: int = 30, log=None,
+        on_iteration=None) -> np.ndarray:
+  """k-means on pixels [M, C] in [-1, 1]: k-means++ init, then Lloyd. Deterministic for a seed.
+  `on_iteration(i)` runs before each Lloyd iteration (it may raise to stop the fit)."""
   x = jnp.asarray(pixels, jnp.float32)
   if x.ndim != 2 or x.shape[0] < k:
     raise ValueError(f"Need at least k={k} pixels of shape [M, C] to fit a palette, got {x.shape}.")
   centers = jax.jit(_kmeans_pp_init, static_argnums=2)(jax.random.key(seed), x, k)
   for i in range(iters):
+    if on_iteration is not None:
+      on_iteration(i)
     centers, inertia = _lloyd_step(x, centers)
     if log is not None and (i % 10 == 0 or i == iters - 1):
       log(f"k-means iteration {i + 1}/{iters}: mean squared distance {float(inertia):.5f}")

@@ -15,7 +15,6 @@ best layers (the paper's multi-layer features; `probe.concat`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import time
 
@@ -92,7 +91,7 @@ def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=pri
   """The paper's low-data probes: for each probe.labels_per_class value v and each of
   probe.low_data_seeds draws, every layer fitted on v train examples per class (L2 chosen on
   the whole validation split, widened as usual), scored on test. One layer in memory at a time."""
-  from igpt_jax import logreg
+  from igpt_jax import distributed, logreg
   from igpt_jax.config import labels_per_class
   p = config.probe
   train, val, test = stores
@@ -116,6 +115,7 @@ def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=pri
   union = np.unique(np.concatenate([rows for per_v in draws.values() for rows in per_v]))
   by_layer = {v: [] for v in values}
   for g, layer in enumerate(layers):
+    distributed.PREEMPTION.check("probe")
     evals = (val.load([[g]]), test.load([[g]]))
     xt, yt = train.load([[g]], rows=union)
     for v in values:
@@ -251,6 +251,7 @@ def run(config, workdir, log=print) -> dict:
   import jax
   from flax import nnx
 
+  from igpt_jax import checkpoint as checkpoint_lib
   from igpt_jax import distributed
   from igpt_jax import features as features_lib
   from igpt_jax import model as model_lib
@@ -265,9 +266,10 @@ def run(config, workdir, log=print) -> dict:
   rules = sharding_lib.rules_from_config(config)
   cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
   layers = choose_layers(p.layers, cfg.num_layers)
-  # Cached features are reused only for the same weights, model and palette.
-  identity = workdir_lib.pretrained_identity(config, workdir, step)
-  palette_hash = hashlib.sha256(np.asarray(centers, np.float32).tobytes()).hexdigest()[:16]
+  # Cached features are reused only for the same weights (their values, not only their step),
+  # model, palette and view of the data.
+  identity = f"step{step}:{checkpoint_lib.fingerprint(params)}"
+  palette_hash = workdir_lib.palette_digest(centers)[:16]
   splits = labelled_splits(config, log)
   out_dir = workdir_lib.path(workdir) / "probe"
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
@@ -288,8 +290,10 @@ def run(config, workdir, log=print) -> dict:
     names = [tag, "pixels"] if tag == "pretrained" else [tag]
     for split, data in splits.items():
       key = {"model": identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
-             "model_config": dataclasses.asdict(cfg), "palette": palette_hash, "split": split, "examples": len(data), "data": data.name, "layers": layers,
+             "model_config": dataclasses.asdict(cfg), "palette": palette_hash, "split": split,
+             "examples": len(data), "data": data.name, "layers": layers, "seed": config.seed,
              "resolution": config.data.resolution, "batch_size": p.batch_size,
+             "view": transform.resolve_augment(config.data.augment, data.full_size),
              "mesh": dict(mesh.shape), "processes": jax.process_count(),
              "bert_masks": masks}
       paths = {n: out_dir / "features" / f"{n}-{split}" for n in names}
@@ -316,7 +320,12 @@ def run(config, workdir, log=print) -> dict:
   start = time.perf_counter()
   k = splits["train"].num_classes
   of = lambda name: tuple(stores[(name, s)] for s in ("train", "validation", "test"))  # noqa: E731
-  fit = lambda name, view=None: _fit(of(name), k, config, mesh, rules, view, log)  # noqa: E731
+
+
+  def fit(name, view=None):  # whole features are kept: a stop here costs one fit's rerun
+    distributed.PREEMPTION.check("probe")
+    return _fit(of(name), k, config, mesh, rules, view, log)
+
   by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("pretrained"))]
   for r in by_layer:
     log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})"

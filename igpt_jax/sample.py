@@ -138,11 +138,13 @@ def run(config, workdir, log=print) -> dict:
   out_dir = workdir_lib.path(workdir) / "samples"
   key = jax.random.key(config.seed)
   shape = (res, res, centers.shape[1])
+  distributed.PREEMPTION.check("sample", checkpoint_step=step)
   log(f"Sampling {sc.num} images (temperature {sc.temperature}, top_k {sc.top_k or 'off'})...")
   uncond = generate(model, sc.num, jax.random.fold_in(key, 0), temperature=sc.temperature,
                     top_k=sc.top_k)
   uncond_imgs = palette_lib.dequantize(distributed.to_host(uncond), centers).reshape(-1, *shape)
   paths = {"unconditional": save_png(image_grid([uncond_imgs]), out_dir / "unconditional.png")}
+  distributed.PREEMPTION.check("sample", checkpoint_step=step)  # each decode is one program
   test = sources.load(config, "test", log=log)
   test = test.subset(np.arange(min(sc.completions, len(test))), "completions")
   tokens, pixels = pipeline.tokens_of(test, centers, res, with_pixels=True,

@@ -7,6 +7,7 @@ local one (Orbax uses the same library). Files other than checkpoints are writte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -36,6 +37,22 @@ def checkpoint_dir(workdir, stage: str) -> epath.Path:
 def stage_dir(workdir, stage: str) -> epath.Path:
   """Where a stage's metrics.jsonl and TensorBoard events go: pretraining's at the top."""
   return path(workdir) if stage == "pretrain" else path(workdir) / stage
+
+
+def result_path(workdir, stage: str) -> epath.Path:
+  """A training stage's final result (its JSON line), beside its metrics.jsonl: what a rerun
+  of a finished stage reports."""
+  return stage_dir(workdir, stage) / "result.json"
+
+
+def has_checkpoints(workdir) -> list[epath.Path]:
+  """The checkpoint folders of this workdir's training stages that hold at least one step."""
+  out = []
+  for stage in ("pretrain", "finetune"):
+    directory = checkpoint_dir(workdir, stage)
+    if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
+      out.append(directory)
+  return out
 
 
 RUN_TOKEN = ".run_token"
@@ -100,6 +117,33 @@ def save_palette(palette, target) -> None:
   write_bytes(target, palette.to_bytes())
 
 
+def palette_digest(centers) -> str:
+  """The palette's identity in a checkpoint's meta: sha256 of its float32 centres."""
+  return hashlib.sha256(np.ascontiguousarray(np.asarray(centers, np.float32)).tobytes()).hexdigest()
+
+
+def check_same_palette(meta: dict, centers, where, palette_file) -> None:
+  """Refuses, in one sentence, a checkpoint trained with other colours than `centers`: resumed
+  training or a later stage would silently read other tokens."""
+  from igpt_jax import checkpoint as checkpoint_lib
+  saved = meta.get("palette_sha256")
+  if saved is None and "palette" in meta:  # checkpoints written before the digest
+    saved = palette_digest(meta["palette"])
+  if saved is None or saved == palette_digest(centers):
+    return
+  colours = len(meta["palette"]) if "palette" in meta else "?"
+  raise checkpoint_lib.CheckpointMismatch(
+      f"The checkpoint in {where} was trained with a different palette ({colours} colours) "
+      f"than {palette_file} ({len(centers)} colours, other centres): put back the palette.npz "
+      "it was trained with, or use a new --workdir.")
+
+
+def check_checkpoint(meta: dict, cfg, centers, where, palette_file) -> None:
+  """What every stage that reads a checkpoint checks first: the model shape and the palette."""
+  check_same_model(meta, cfg, where)
+  check_same_palette(meta, centers, where, palette_file)
+
+
 # -- stage hand-off ---------------------------------------------------------------------------
 
 def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
@@ -127,13 +171,7 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
     return cfg, released.params(config, cfg, mesh, rules, log=log), centers, 0
 
   def check(meta):
-    check_same_model(meta, cfg, directory)
-    saved = np.asarray(meta["palette"], np.float32)
-    if saved.shape != centers.shape or not np.allclose(saved, centers, atol=1e-6):
-      raise checkpoint_lib.CheckpointMismatch(
-          f"The checkpoint in {directory} was trained with a different palette "
-          f"({saved.shape[0]} colours) than the configured one: use the palette.npz it was "
-          "trained with.")
+    check_checkpoint(meta, cfg, centers, directory, palette_path(config, workdir))
 
   ckpt = checkpoint_lib.Checkpointer(directory)
   wanted = config.checkpoint.load_step
@@ -155,26 +193,6 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
   step, state, _ = restored
   log(f"Loaded pretrained parameters from step {step} of {directory}.")
   return cfg, state["params"], centers, step
-
-
-def pretrained_identity(config, workdir, step: int) -> str:
-  """Which weights `load_pretrained` gave at `step`: the checkpoint's own id (a re-run that
-  reached the same step has another), or the released weights' path and modification time."""
-  from igpt_jax import checkpoint as checkpoint_lib
-  directory = checkpoint_dir(workdir, "pretrain")
-  if directory.exists() and str(step) in {p.name for p in directory.iterdir()}:
-    ckpt = checkpoint_lib.Checkpointer(directory)
-    try:
-      return f"step{step}:" + str(ckpt.read_meta(step).get("saved", "unnamed"))
-    finally:
-      ckpt.close()
-  import os
-  # An OpenAI prefix is no file itself (its .index and .data-* are); a folder's own time does
-  # not change when a file in it is replaced: the newest file's time names what was read.
-  target = config.init_from
-  files = ([os.path.join(target, f) for f in os.listdir(target)] if os.path.isdir(target)
-           else [p for p in (target, target + ".index") if os.path.exists(p)])
-  return f"{target}@{max((os.stat(f).st_mtime_ns for f in files), default=0)}"
 
 
 def check_same_model(meta: dict, cfg, where) -> None:

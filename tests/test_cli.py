@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 from conftest import REPO, xla_flags
@@ -224,6 +225,32 @@ def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
   assert_one_line_error(out, "Could not read checkpoint", status=1)
   assert "PERMISSION_DENIED" in out.stderr and "nothing was changed" in out.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
+
+
+def test_a_checkpoint_is_used_only_with_the_palette_it_was_trained_with(tmp_path):
+  """fit_palette keeps the palette that checkpoints were trained with; another palette.npz (a
+  file copied over it) is refused in one line by a resumed pretraining, by fine-tuning and by
+  evaluation, and the checkpoint is left as it is."""
+  from igpt_jax import palette as palette_lib
+  from igpt_jax.stages import pretrain as pretrain_stage
+  from test_train import tiny_config
+  pretrain_stage.run(tiny_config(steps=2), str(tmp_path), log=lambda *_: None)
+  palette = tmp_path / "palette.npz"
+  trained_with = palette.read_bytes()
+  run = (f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}",
+         "--config.data.resolution=8", "--config.model.num_layers=2", "--config.model.d_model=32",
+         "--config.model.num_heads=4", "--config.train.batch_size=16",
+         "--config.palette.samples=20000", "--config.finetune.head_init=zeros")
+  [refit] = cli_many((*run, "--config.stage=fit_palette", "--config.seed=7"))
+  assert_one_line_error(refit, "is the palette the checkpoints in")
+  assert palette.read_bytes() == trained_with
+  centers = palette_lib.Palette.load(str(palette)).centers
+  palette.write_bytes(palette_lib.Palette(np.clip(centers[::-1] * 0.9, -1, 1)).to_bytes())
+  for out in cli_many((*run, "--config.stage=pretrain", "--config.train.steps=4"),
+                      (*run, "--config.stage=finetune"), (*run, "--config.stage=evaluate")):
+    assert_one_line_error(out, "was trained with a different palette")
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
+  assert not list((tmp_path / "checkpoints").glob("finetune/[0-9]*"))
 
 
 def test_plan_simulates_the_devices_a_mesh_needs():

@@ -36,7 +36,8 @@ def test_bad_files_in_a_folder(tmp_path):
   logs = []
   data = sources.load_folder(str(tmp_path), "train", channels=3, resolution=8,
                              eval_fraction=0.0, log=logs.append)
-  assert len(data) == 5 and data.images.shape[1:] == (16, 16, 3)
+  # Stored at the smallest image's side (tiny.png, 10 px), not enlarged to 2 x 8.
+  assert len(data) == 5 and data.images.shape[1:] == (10, 10, 3) and not data.full_size
   assert data.class_names == ["cats", "dogs"] and sorted(set(data.labels)) == [0, 1]
   assert len(data.skipped_files) == 1 and data.skipped_files[0].endswith("corrupt.png")
   assert sum("corrupt.png" in line for line in logs) == 1
@@ -203,3 +204,44 @@ def test_read_ahead_thread_stops_on_close_and_passes_errors_on():
   assert next(it) == 1
   with pytest.raises(OSError, match="short read"):
     next(it)
+
+
+def test_small_folder_images_are_never_enlarged_without_a_word(tmp_path):
+  """A folder of 8x8 PNGs at data.resolution=32 is refused as an .npz of them is (or enlarged
+  on request); 32x32 photos at 32 are stored at 32 (not blown up to 64) and get no random crop;
+  photos of 64 px and more are stored at 64 with the paper's crops, as before."""
+  from igpt_jax.data import transform
+  rng = np.random.default_rng(0)
+  for side, folder in ((8, "tiny"), (32, "crops"), (80, "photos")):
+    for cls in ("a", "b"):
+      (tmp_path / folder / cls).mkdir(parents=True)
+      for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (side, side + i, 3), np.uint8)).save(
+            tmp_path / folder / cls / f"{i}.png")
+  config = config_lib.base_config()
+  config.data.source, config.data.resolution = "folder", 32
+  config.data.path = str(tmp_path / "tiny")
+  with pytest.raises(sources.DataError, match=r"12 of the 12 images in .* are smaller than "
+                     r"data.resolution=32 .*short side 8 px.*--config.data.upsample=True"):
+    sources.load(config, "train")
+  config.data.upsample = True
+  assert sources.load(config, "train").images.shape[1:3] == (32, 32)
+  config.data.upsample = False
+  for folder, side, augment in (("crops", 32, "none"), ("photos", 64, "paper")):
+    config.data.path = str(tmp_path / folder)
+    data = sources.load(config, "train")
+    assert data.images.shape[1:3] == (side, side), folder
+    assert transform.resolve_augment("auto", data.full_size) == augment, folder
+
+
+def test_tensorflow_never_sees_the_gpus(monkeypatch):
+  """Wherever igpt_jax imports TensorFlow (the tf.data feed, TFDS, OpenAI's checkpoint reader)
+  its GPUs are hidden first: a GPU build would otherwise reserve memory JAX needs."""
+  from igpt_jax import tfimport
+  tf = pytest.importorskip("tensorflow")
+  hidden = []
+  monkeypatch.setattr(tf.config, "set_visible_devices",
+                      lambda devices, kind=None: hidden.append((list(devices), kind)))
+  monkeypatch.setattr(tfimport, "_gpus_hidden", False, raising=False)
+  assert pipeline.resolve_pipeline("auto") == "tf.data"  # the training feed's first TF import
+  assert hidden == [([], "GPU")]

@@ -332,3 +332,92 @@ def test_two_processes_feed_an_interleaved_device_order(tmp_path):
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
   assert "ok 0 [0, 1, 4, 5]" in outs[0] and "ok 1 [2, 3, 6, 7]" in outs[1], outs
+
+
+def signal_one_of_two(args, sig, ready, timeout=300):
+  """launch/local.sh -n 2 -d 2 -- args; once `ready(output so far)` is true, `sig` goes to
+  process 1 alone. Returns (exit status, output, seconds from the signal to the exit)."""
+  import threading
+  launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--",
+                               *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "XLA_FLAGS": xla_flags()})
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(launcher.stdout.readline, "")),
+                            daemon=True)
+  reader.start()
+  deadline = time.time() + timeout
+  def pid_of_1():
+    return [int(l.split()[4]) for l in lines if l.startswith("[local] process 1 pid")]
+
+  while not (pid_of_1() and ready("".join(lines))):
+    assert time.time() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
+    time.sleep(0.02)
+  [pid] = pid_of_1()
+  os.kill(pid, sig)
+  signalled = time.time()
+  launcher.wait(timeout=timeout)
+  took = time.time() - signalled
+  reader.join(timeout=10)
+  return launcher.returncode, "".join(lines), took
+
+
+def test_ctrl_c_or_sigterm_to_one_process_stops_evaluate_and_probe_on_both(
+    two_process_data_run, tmp_path):
+  """Outside the training loop too, a stop reaches every process: both exit 75 within the 30 s
+  a TPU VM gives, and the same command continues -- the probe from its whole feature chunks,
+  to the results an uninterrupted run gives."""
+  workdir = tmp_path / "run"
+  for copy in (workdir, tmp_path / "reference"):  # the pretrained run, without a probe's files
+    shutil.copytree(two_process_data_run[0], copy, ignore=shutil.ignore_patterns("probe"))
+  evaluate = [*TINY, "--config.stage=evaluate", f"--workdir={workdir}"]
+  code, out, took = signal_one_of_two(evaluate, signal.SIGTERM,
+                                      lambda out: "Loaded pretrained parameters" in out)
+  assert code == 75 and took < 30, (code, took, out[-3000:])
+  assert "[0] evaluate: stopped" in out and "[1] evaluate: stopped" in out
+  assert not (workdir / "evaluate.json").exists()
+  code, out = local(2, 2, *evaluate)
+  assert code == 0, out[-3000:]
+  # As an uninterrupted evaluation (here: one process of 8 devices) gives.
+  from igpt_jax import loop
+  from test_train import tiny_config  # TINY's model and batch
+  config = tiny_config()
+  config.stage = "evaluate"
+  straight = loop.evaluate_stage(config, str(tmp_path / "reference"), log=lambda *_: None)
+  resumed = json.load(open(workdir / "evaluate.json"))
+  for key in ("validation_bits_per_dim", "test_bits_per_dim"):
+    np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-5, err_msg=key)
+
+  # 20k train images in batches of 16: ~1250 collective steps per store, in chunks of ~250.
+  probe = [*TINY, "--config.stage=probe", "--config.probe.train_examples=20000",
+           "--config.probe.validation_examples=500", "--config.probe.test_examples=500",
+           "--config.probe.batch_size=16", "--config.probe.max_memory_mb=1",
+           "--config.probe.solver=lbfgs", "--config.probe.steps=20"]
+  chunks = workdir / "probe" / "features" / "pretrained-train"
+  code, out, took = signal_one_of_two([*probe, f"--workdir={workdir}"], signal.SIGTERM,
+                                      lambda _: any(chunks.glob("r*-c00000.npz")))
+  assert code == 75 and took < 30, (code, took, out[-3000:])
+  assert "[0] probe: stopped" in out and "[1] probe: stopped" in out
+  stopped = out
+  code, out = local(2, 2, *probe, f"--workdir={workdir}")
+  assert code == 0, out[-3000:]
+  assert "features: resuming after" in out, stopped[-3000:]  # the whole chunks were kept
+  code, ref = local(2, 2, *probe, f"--workdir={tmp_path / 'reference'}")
+  assert code == 0, ref[-3000:]
+  resumed, uninterrupted = (json.load(open(w / "probe" / "results.json"))
+                            for w in (workdir, tmp_path / "reference"))
+  for key in ("by_layer", "random_init_by_layer", "raw_pixel_accuracy", "multi_layer"):
+    assert resumed[key] == uninterrupted[key], key
+
+
+def test_ctrl_c_to_one_process_stops_process_0s_palette_fit_on_both(tmp_path):
+  """Process 0 fits the palette alone while process 1 waits at a barrier: Ctrl-C to process 1
+  (handed to JAX's notifier as a SIGTERM) stops process 0's k-means (it reads the notice from
+  the coordination service) and both exit 75; no half palette is left."""
+  args = [*TINY, "--config.stage=fit_palette", f"--workdir={tmp_path}",
+          "--config.palette.samples=200000", "--config.palette.iters=3000"]
+  code, out, took = signal_one_of_two(args, signal.SIGINT,
+                                      lambda out: "k-means iteration 1/3000" in out)
+  assert code == 75 and took < 30, (code, took, out[-3000:])
+  assert "[0] fit_palette: stopped" in out and "[1] fit_palette: stopped (SIGINT)" in out
+  assert not (tmp_path / "palette.npz").exists()

@@ -1,6 +1,12 @@
 """Probes at scale: features streamed to disk in bounded chunks, the streamed solver matching the
-in-memory one on real features, and the choice of probed layers."""
+in-memory one on real features, the choice of probed layers, and a store that is never read
+back half-written."""
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +19,8 @@ from igpt_jax import sharding as sharding_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.config import UserError
 from igpt_jax.data import sources, transform
-from test_train import needs_fmnist, tiny_config
+from conftest import REPO, xla_flags
+from test_train import TINY_OVERRIDES, needs_fmnist, tiny_config
 
 L2 = (1e-4, 1e-3, 1e-2, 1e-1)
 CHUNK_BYTES = 64 * 1024  # the cap on what the streamed path holds of a split at a time
@@ -63,7 +70,9 @@ def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solv
                                  batch_size=1024, epochs=50, lr=0.3, seed=0)
   for a, b in zip(in_memory, streamed, strict=True):
     assert a["accuracy"] > 0.3  # far above chance (10 classes): a real fit, on real features
-    assert abs(a["accuracy"] - b["accuracy"]) <= 0.005, (in_memory, streamed)
+    # within 25 of the 5,000 test images (counted, not compared as rounded floats)
+    assert round(abs(a["accuracy"] - b["accuracy"]) * test.num_examples) <= 25, (
+        in_memory, streamed)
 
 
 @needs_fmnist
@@ -91,7 +100,6 @@ def test_probed_layers():
 
 def synthetic_store(path, x, y, chunk_rows=256):
   """x [N, G, D] float32 written through the store's own Writer (float16 chunks) and meta."""
-  import json
   writer = features.Writer(path, 0, chunk_rows, np.float16)
   for lo in range(0, len(y), chunk_rows):
     writer.add(x[lo:lo + chunk_rows], y[lo:lo + chunk_rows])
@@ -126,3 +134,96 @@ def test_float16_store_keeps_features_with_a_large_common_offset(tmp_path):
   exact = original[0][0].astype(np.float64)
   np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-6)
   np.testing.assert_allclose(std, exact.std(0), rtol=1e-3)
+
+
+def probe_command(workdir, load_step: int) -> list[str]:
+  """The probe stage at `load_step` of a tiny run, on 20k train images in chunks of ~2k rows
+  (probe.max_memory_mb=1): long enough (300+ batches) to be stopped midway."""
+  return [sys.executable, "-m", "igpt_jax.main", f"--config={REPO}/configs/demo.py",
+          *TINY_OVERRIDES, "--config.stage=probe", f"--workdir={workdir}",
+          f"--config.checkpoint.load_step={load_step}", "--config.probe.train_examples=20000",
+          "--config.probe.validation_examples=500", "--config.probe.test_examples=500",
+          "--config.probe.batch_size=64", "--config.probe.max_memory_mb=1",
+          "--config.probe.solver=lbfgs", "--config.probe.steps=20"]
+
+
+@needs_fmnist
+def test_a_store_stopped_midway_is_never_read_back_as_complete(tmp_path):
+  """Probe at step 4; a probe at step 8 stopped (SIGTERM) after it has rewritten a chunk; the
+  probe at step 4 again must read step 4's features, not a mix: the stopped extraction left no
+  meta.json to be taken for complete, and its chunks belong to another key."""
+  config = tiny_config(steps=8, warmup_steps=2)
+  config.checkpoint.every = 4
+  pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
+  train_store = tmp_path / "probe" / "features" / "pretrained-train"
+
+  def probe_at(step):
+    out = subprocess.run(probe_command(tmp_path, step), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return (features.Store(train_store).load(),
+            json.load(open(tmp_path / "probe" / "results.json")))
+
+  (xa, ya), results_a = probe_at(4)
+  began = time.time()
+  proc = subprocess.Popen(probe_command(tmp_path, 8), cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:  # until step 8 rewrote a chunk
+    if any(p.stat().st_mtime > began for p in train_store.glob("r*.npz")):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  stopped_meta = (train_store / "meta.json").exists()
+  (xa2, ya2), results_a2 = probe_at(4)
+  np.testing.assert_array_equal(ya2, ya)
+  np.testing.assert_array_equal(xa2, xa)  # step 4's features, not half step 8's
+  assert results_a2["by_layer"] == results_a["by_layer"]
+  assert proc.returncode == 75, out[-3000:]  # stopped, keeping its whole chunks
+  assert not stopped_meta
+
+
+def test_a_stopped_extraction_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch):
+  """Stopped before its 7th batch (every process at the same batch), an extraction keeps its
+  whole chunks; the same extraction again reads only the rest, and the store equals one written
+  without a stop."""
+  import jax
+  import jax.numpy as jnp
+  from igpt_jax import distributed
+  rng = np.random.default_rng(0)
+  data = sources.from_arrays(rng.integers(0, 256, (300, 4, 4, 1), dtype=np.uint8),
+                             rng.integers(0, 3, 300))
+  mesh = sharding_lib.make_mesh(tiny_config().mesh)
+  rules = sharding_lib.DEFAULT_RULES
+  tokenizer = transform.Tokenizer(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 4, mesh,
+                                  rules)
+  project = jax.jit(lambda t: jnp.stack([jnp.sin(t * 0.1), jnp.cos(t * 0.3)], 1))
+  forward = lambda tokens, _: {"f": project(tokens)}  # noqa: E731 - [B, 2 groups, 16]
+  key = {"model": "test"}
+  chunk_bytes = 4096 + 3 * 16 * (2 * 16 * 2 + 4)  # 3 batches of 16 float16 [2, 16] rows
+  extract = lambda path, log=None: features.extract(  # noqa: E731 - 19 batches of 16
+      {"f": path}, data, forward, tokenizer, mesh, rules, 16, key, chunk_bytes, "none", log)
+  whole = extract(tmp_path / "whole")["f"]
+  calls = []
+
+  def stop_at_seventh():
+    calls.append(1)
+    return len(calls) >= 7
+  monkeypatch.setattr(distributed.PREEMPTION, "should_stop", stop_at_seventh)
+  with pytest.raises(distributed.Preempted):
+    extract(tmp_path / "stopped")
+  monkeypatch.undo()
+  done = features.progress(tmp_path / "stopped", 0, key)
+  assert done["batches"] == 6 and len(done["chunks"]) == 2
+  assert not (tmp_path / "stopped" / "meta.json").exists()
+  logs = []
+  resumed = extract(tmp_path / "stopped", log=logs.append)["f"]
+  assert any("resuming after 96/300 examples" in line for line in logs)
+  for a, b in zip(whole.load(), resumed.load(), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Another key never resumes (or reuses) these chunks: the store starts over.
+  other = features.extract({"f": tmp_path / "stopped"}, data, forward, tokenizer, mesh, rules,
+                           16, {"model": "other"}, chunk_bytes, "none")["f"]
+  assert other.meta["key"] == {"model": "other"} and other.num_examples == 300

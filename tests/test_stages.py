@@ -207,3 +207,38 @@ def test_report_says_holds_only_beyond_what_the_test_images_can_tell(tmp_path):
                            "sample": {"unconditional": "u", "completions": "c"}}, str(tmp_path))
   assert ("Why at this scale: fine-tuning moved the head's validation accuracy from 0.7723 (the "
           "last layer's probe) to 0.7688 (-9 of 2,560 images)") in out
+
+
+def test_a_finished_stage_reports_its_result_again(tmp_path):
+  """`all` on a tiny numpy data set; then `finetune` again (nothing left to train) reports the
+  same test accuracy, from its result file or, without it, by evaluating the saved state; and
+  `all` again writes the same report: never a blank or a nan."""
+  from test_cli import cli_many
+  from test_multihost import TINY, make_uneven_numpy_source
+  make_uneven_numpy_source(tmp_path / "data.npz")
+  run = [*TINY, "--config.data.source=numpy", f"--config.data.path={tmp_path / 'data.npz'}",
+         "--config.train.steps=8", "--config.train.eval_every=4", "--config.train.batch_size=4",
+         "--config.finetune.steps=4", "--config.finetune.eval_every=4", "--config.probe.steps=20",
+         "--config.sample.num=2", "--config.sample.completions=2",
+         "--config.palette.samples=5000", f"--workdir={tmp_path / 'run'}"]
+  first = cli_many((*run, "--config.stage=all"))[0]
+  assert first.returncode == 0, first.stderr[-3000:]
+  accuracy = json.loads(first.stdout.splitlines()[-1])["finetune_accuracy"]
+  assert 0 <= accuracy <= 1
+  report = (tmp_path / "run" / "report.md").read_text()
+  again = cli_many((*run, "--config.stage=finetune"))[0]
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads(again.stdout.splitlines()[-1]).get("test_accuracy") == accuracy
+  assert "finetune: already trained to step 4" in again.stdout
+  os.remove(tmp_path / "run" / "finetune" / "result.json")
+  recomputed, rerun = cli_many((*run, "--config.stage=finetune"), (*run, "--config.stage=all"))
+  for out in (recomputed, rerun):
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert "evaluating the saved state" in recomputed.stdout
+  assert json.loads(recomputed.stdout.splitlines()[-1])["test_accuracy"] == accuracy
+  assert json.loads(rerun.stdout.splitlines()[-1])["finetune_accuracy"] == accuracy
+  again_report = (tmp_path / "run" / "report.md").read_text()
+  assert "nan" not in again_report
+  def finetuned(text):
+    return next(line for line in text.splitlines() if "Fine-tuned test accuracy" in line)
+  assert finetuned(again_report) == finetuned(report)

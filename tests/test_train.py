@@ -233,6 +233,21 @@ def test_sigkill_resumes_and_sigterm_saves_then_exits_cleanly(tmp_path):
 
 
 @needs_fmnist
+def test_ctrl_c_saves_the_step_and_exits_75_like_a_preemption(tmp_path):
+  """Ctrl-C in a foreground run is a preemption: the step is saved, one line says so, exit 75
+  (and the same command resumes); not a KeyboardInterrupt traceback with the work lost."""
+  proc = start_training(str(tmp_path), steps=10_000, every=1000)
+  wait_for_step(str(tmp_path), 3, proc)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out
+  assert "pretrain: stopped (SIGINT)" in out
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints" / "pretrain") if d.isdigit()]
+  assert saved == [read_metrics(tmp_path)[-1]["step"]]
+
+
+@needs_fmnist
 def test_a_streak_between_two_log_steps_stops_the_run(tmp_path, monkeypatch):
   """NaN at steps 2-6, a good step 7, logs every 10: the streak of 5 ended before anyone
   looked, and still stops the run at step 10 (max_nonfinite_steps=3)."""
@@ -312,12 +327,9 @@ def test_checkpoint_of_another_model_or_optimizer_is_refused_and_left_in_place(t
 
 
 def test_restore_error_that_is_not_damage_stops_and_touches_nothing(tmp_path, monkeypatch):
-  config = tiny_config(steps=2)
-  config.data.resolution, config.palette.k = 4, 16
-  cfg = model_lib.ModelConfig.from_config(config)
-  trainer = train_lib.Trainer(cfg, config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]),
-                              sharding_lib.DEFAULT_RULES)
+  config, trainer = one_device_trainer(steps=2)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  ckpt.retry_wait_s = 0.01
   ckpt.save(1, trainer.init_state(0), {"config": config.to_dict()})
   ckpt.wait()
 
@@ -341,22 +353,34 @@ def test_restore_error_that_is_not_damage_stops_and_touches_nothing(tmp_path, mo
   assert os.listdir(tmp_path) == ["1"]
 
 
-def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
-  config = tiny_config(steps=10, batch_size=8, warmup_steps=1)
+def one_device_trainer(**train):
+  """(config, trainer) of a tiny model (4x4 images, 16 colours) on one device."""
+  config = tiny_config(**train)
   config.data.resolution, config.palette.k = 4, 16
-  cfg = model_lib.ModelConfig.from_config(config)
-  poison = 7  # a batch whose first token is this gets a NaN loss, hence NaN gradients
+  trainer = train_lib.Trainer(model_lib.ModelConfig.from_config(config), config,
+                              sharding_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                              sharding_lib.DEFAULT_RULES)
+  return config, trainer
+
+
+def poisoned_step(monkeypatch, **train):
+  """(trainer, compiled step, a good batch, a batch with a NaN loss) of `one_device_trainer`:
+  a batch whose first token is 7 gets a NaN loss, hence NaN gradients."""
+  poison = 7
   real_loss = train_lib.objectives.ar_loss
   monkeypatch.setattr(train_lib.objectives, "ar_loss", lambda logits, tokens: real_loss(
       logits, tokens) * jnp.where(tokens[0, 0] == poison, jnp.nan, 1.0))
-  trainer = train_lib.Trainer(cfg, config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]),
-                              sharding_lib.DEFAULT_RULES)
-  step = trainer.compile_step()
-  good = jax.random.randint(jax.random.key(0), (8, cfg.seq_len), 0, poison)
+  _, trainer = one_device_trainer(batch_size=8, **train)
+  good = jax.random.randint(jax.random.key(0), (8, trainer.cfg.seq_len), 0, poison)
+  return trainer, trainer.compile_step(), good, good.at[0, 0].set(poison)
+
+
+def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
+  trainer, step, good, bad = poisoned_step(monkeypatch, steps=10, warmup_steps=1)
   state, out = step(trainer.init_state(0), {"tokens": good})
   assert int(out["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
   before = jax.tree.map(np.asarray, state)
-  state, out = step(state, {"tokens": good.at[0, 0].set(poison)})
+  state, out = step(state, {"tokens": bad})
   assert int(out["skipped"]) == 1 and int(state["nonfinite_streak"]) == 1
   assert int(state["step"]) == 2  # the data order moves on; the model does not
   for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]), strict=True):
@@ -366,6 +390,78 @@ def test_step_with_nonfinite_gradient_is_not_applied(monkeypatch):
   state, out = step(state, {"tokens": good})
   assert int(out["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
   assert not np.array_equal(np.asarray(state["params"]["head"]), before["params"]["head"])
+
+
+def test_the_learning_rate_follows_the_step_through_skipped_steps(monkeypatch):
+  """Steps 1 and 2 are skipped (NaN loss) at the start of a 4-step warmup: step 3 applies the
+  schedule's value at step 3, half the peak (the step counter drives the schedule), not its
+  value at step 1, zero (an optimizer count that stopped with the skipped steps); the log says
+  what was applied."""
+  trainer, step, good, bad = poisoned_step(monkeypatch, steps=8, warmup_steps=4, lr=1e-2)
+  state = trainer.init_state(0)
+  for _ in range(2):
+    state, out = step(state, {"tokens": bad})
+    assert int(out["skipped"]) == 1
+  before = jax.tree.map(np.asarray, state["params"])
+  state, out = step(state, {"tokens": good})
+  assert int(out["skipped"]) == 0 and int(state["step"]) == 3
+  assert float(out["lr"]) == pytest.approx(0.5e-2)
+  # Adam's first applied update is lr * sign(gradient) wherever the gradient is not tiny: the
+  # largest parameter change is the learning rate that was applied.
+  change = max(float(np.abs(np.asarray(a) - b).max())
+               for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)))
+  assert change == pytest.approx(0.5e-2, rel=1e-3)
+
+
+def test_a_resumed_run_cuts_back_its_tensorboard_curves(tmp_path):
+  """Logged to step 5, resumed from the checkpoint of step 3 (step 5's was lost): steps 4 and 5
+  are logged again, and each step is one point of each TensorBoard curve, as in metrics.jsonl."""
+  from tensorboard.backend.event_processing import event_file_loader
+  config = tiny_config(steps=6, warmup_steps=1)
+  config.data.resolution, config.palette.k = 4, 16
+  config.checkpoint.every = 3
+  pretrain_stage.run(config, str(tmp_path), log=lambda *_: None, stop_after=5)
+  shutil.rmtree(tmp_path / "checkpoints" / "pretrain" / "5")
+  logs = []
+  pretrain_stage.run(config, str(tmp_path), log=logs.append)
+  assert any("Resumed from checkpoint step 3" in line for line in logs)
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+  steps = [e.step for path in sorted((tmp_path / "tensorboard").iterdir())
+           for e in event_file_loader.EventFileLoader(str(path)).Load()
+           if any(v.tag == "loss" for v in e.summary.value)]
+  assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_transient_storage_error_reads_the_step_again_and_moves_nothing(tmp_path, monkeypatch):
+  """A read of the newest step fails once with words that look like damage (an object store's
+  flaky read): it is read again and restored, not set aside for an older step. A step that
+  fails on every read is damaged for certain: set aside, and the older one restored."""
+  import orbax.checkpoint as ocp
+  config, trainer = one_device_trainer(steps=2)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  ckpt.retry_wait_s = 0.01
+  for step in (1, 2):
+    ckpt.save(step, trainer.init_state(step), {"config": config.to_dict()})
+  ckpt.wait()
+  real, failures = ocp.CheckpointManager.restore, []
+
+  def flaky(self, step, *args, **kwargs):
+    items = kwargs.get("args") or (args[0] if args else None)
+    if step == 2 and "params" in getattr(items, "keys", lambda: ())() and len(failures) < budget:
+      failures.append(step)
+      raise ValueError("DATA_LOSS: checksum mismatch reading params/d/0.0 (connection reset)")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+  budget, logs = 1, []
+  step, _, _ = ckpt.restore_latest(trainer.abstract_state, log=logs.append)
+  assert step == 2 and failures == [2] and sorted(os.listdir(tmp_path)) == ["1", "2"]
+  assert any("reading it again" in line for line in logs)
+  budget = 99  # damaged for certain: every read fails on the contents
+  step, _, _ = ckpt.restore_latest(trainer.abstract_state, log=logs.append)
+  assert step == 1 and len(failures) == 1 + 3  # three reads of step 2, each one failing
+  assert any("is unreadable" in line and "moved to" in line for line in logs)
+  ckpt.close()
 
 
 @needs_fmnist

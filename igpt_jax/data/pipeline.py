@@ -179,17 +179,19 @@ def prefetched(iterator, depth: int):
     stop.set()
 
 
-def eval_batches(data: ImageSet, *, batch_size: int, rows=None, augment: str = "auto"):
+def eval_batches(data: ImageSet, *, batch_size: int, rows=None, augment: str = "auto",
+                 start_batch: int = 0):
   """One pass in order: global batch j covers examples [j * batch_size, (j + 1) * batch_size),
-  the last one padded, and this process yields its `rows` of each. Every process yields
-  the same number of batches (ceil(N / batch_size)), so collective steps stay in lockstep.
+  the last one padded, and this process yields its `rows` of each, from batch `start_batch`.
+  Every process yields the same number of batches (ceil(N / batch_size) - start_batch), so
+  collective steps stay in lockstep.
 
   Yields {'images', 'boxes', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
   """
   n = len(data)
   rows = batch_rows(rows, batch_size)
   boxes = transform.eval_boxes(len(rows), transform.resolve_augment(augment, data.full_size))
-  for start in range(0, n, batch_size):
+  for start in range(start_batch * batch_size, n, batch_size):
     positions = start + rows
     real = positions < n
     idx = np.where(real, positions, n - 1)

@@ -152,6 +152,8 @@ def _prepare_split(directory, split: str, part: _Split, shard_size: int, row_sha
     lo, hi = j * shard_size, min((j + 1) * shard_size, part.count)
     done = prepared.done_shard(directory, split, j, hi - lo, row_shape)
     if done is None:
+      # A stop between shards keeps every finished one; the same command resumes after them.
+      distributed.PREEMPTION.raise_if_requested("prepare", prepared=str(directory))
       images, labels, skipped = part.read(lo, hi)
       for f in skipped:
         log(f"warning: skipping unreadable image {f}")  # a file, or a TFDS example
@@ -204,6 +206,7 @@ def resolved(config, workdir, log=print, poll_s: float = 10.0):
     else:
       waited = 0.0
       while not manifest.exists():
+        distributed.PREEMPTION.raise_if_requested("prepare", prepared=str(directory))
         if waited and waited % 300 < poll_s:
           log(f"Waiting for process 0 to prepare {directory} ({waited / 60:.0f} min).")
         time.sleep(poll_s)
