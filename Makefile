@@ -58,11 +58,14 @@ $(SYSTEM_STAMP): Makefile $(STAMP)
 	fi
 	touch $(SYSTEM_STAMP)
 
-# Two pytest processes: tests that load libtpu or the CUDA plugin (marker own_process) run apart
-# from the rest, whose CPU runtime never shares a process with theirs. Both always run.
+# Two pytest runs: tests that load libtpu or the CUDA plugin (marker own_process) run apart
+# from the rest, whose CPU runtime never shares a process with theirs. Both always run. The rest
+# runs on TEST_WORKERS pytest-xdist workers, a test file each (its module fixtures built once):
+# most tests wait on processes they start, so two workers keep two cores busy.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP) $(SYSTEM_STAMP)
 	status=0; \
-	$(PY) -m pytest -q -m "not own_process" tests || status=$$?; \
+	$(PY) -m pytest -q -m "not own_process" -n $(TEST_WORKERS) --dist loadfile tests || status=$$?; \
 	$(PY) -m pytest -q -m own_process tests || status=$$?; \
 	exit $$status
 

@@ -48,6 +48,7 @@ setup(
             TPU,  # the tests compile for TPU slices
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",  # make test: two workers, a test file each (Makefile)
             TORCH_PIN,  # Hugging Face round trips, the CPU build (Makefile, README)
             "transformers>=4.40",
             "scikit-learn>=1.4",
