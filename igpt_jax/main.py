@@ -271,8 +271,9 @@ def main(argv):
     exit_with_error(str(e))
   except distributed.Preempted as e:  # kept what it finished; a supervisor reruns the command
     why = distributed.PREEMPTION.signal or "a preemption notice"
-    log(f"{e.result.get('stage', config.stage)}: stopped ({why}); what it finished is kept. Exiting with status {distributed.EXIT_PREEMPTED}: run the "
-        "same command again to continue.")
+    log(f"{e.result.get('stage', config.stage)}: stopped ({why}); what it finished is kept. "
+        f"Exiting with status {distributed.EXIT_PREEMPTED}: run the same command again to "
+        "continue.")
     print(json.dumps({**e.result, "preempted": True}), flush=True)
     sys.exit(distributed.EXIT_PREEMPTED)
   except config_lib.RunFailed as e:  # diverged, unreadable storage, a dead peer: one line

@@ -321,7 +321,6 @@ def run(config, workdir, log=print) -> dict:
   k = splits["train"].num_classes
   of = lambda name: tuple(stores[(name, s)] for s in ("train", "validation", "test"))  # noqa: E731
 
-
   def fit(name, view=None):  # whole features are kept: a stop here costs one fit's rerun
     distributed.PREEMPTION.check("probe")
     return _fit(of(name), k, config, mesh, rules, view, log)

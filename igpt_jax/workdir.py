@@ -119,7 +119,7 @@ def save_palette(palette, target) -> None:
 
 def palette_digest(centers) -> str:
   """The palette's identity in a checkpoint's meta: sha256 of its float32 centres."""
-  return hashlib.sha256(np.ascontiguousarray(np.asarray(centers, np.float32)).tobytes()).hexdigest()
+  return hashlib.sha256(np.ascontiguousarray(centers, np.float32).tobytes()).hexdigest()
 
 
 def check_same_palette(meta: dict, centers, where, palette_file) -> None:

@@ -282,7 +282,7 @@ def load_folder(root: str, role: str, channels: int, resolution: int, seed: int 
   whole folder (every split alike); unreadable files are skipped and each is logged once."""
   files, labels, class_names = folder_files(root, role, seed, eval_fraction)
   with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    side = folder_side(_all_files(root), resolution, upsample, pool, repr(root))
+    side = folder_side(all_folder_files(root), resolution, upsample, pool, repr(root))
     decoded = decode_files(files, channels, side, pool)
   keep = [i for i, arr in enumerate(decoded) if arr is not None]
   skipped = [files[i] for i, arr in enumerate(decoded) if arr is None]
@@ -301,7 +301,7 @@ def load_folder(root: str, role: str, channels: int, resolution: int, seed: int 
                   full_size=side == storage_side(resolution))
 
 
-def _all_files(root: str) -> list[str]:
+def all_folder_files(root: str) -> list[str]:
   """Every image file of a folder, all splits (`folder_files` with everything in one)."""
   return folder_files(root, "train", eval_fraction=0.0)[0]
 

@@ -45,8 +45,8 @@ def _plan(config, pool, log):
                     "original (tfds, folder, numpy, fashion_mnist) to prepare it.")
   if d.source == "folder":
     out, class_names = {}, []
-    side = sources.folder_side(sources.folder_files(d.path, "train", eval_fraction=0.0)[0],
-                               d.resolution, d.upsample, pool, repr(d.path))
+    side = sources.folder_side(sources.all_folder_files(d.path), d.resolution, d.upsample,
+                               pool, repr(d.path))
     for split in ("train", "test"):
       files, labels, class_names = sources.folder_files(d.path, split)
 
