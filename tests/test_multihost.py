@@ -358,6 +358,8 @@ def signal_one_of_two(args, sig, ready, timeout=300):
   signalled = time.time()
   launcher.wait(timeout=timeout)
   took = time.time() - signalled
+  stage = next(a.split("=", 1)[1] for a in args if a.startswith("--config.stage="))
+  print(f"{stage}: exit {launcher.returncode} {took:.1f} s after {sig.name} to process 1")
   reader.join(timeout=10)
   return launcher.returncode, "".join(lines), took
 
