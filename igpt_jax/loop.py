@@ -286,10 +286,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
     progress.close()
     writer.close()
     ckpt.close()
-  result = {"stage": stage, "step": step, "checkpoints": str(ckpt.directory),
-            "metrics": str(writer.path), **{k: v for k, v in summary.items() if v is not None}}
-  if head_fit is not None:
-    result["head_probe"] = head_fit
+  result = _result(stage, step, workdir, summary, head_fit)
   if signalled and (step < total or not _has_final(result, trainer)):
     raise distributed.Preempted(result)  # saved, not done: the caller exits 75
   if step == total:
@@ -329,8 +326,7 @@ def _finished(trainer, state, start: int, config, workdir, eval_data, test_data,
     log(f"{stage}: already trained to step {start} (train.steps={total}); its result, from "
         f"{path}, follows.")
     return saved
-  metrics_dir = workdir_lib.stage_dir(workdir, stage)
-  rows = metrics_lib.read_rows(metrics_dir)
+  rows = metrics_lib.read_rows(workdir_lib.stage_dir(workdir, stage))
   last = next((r for r in reversed(rows) if r["step"] == start), {})
   first = next((r for r in rows if r["step"] == 0), {})
   log(f"{stage}: already trained to step {start} (train.steps={total}); evaluating the saved "
@@ -338,14 +334,22 @@ def _finished(trainer, state, start: int, config, workdir, eval_data, test_data,
   scalars = {**{k: v for k, v in last.items() if k != "step"},
              **_evaluations(trainer, state["params"], start, True, eval_data, test_data,
                             tokenizer, config)}
-  result = {"stage": stage, "step": start,
-            "checkpoints": str(workdir_lib.checkpoint_dir(workdir, stage)),
-            "metrics": str(metrics_dir / "metrics.jsonl"),
-            **{k: v for k, v in scalars.items() if v is not None}}
   head = {k[len("head_probe_"):]: v for k, v in first.items() if k.startswith("head_probe_")}
-  if head:
-    result["head_probe"] = {**head, "start_eval_accuracy": first.get("eval_accuracy")}
+  result = _result(stage, start, workdir, scalars,
+                   {**head, "start_eval_accuracy": first.get("eval_accuracy")} if head else None)
   workdir_lib.write_json(path, result)
+  return result
+
+
+def _result(stage: str, step: int, workdir, scalars: dict, head_fit: dict | None) -> dict:
+  """A training stage's JSON line: where its checkpoints and metrics are, its last logged
+  scalars, and LP-FT's head probe."""
+  result = {"stage": stage, "step": step,
+            "checkpoints": str(workdir_lib.checkpoint_dir(workdir, stage)),
+            "metrics": str(workdir_lib.stage_dir(workdir, stage) / "metrics.jsonl"),
+            **{k: v for k, v in scalars.items() if v is not None}}
+  if head_fit is not None:
+    result["head_probe"] = head_fit
   return result
 
 

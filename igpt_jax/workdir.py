@@ -45,14 +45,16 @@ def result_path(workdir, stage: str) -> epath.Path:
   return stage_dir(workdir, stage) / "result.json"
 
 
+def holds_steps(directory) -> bool:
+  """Whether a checkpoint folder holds at least one step (without opening Orbax)."""
+  directory = epath.Path(directory)
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def has_checkpoints(workdir) -> list[epath.Path]:
   """The checkpoint folders of this workdir's training stages that hold at least one step."""
-  out = []
-  for stage in ("pretrain", "finetune"):
-    directory = checkpoint_dir(workdir, stage)
-    if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
-      out.append(directory)
-  return out
+  return [checkpoint_dir(workdir, stage) for stage in ("pretrain", "finetune")
+          if holds_steps(checkpoint_dir(workdir, stage))]
 
 
 RUN_TOKEN = ".run_token"
@@ -157,7 +159,7 @@ def load_pretrained(config, workdir, mesh=None, rules=None, log=print):
   from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
   directory = checkpoint_dir(workdir, "pretrain")
-  has_checkpoint = directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+  has_checkpoint = holds_steps(directory)
   if not has_checkpoint and not config.init_from:
     raise UserError(f"No pretraining checkpoint in {directory}: run the pretrain stage first "
                     "(or point --workdir at a run that has one, or start from released weights "

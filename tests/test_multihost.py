@@ -49,6 +49,36 @@ def single(devices, *args, timeout=600):
   return proc.returncode, proc.stdout + proc.stderr
 
 
+def signal_one_of_two(args, sig, ready, timeout=300):
+  """launch/local.sh -n 2 -d 2 -- args; once `ready(output so far)` is true, `sig` goes to
+  process 1 alone. Returns (exit status, output, seconds from the signal to the exit)."""
+  import threading
+  launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--",
+                               *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "XLA_FLAGS": xla_flags()})
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(launcher.stdout.readline, "")),
+                            daemon=True)
+  reader.start()
+  deadline = time.time() + timeout
+  def pid_of_1():
+    return [int(l.split()[4]) for l in lines if l.startswith("[local] process 1 pid")]
+
+  while not (pid_of_1() and ready("".join(lines))):
+    assert time.time() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
+    time.sleep(0.02)
+  [pid] = pid_of_1()
+  os.kill(pid, sig)
+  signalled = time.time()
+  launcher.wait(timeout=timeout)
+  took = time.time() - signalled
+  stage = next(a.split("=", 1)[1] for a in args if a.startswith("--config.stage="))
+  print(f"{stage}: exit {launcher.returncode} {took:.1f} s after {sig.name} to process 1")
+  reader.join(timeout=10)
+  return launcher.returncode, "".join(lines), took
+
+
 def losses(workdir, name="metrics.jsonl"):
   with open(os.path.join(workdir, name)) as f:
     return np.array([json.loads(line)["loss"] for line in f if line.strip()])
@@ -137,23 +167,10 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exac
   palette, reference = palette_and_reference
   shutil.copy(palette, tmp_path / "palette.npz")
   args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}"]
-  launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--", *args],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "XLA_FLAGS": xla_flags()})  # local.sh adds the devices
-  pids = {}
-  while len(pids) < 2:
-    line = launcher.stdout.readline()
-    if line.startswith("[local] process"):
-      pids[int(line.split()[2])] = int(line.split()[4])
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    path = tmp_path / "metrics.jsonl"
-    if path.exists() and len(path.read_text().splitlines()) >= 3:
-      break
-    time.sleep(0.1)
-  os.kill(pids[1], signal.SIGTERM)
-  out, _ = launcher.communicate(timeout=240)
-  assert launcher.returncode == 75, out[-3000:]  # saved, not done: both processes waited for
+  metrics = tmp_path / "metrics.jsonl"
+  code, out, _ = signal_one_of_two(  # after 3 logged steps
+      args, signal.SIGTERM, lambda _: metrics.exists() and metrics.read_text().count("\n") >= 3)
+  assert code == 75, out[-3000:]  # saved, not done: both processes waited for
   assert "[local] preempted after a save" in out  # (the launcher killed neither)
   saved = [int(l.split("saved step ")[1].split(",")[0]) for l in out.splitlines()
            if "Preemption signal: saved step" in l]
@@ -332,36 +349,6 @@ def test_two_processes_feed_an_interleaved_device_order(tmp_path):
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
   assert "ok 0 [0, 1, 4, 5]" in outs[0] and "ok 1 [2, 3, 6, 7]" in outs[1], outs
-
-
-def signal_one_of_two(args, sig, ready, timeout=300):
-  """launch/local.sh -n 2 -d 2 -- args; once `ready(output so far)` is true, `sig` goes to
-  process 1 alone. Returns (exit status, output, seconds from the signal to the exit)."""
-  import threading
-  launcher = subprocess.Popen(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "--",
-                               *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "XLA_FLAGS": xla_flags()})
-  lines = []
-  reader = threading.Thread(target=lambda: lines.extend(iter(launcher.stdout.readline, "")),
-                            daemon=True)
-  reader.start()
-  deadline = time.time() + timeout
-  def pid_of_1():
-    return [int(l.split()[4]) for l in lines if l.startswith("[local] process 1 pid")]
-
-  while not (pid_of_1() and ready("".join(lines))):
-    assert time.time() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
-    time.sleep(0.02)
-  [pid] = pid_of_1()
-  os.kill(pid, sig)
-  signalled = time.time()
-  launcher.wait(timeout=timeout)
-  took = time.time() - signalled
-  stage = next(a.split("=", 1)[1] for a in args if a.startswith("--config.stage="))
-  print(f"{stage}: exit {launcher.returncode} {took:.1f} s after {sig.name} to process 1")
-  reader.join(timeout=10)
-  return launcher.returncode, "".join(lines), took
 
 
 def test_ctrl_c_or_sigterm_to_one_process_stops_evaluate_and_probe_on_both(
