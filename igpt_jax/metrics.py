@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 
+from igpt_jax import appendlog
 from igpt_jax import workdir as workdir_lib
 
 # Ask tensorboard for its bundled TF stub instead of importing TensorFlow (its documented switch
@@ -67,30 +68,35 @@ def host_times_line(hosts: dict) -> str:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars (and images)
+  to TensorBoard, on a writer thread (appendlog.Background): the loop never waits for storage.
 
-  `enabled=False` on every process but 0. The directory may be remote (`gs://`): object stores
-  cannot append, so there the whole file is rewritten at each logged step (a few MB at most).
+  `enabled=False` on every process but 0. The directory may be remote (`gs://`): there both
+  logs grow by append-only parts (appendlog.AppendLog; TensorBoard reads every event file of a
+  folder, so its parts are whole event files) instead of being rewritten at each log step.
   """
 
-  def __init__(self, workdir, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True, flush_s: float = 30.0):
     from etils import epath
     self.enabled = enabled
     self.path = epath.Path(workdir) / "metrics.jsonl"
-    self._remote = "://" in str(self.path)
+    self._log = appendlog.AppendLog(self.path, flush_s)
     self._tb, self._tb_opened = None, False
+    self._background = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._background = appendlog.Background(str(self.path))
 
   def truncate_after(self, step: int) -> None:
     """Drops rows and TensorBoard events past `step`: a run resumed from a checkpoint logs them
-    again (identically), and a curve must not get two points per step."""
+    again (identically), and a curve must not get two points per step. (It also folds a remote
+    log's parts, a killed run's included, into one file.)"""
     if not self.enabled:
       return
-    if self.path.exists():
-      keep = [line for line in self.path.read_text().splitlines(keepends=True)
-              if line.strip() and json.loads(line)["step"] <= step]
-      workdir_lib.write_atomic(self.path, "".join(keep).encode())  # never seen empty
+    keep = [line + "\n" for line in appendlog.read_lines(self.path)
+            if json.loads(line)["step"] <= step]
+    if keep or self.path.exists():
+      appendlog.rewrite(self.path, "".join(keep))  # never seen empty
     _truncate_events(self.path.parent / "tensorboard", step)
 
   def _events(self):
@@ -98,57 +104,119 @@ class MetricsWriter:
     starts is never one that is cut back); None where it cannot write."""
     if self.enabled and not self._tb_opened:
       self._tb_opened = True
-      self._tb = _event_writer(str(self.path.parent / "tensorboard"))
+      logdir = str(self.path.parent / "tensorboard")
+      self._tb = (_EventParts(logdir, self._log.flush_s) if appendlog.is_remote(logdir)
+                  else _event_writer(logdir))
     return self._tb
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in scalars.items()}}
-    line = json.dumps(row) + "\n"
-    if self._remote:
-      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
-    else:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(line)
+    self._background.submit(self._write_row, row, time.time())
+
+  def _write_row(self, row: dict, wall_time: float) -> None:
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
+    self._log.append(json.dumps(row) + "\n")
     if self._events() is None:
       return
-    values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if v is not None]
-    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+    values = [Summary.Value(tag=k, simple_value=v) for k, v in row.items()
+              if k != "step" and v is not None]
+    self._tb.add_event(Event(wall_time=wall_time, step=row["step"],
+                             summary=Summary(value=values)))
 
   def write_image(self, step: int, tag: str, image) -> None:
     """A uint8 [H, W, C] image (a sample grid, a plot) into TensorBoard's Images tab."""
+    if self.enabled:
+      self._background.submit(self._write_image, int(step), tag, np.asarray(image, np.uint8),
+                              time.time())
+
+  def _write_image(self, step: int, tag: str, image: np.ndarray, wall_time: float) -> None:
     if self._events() is None:
       return
     import io
 
-    import numpy as np
     from PIL import Image
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
-    image = np.asarray(image, np.uint8)
     png = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
     value = Summary.Value(tag=tag, image=Summary.Image(
         height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
         encoded_image_string=png.getvalue()))
-    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=[value])))
+    self._tb.add_event(Event(wall_time=wall_time, step=step, summary=Summary(value=[value])))
     self._tb.flush()
 
+  def flush(self) -> None:
+    """Remote: what was written so far goes to storage now (the loop calls it at each
+    checkpoint, so a killed run keeps every row up to the step it resumes from)."""
+    if self._background is not None:
+      self._background.submit(self._flush_logs)
+
+  def _flush_logs(self) -> None:
+    self._log.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def wait(self) -> None:
+    """Until every row and image written so far is on storage (local: appended)."""
+    if self._background is not None:
+      self._background.wait()
+
   def close(self) -> None:
+    if self._background is None:
+      return
+    self._background.submit(self._close_logs)
+    self._background.close()
+
+  def _close_logs(self) -> None:
+    self._log.close()
     if self._tb is not None:
       self._tb.close()
 
 
 def read_rows(directory) -> list[dict]:
-  """The rows of `directory`/metrics.jsonl ([] when there is none)."""
+  """The rows of `directory`/metrics.jsonl ([] when there is none), remote parts included."""
   from etils import epath
-  path = epath.Path(directory) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in appendlog.read_lines(epath.Path(directory) / "metrics.jsonl")]
+
+
+class _EventParts:
+  """TensorBoard events on an object store: each flush writes the events since the last one as
+  a new, whole event file (TensorBoard reads a folder's event files in name order)."""
+
+  def __init__(self, logdir: str, flush_s: float):
+    self.logdir, self.flush_s = logdir, flush_s
+    self._events: list[bytes] = []
+    self._flushed_at = time.monotonic()
+
+  def add_event(self, event) -> None:
+    self._events.append(event.SerializeToString())
+    if time.monotonic() - self._flushed_at >= self.flush_s:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._events:
+      import io
+
+      from etils import epath
+      from tensorboard.summary.writer.record_writer import RecordWriter
+      from tensorboard.compat.proto.event_pb2 import Event
+      buffer = io.BytesIO()
+      records = RecordWriter(buffer)
+      records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+      for event in self._events:
+        records.write(event)
+      folder = epath.Path(self.logdir)
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / f"events.out.tfevents.{time.time_ns():020d}.igpt_jax").write_bytes(
+          buffer.getvalue())
+      self._events = []
+    self._flushed_at = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 def _truncate_events(logdir, step: int) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import distributed
 from igpt_jax import hf
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
@@ -66,11 +67,8 @@ def model_card(workdir, stage: str, step: int, cfg, config, classes: int) -> str
   pre = _read_json(root / "config.pretrain.json") or _read_json(root / "config.json") or {}
   ev = _read_json(root / "evaluate.json")
   pr = _read_json(root / "probe" / "results.json")
-  ft_rows = (root / "finetune" / "metrics.jsonl")
-  ft = None
-  if ft_rows.exists():
-    rows = [json.loads(line) for line in ft_rows.read_text().splitlines() if line.strip()]
-    ft = next((r for r in reversed(rows) if "test_accuracy" in r), None)
+  ft = next((r for r in reversed(metrics_lib.read_rows(root / "finetune"))
+             if "test_accuracy" in r), None)
   data = pre.get("data", {})
   best_layer = f" (layer {pr['best_layer']})" if pr else ""
   fmt = lambda v, f="{:.4f}": "not measured" if v is None else f.format(v)  # noqa: E731
