@@ -73,8 +73,9 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if slices > 1:
     from jax.experimental import mesh_utils
-    # Without slice indices (CPU processes in tests), each process stands for a slice.
-    by_process = not hasattr(devices[0], "slice_index")
+    # Where the devices report no slices (CPU devices all say slice 0), each process stands
+    # for a slice: a rehearsal of multislice on processes.
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) != slices
     if by_process and len({d.process_index for d in devices}) != slices:
       raise UserError(f"--config.mesh.slices={slices}: these devices report no slice; "
                       f"multislice needs a TPU (or, for a rehearsal, one process per slice).")
