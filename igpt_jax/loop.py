@@ -20,6 +20,7 @@ from flax import nnx
 from igpt_jax import attention as attention_lib
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import distributed
+from igpt_jax import goodput
 from igpt_jax import head as head_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
@@ -45,7 +46,7 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
   from igpt_jax.data import pipeline
   batch_size = trainer.train_cfg.batch_size
   rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
-  total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
+  sums = None
   batches = pipeline.eval_batches(eval_data, batch_size=batch_size, rows=rows,
                                   augment=config.data.augment)
   if max_batches:
@@ -56,8 +57,13 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
     g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes", "labels", "mask")},
                                   trainer.mesh, trainer.rules, batch_size)
     tokens = tokenizer(g["images"], g["boxes"])
-    for key, value in trainer.eval_fn(params, tokens, g["labels"], g["mask"]).items():
-      total[key] += float(value)  # replicated scalars: every process holds them whole
+    out = trainer.eval_fn(params, tokens, g["labels"], g["mask"])
+    sums = out if sums is None else _add(sums, out)  # on the device: no wait per batch
+    if one_in_flight(trainer.mesh):
+      jax.block_until_ready(sums)
+  # One wait per evaluation: replicated scalars, every process holds them whole.
+  total = {"nll": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0,
+           **{k: float(v) for k, v in jax.device_get(sums or {}).items()}}
   nats = total["nll"] / max(total["tokens"], 1.0)
   out = {f"{prefix}_loss": nats,
          f"{prefix}_bits_per_dim": objectives.bits_per_dim(nats, config.data.channels)}
@@ -65,6 +71,17 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
     out[f"{prefix}_accuracy"] = total["correct"] / max(total["examples"], 1.0)
     out[f"{prefix}_examples"] = int(total["examples"])
   return out
+
+
+@jax.jit
+def _add(a: dict, b: dict) -> dict:
+  return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def one_in_flight(mesh) -> bool:
+  """XLA's CPU collectives deadlock when programs queue up (see logreg.fit_streamed): on a CPU
+  mesh of several devices each step waits for the last. Accelerators keep async dispatch."""
+  return mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
 
 
 def eval_split(config, log=print):
@@ -111,7 +128,8 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   from igpt_jax import palette as palette_lib
   from igpt_jax.data import pipeline, sources, transform
 
-  preemption = distributed.PREEMPTION
+  preemption, timeline = distributed.PREEMPTION, goodput.TIMELINE
+  timeline.begin(workdir, stage)
   mesh = sharding_lib.make_mesh(config.mesh)  # first: a mesh that does not fit fails at once
   rules = sharding_lib.rules_from_config(config)
   centers = workdir_lib.load_palette(config, workdir)  # stages.pretrain fits one if missing
@@ -140,10 +158,12 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   distributed.agree(f"{stage}_checkpoint_steps", str(ckpt.all_steps()),
                     f"the checkpoint steps in {ckpt.directory}")
   palette_file = workdir_lib.palette_path(config, workdir)
+  timeline.switch("restore")
   restored = ckpt.restore_latest(
       trainer.abstract_state, config=config.to_dict(), log=log,
       check_meta=lambda meta: workdir_lib.check_checkpoint(meta, cfg, centers, ckpt.directory,
                                                            palette_file))
+  timeline.describe(restored_step=restored[0] if restored else 0)  # steps after it: lost
   if restored is not None:
     start, state, _ = restored
     log(f"Resumed from checkpoint step {start} in {ckpt.directory}.")
@@ -158,6 +178,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
         pretrained[key] = state["params"][key]
       if config.finetune.head_init == "probe":
         from igpt_jax import probe as probe_lib
+        timeline.switch("head_probe")
         pretrained, head_fit = head_lib.fit(trainer, pretrained,
                                             probe_lib.labelled_splits(config, log), tokenizer,
                                             config, log)
@@ -168,13 +189,16 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   try:
     preemption.check(stage, step=start)  # a stop during restore or set-up: nothing to save yet
     if start >= total:
+      timeline.switch("evaluation")
       result = _finished(trainer, state, start, config, workdir, eval_data, test_data,
                          tokenizer, log)
       ckpt.close()
+      timeline.switch("after_training")
       return result
     writer = metrics_lib.MetricsWriter(workdir_lib.stage_dir(workdir, stage),
                                        enabled=distributed.is_chief())
     writer.truncate_after(start)
+    timeline.switch("compile")
     step_fn = trainer.compile_step()
     mem = train_lib.memory_report(step_fn)
     if mem:
@@ -182,6 +206,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
     log(f"{stage}: attention {cfg.attention_on(attention_lib.mesh_platform(mesh))}.")
     preemption.check(stage, step=start)  # a stop during compilation
     if head_fit is not None and tcfg.eval_every:  # where LP-FT starts: the probe's accuracy
+      timeline.switch("evaluation")
       scalars = {f"head_probe_{k}": v for k, v in head_fit.items()}
       scalars.update(evaluate(trainer, state["params"], eval_data, tokenizer, config,
                               tcfg.eval_batches))
@@ -213,10 +238,11 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
                       distributed.is_chief() or tcfg.profile_all_hosts, log)
   watchdog = Watchdog(tcfg.watchdog_factor, log=log)
   input_s = 0.0  # this host's own time per log interval: reading and assembling its rows
-  # XLA's CPU collectives deadlock when steps queue up (see logreg.fit_streamed): on a CPU mesh
-  # of several devices each step waits for the last. Accelerators keep async dispatch.
-  one_in_flight = jax.devices()[0].platform == "cpu" and len(jax.devices()) > 1
+  # The device's progress: step s is waited for once step s + 1 is queued behind it (so the
+  # device never idles for it), and only then does the watchdog hear of it.
+  wait_each_step, previous = one_in_flight(mesh), None
   signalled = False
+  timeline.switch("steps")
   try:
     with watchdog:
       for step in range(start + 1, total + 1):
@@ -224,19 +250,30 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
         began = time.perf_counter()
         g = sharding_lib.global_batch({k: v for k, v in next(batches).items() if k != "step"},
                                       mesh, rules, tcfg.batch_size)
-        input_s += time.perf_counter() - began
+        waited_for_input = time.perf_counter() - began
+        input_s += waited_for_input
+        timeline.count_step(step, waited_for_input)
         g["tokens"] = tokenizer(g.pop("images"), g.pop("boxes"))
         state, out = step_fn(state, {k: g[k] for k in trainer.batch_keys()})
-        if one_in_flight:
+        if previous is not None:  # the step before this one, finished on the device
+          jax.block_until_ready(previous[1])
+          watchdog.beat(previous[0])
+        previous = (step, out["loss"])
+        if wait_each_step:  # and on a CPU mesh this one too
           jax.block_until_ready(out["loss"])
+          watchdog.beat(step)
+          previous = None
         profiler.after(step, state)
-        watchdog.beat(step)
         is_last = step == total
         signalled = preemption.should_stop()  # every process, every step
         preempted = step == stop_after or signalled
         if step % tcfg.log_every == 0 or is_last:
           _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
           loss = float(out["loss"])  # waits for the step
+          if previous is not None:
+            watchdog.beat(step)
+            previous = None
+          timeline.switch("steps")  # a span per log interval: a killed run loses at most one
           now = time.perf_counter()
           steps_done = max(step - last_log_step, 1)
           tokens_per_s = tokens_per_step * steps_done / max(now - last_log_time, 1e-9)
@@ -246,13 +283,13 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
                          float(out.get("gen_loss", loss)), config.data.channels),
                      **{k: float(out[k]) for k in ("grad_norm", "lr", "clf_loss", "accuracy",
                                                    "skipped") if k in out},
-                     "tokens_per_s": tokens_per_s,
+                     "tokens_per_s": tokens_per_s, "step_s": watchdog.median(),
                      "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, device_kind,
                                             len(jax.devices())), **hosts}
           if jax.process_count() > 1 and distributed.is_chief():
             log(metrics_lib.host_times_line(hosts))
           if not preempted:  # a preempted step saves first: no evaluation in the grace time
-            with watchdog.paused():
+            with watchdog.paused(), timeline.during("evaluation"):
               try:
                 scalars.update(_evaluations(trainer, state["params"], step, is_last, eval_data,
                                             test_data, tokenizer, config))
@@ -264,7 +301,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
         if (stage == "pretrain" and cfg.causal and tcfg.sample_every and not preempted
             and (step % tcfg.sample_every == 0 or is_last)):
           began = time.perf_counter()
-          with watchdog.paused():
+          with watchdog.paused(), timeline.during("sample_grid"):
             writer.write_image(step, "samples", _sample_grid(trainer, state["params"], centers,
                                                              config, step))
           spent = time.perf_counter() - began
@@ -274,18 +311,28 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
               f"{since:.0f} s trained since the last one (train.sample_every=0 turns it off).")
         if step % config.checkpoint.every == 0 or is_last or preempted:
           _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
-          ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
+          if preempted:
+            timeline.note("preempted", step=step)
+          with timeline.during("checkpoint"):
+            ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
+          writer.flush()  # on object stores: the rows and spans up to the checkpoint
+          timeline.flush()
         if preempted:
           log(f"Stopping early: saved step {step}." if not signalled else
               f"Preemption signal: saved step {step}, exiting with status "
               f"{distributed.EXIT_PREEMPTED} (run the same command again to resume).")
           break
   finally:
+    timeline.switch("checkpoint")  # the last saves' wait
     profiler.close()
     batches.close()  # stops the read-ahead thread
     progress.close()
     writer.close()
     ckpt.close()
+    timeline.switch("after_training")
+  report = timeline.report()
+  if report is not None:
+    log(f"{stage}: {goodput.text(report)} ({goodput.report_path(workdir)})")
   result = _result(stage, step, workdir, summary, head_fit)
   if signalled and (step < total or not _has_final(result, trainer)):
     raise distributed.Preempted(result)  # saved, not done: the caller exits 75

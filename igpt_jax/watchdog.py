@@ -2,8 +2,11 @@
 goes to stderr (faulthandler), so a hung host says where it hangs -- in a collective, the input
 pipeline, a checkpoint write -- instead of going silent.
 
-The loop calls `beat()` once per step and pauses the watchdog around work that is slow by design
-(evaluation, sample grids, the first steps).
+It watches the device, not the host: the loop calls `beat(step)` when that step's result is
+ready (it waits for step s while step s + 1 is already queued), so the intervals are the real
+step times and a stall names the step the device is stuck on. The host running ahead of the
+device would otherwise feed it at dispatch, every interval ~0 but the log steps'. The loop
+pauses it around work that is slow by design (evaluation, sample grids).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Watchdog:
       self._thread.join(timeout=5)
 
   def beat(self, step: int) -> None:
+    """Step `step` has finished on the device."""
     now = time.monotonic()
     if self.step is not None and not self.paused_depth:
       self.intervals = (self.intervals + [now - self.last])[-100:]
@@ -57,6 +61,10 @@ class Watchdog:
       self.paused_depth -= 1
       self.last = time.monotonic()
 
+  def median(self) -> float | None:
+    """The median of the last 100 step times (seconds), None before the first two beats."""
+    return statistics.median(self.intervals) if self.intervals else None
+
   def limit(self) -> float | None:
     if len(self.intervals) < self.warmup_steps:
       return None
@@ -69,9 +77,9 @@ class Watchdog:
       if self.paused_depth or limit is None or waited < limit or self.fired_at == self.step:
         continue
       self.fired_at = self.step
-      self.log(f"watchdog: no step finished for {waited:.0f} s after step {self.step} (median "
-               f"{statistics.median(self.intervals):.2f} s/step); stacks of every thread follow "
-               "on stderr.")
+      self.log(f"watchdog: no step finished for {waited:.0f} s after step {self.step}: the "
+               f"device is stuck on step {self.step + 1} (median {self.median():.2f} s/step); "
+               "stacks of every thread follow on stderr.")
       self.stream.flush()
       faulthandler.dump_traceback(file=self.stream, all_threads=True)
       self.stream.flush()

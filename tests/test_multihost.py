@@ -162,29 +162,57 @@ def test_two_processes_train_like_one(palette_and_reference, tmp_path, devices, 
   np.testing.assert_allclose(losses(tmp_path), reference, rtol=1e-5)
 
 
-def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_exactly(
+def test_two_slices_train_like_one_process_through_two_sigterms_to_one_slice(
     palette_and_reference, two_process_data_run, tmp_path):
+  """Multislice for real: mesh.slices=2 on 2 processes x 2 devices (each process a slice, the
+  data axis across them as over DCN). SIGTERM to slice 1 twice: both save the same step and exit
+  75; resumed twice, the losses are those of one process of 4 devices (and, bit for bit, of the
+  uninterrupted 2-process run), and goodput.json accounts for the three attempts."""
   palette, reference = palette_and_reference
   shutil.copy(palette, tmp_path / "palette.npz")
-  args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}"]
+  args = [*TINY, "--config.stage=pretrain", f"--workdir={tmp_path}", f"--config.train.steps={STEPS}",
+          "--config.mesh.slices=2"]
   metrics = tmp_path / "metrics.jsonl"
-  code, out, _ = signal_one_of_two(  # after 3 logged steps
-      args, signal.SIGTERM, lambda _: metrics.exists() and metrics.read_text().count("\n") >= 3)
-  assert code == 75, out[-3000:]  # saved, not done: both processes waited for
-  assert "[local] preempted after a save" in out  # (the launcher killed neither)
-  saved = [int(l.split("saved step ")[1].split(",")[0]) for l in out.splitlines()
-           if "Preemption signal: saved step" in l]
-  assert len(saved) == 2 and saved[0] == saved[1] < STEPS, out[-3000:]
-  assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == [str(saved[0])]
+  walls, saved = [], []
+  for attempt in range(2):  # each time 3 more logged steps, then SIGTERM to process 1
+    logged = saved[-1] if saved else 0
+    began = time.time()
+    code, out, _ = signal_one_of_two(args, signal.SIGTERM, lambda _: metrics.exists() and max(
+        [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip()] or [0])
+        >= logged + 3)
+    walls.append(time.time() - began)
+    assert code == 75, out[-3000:]  # saved, not done: both processes waited for
+    assert "[local] preempted after a save" in out  # (the launcher killed neither)
+    if attempt:
+      assert f"Resumed from checkpoint step {saved[-1]}" in out
+    else:  # the data axis spans both slices
+      assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} over 2 processes" in out
+    steps = [int(l.split("saved step ")[1].split(",")[0]) for l in out.splitlines()
+             if "Preemption signal: saved step" in l]
+    assert len(steps) == 2 and steps[0] == steps[1] < STEPS, out[-3000:]
+    saved.append(steps[0])
+    assert max(map(int, os.listdir(tmp_path / "checkpoints" / "pretrain"))) == steps[0]
 
+  began = time.time()
   code, out = local(2, 2, *args)
+  walls.append(time.time() - began)
   assert code == 0, out[-3000:]
-  assert f"Resumed from checkpoint step {saved[0]}" in out
+  assert f"Resumed from checkpoint step {saved[1]}" in out
   resumed = losses(tmp_path)
   assert len(resumed) == STEPS
-  # Bit-exact: the interrupted-and-resumed run logs the losses of the uninterrupted one.
   np.testing.assert_allclose(resumed, reference, rtol=1e-5)
   assert resumed.tolist() == losses(two_process_data_run[0]).tolist()
+  report = json.load(open(tmp_path / "goodput.json"))  # process 0's events
+  assert report["attempts"] == 3 and report["lost_steps"] == [0, 0]
+  assert [r["steps"] for r in report["by_attempt"]] == [
+      [1, saved[0]], [saved[0] + 1, saved[1]], [saved[1] + 1, STEPS]]
+  # The launcher's wall time holds both processes' start and end: process 0's is within it.
+  print(f"goodput: wall {report['wall_s']:.2f} s; launcher {sum(walls):.2f} s")
+  assert report["wall_s"] == pytest.approx(sum(walls), rel=0.05) and report["wall_s"] < sum(walls)
+  assert report["productive_s"] + sum(report["badput_s"].values()) == pytest.approx(
+      report["wall_s"], rel=0.05)
+  assert 0 < report["goodput"] <= 1
+  assert sorted(os.listdir(tmp_path / "goodput")) == ["process-0.jsonl", "process-1.jsonl"]
 
 
 def test_a_killed_process_makes_the_other_exit_nonzero_quickly(palette_and_reference, tmp_path):

@@ -522,6 +522,49 @@ def test_launch_scripts_are_valid():
   # tpu_pod.sh's commands against a fake gcloud: tests/test_tpu_pod.py.
 
 
+@jax.tree_util.register_pytree_node_class
+class HostReads:
+  """An array that counts the times the host reads it (float())."""
+  count = 0
+
+  def __init__(self, value):
+    self.value = value
+
+  def tree_flatten(self):
+    return (self.value,), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+  def __float__(self):
+    HostReads.count += 1
+    return float(self.value)
+
+
+@needs_fmnist
+def test_an_evaluation_reads_its_sums_from_the_device_once(monkeypatch):
+  """Batch sums accumulate on the device, and the host reads each once, at the end -- not once
+  a batch, which makes the host wait for the device at every batch."""
+  from igpt_jax.data import pipeline, transform
+  config, trainer = one_device_trainer(batch_size=16)
+  data = sources.load(config, "test")
+  centers = np.linspace(-1, 1, 16, dtype=np.float32)[:, None]
+  tokenizer = transform.Tokenizer(centers, 4, trainer.mesh, trainer.rules)
+  params = trainer.init_state(0)["params"]
+  nll = tokens = 0.0  # 20 batches, summed on the host
+  for batch in list(pipeline.eval_batches(data, batch_size=16, augment=config.data.augment))[:20]:
+    g = sharding_lib.global_batch(batch, trainer.mesh, trainer.rules, 16)
+    sums = trainer.eval_fn(params, tokenizer(g["images"], g["boxes"]), g["labels"], g["mask"])
+    nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
+  eval_fn = trainer.eval_fn
+  monkeypatch.setattr(trainer, "eval_fn", lambda *args: {
+      k: HostReads(v) for k, v in eval_fn(*args).items()})
+  out = loop.evaluate(trainer, params, data, tokenizer, config, max_batches=20)
+  assert HostReads.count == len(sums)  # once per sum
+  assert out["eval_loss"] == pytest.approx(nll / tokens, rel=1e-6)
+
+
 @needs_fmnist
 def test_evaluation_during_training_compiles_once(tmp_path, caplog):
   config = tiny_config(steps=6, warmup_steps=2, eval_every=2, eval_batches=2)
@@ -554,6 +597,23 @@ def test_watchdog_dumps_every_thread_when_a_step_stalls(tmp_path):
     dump = stream.read()
   assert len(logs) == 1 and "no step finished" in logs[0] and "after step 5" in logs[0]
   assert "Thread" in dump and "test_watchdog_dumps_every_thread" in dump  # where it hangs
+
+
+@needs_fmnist
+def test_the_watchdog_times_steps_on_the_device_not_their_dispatch(tmp_path):
+  """One CPU device dispatches asynchronously, so the host runs ahead of the device between log
+  steps: a watchdog fed at dispatch measures ~0 s steps. Fed when a step's result is ready, its
+  median (`step_s` in metrics.jsonl) is the step time measured over each log interval."""
+  proc = start_training(str(tmp_path), steps=60, every=1000, extra=[
+      "--config.data.resolution=16", "--config.train.batch_size=8", "--config.train.log_every=20"])
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out[-3000:]
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [20, 40, 60]
+  for row in rows[1:]:  # the first interval holds the first steps' warm-up
+    measured = 8 * 16 * 16 / row["tokens_per_s"]  # seconds per step over the interval
+    assert measured >= 0.03, measured  # steps long enough to tell dispatch from completion
+    assert 0.5 < row["step_s"] / measured < 2, (row["step_s"], measured)
 
 
 @needs_fmnist

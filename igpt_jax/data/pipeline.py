@@ -180,14 +180,19 @@ def prefetched(iterator, depth: int):
 
 
 def eval_batches(data: ImageSet, *, batch_size: int, rows=None, augment: str = "auto",
-                 start_batch: int = 0):
+                 start_batch: int = 0, prefetch: int = 2):
   """One pass in order: global batch j covers examples [j * batch_size, (j + 1) * batch_size),
   the last one padded, and this process yields its `rows` of each, from batch `start_batch`.
   Every process yields the same number of batches (ceil(N / batch_size) - start_batch), so
-  collective steps stay in lockstep.
+  collective steps stay in lockstep. Reads run `prefetch` batches ahead in a thread, as
+  training's do: reading and the device's work overlap.
 
   Yields {'images', 'boxes', 'labels', 'mask'}; mask is 1.0 for real examples, 0.0 for padding.
   """
+  return prefetched(_eval_batches(data, batch_size, rows, augment, start_batch), prefetch)
+
+
+def _eval_batches(data: ImageSet, batch_size: int, rows, augment: str, start_batch: int):
   n = len(data)
   rows = batch_rows(rows, batch_size)
   boxes = transform.eval_boxes(len(rows), transform.resolve_augment(augment, data.full_size))

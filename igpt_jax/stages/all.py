@@ -7,6 +7,7 @@ import json
 import math
 import time
 
+from igpt_jax import goodput
 from igpt_jax import stages
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
@@ -28,6 +29,8 @@ def run(config, workdir, log=print) -> dict:
     log(f"=== {stage} ===")
     results[stage] = stages.get(stage)(config, workdir, log=log)
   results["minutes"] = (time.time() - start) / 60
+  goodput_file = goodput.report_path(workdir)  # written as finetune ended
+  results["goodput"] = json.loads(goodput_file.read_text()) if goodput_file.exists() else None
   report = summary(results, workdir)
   report_path = workdir_lib.path(workdir) / "report.md"
   workdir_lib.write_text(report_path, report)
@@ -39,7 +42,7 @@ def run(config, workdir, log=print) -> dict:
           "random_init_accuracy": results["probe"]["random_init_accuracy"],
           "raw_pixel_accuracy": results["probe"]["raw_pixel_accuracy"],
           "finetune_accuracy": results["finetune"].get("test_accuracy"),
-          "minutes": results["minutes"]}
+          "goodput": (results["goodput"] or {}).get("goodput"), "minutes": results["minutes"]}
 
 
 def summary(results: dict, workdir: str) -> str:
@@ -56,6 +59,8 @@ def summary(results: dict, workdir: str) -> str:
       f"- Fine-tuned test accuracy: **{f.get('test_accuracy', float('nan')):.4f}** (validation "
       f"{f.get('eval_accuracy', float('nan')):.4f})",
       f"- Samples: `{s['unconditional']}`; completions: `{s['completions']}`",
+      *([f"- Time: {goodput.text(results['goodput'])} (`{goodput.report_path(workdir)}`)"]
+        if results.get("goodput") else []),
       "", "Against the paper's findings (ImageNet, models 1,000x larger, 1M steps):", "",
   ]
   ft = f.get("test_accuracy", float("nan"))
