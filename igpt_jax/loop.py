@@ -267,7 +267,8 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
         is_last = step == total
         signalled = preemption.should_stop()  # every process, every step
         preempted = step == stop_after or signalled
-        if step % tcfg.log_every == 0 or is_last:
+        eval_due = _eval_due(trainer, step, is_last)
+        if step % tcfg.log_every == 0 or is_last or eval_due:  # evaluations on their own steps
           _stop_if_nonfinite(out, step, tcfg.max_nonfinite_steps, ckpt)
           loss = float(out["loss"])  # waits for the step
           if previous is not None:
@@ -341,13 +342,21 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   return result
 
 
+def _eval_due(trainer, step: int, is_last: bool) -> bool:
+  """Validation every eval_every steps and at the end, whatever log_every is (a step that
+  evaluates is logged too)."""
+  every = trainer.train_cfg.eval_every
+  return bool(every) and (step % every == 0 or is_last)
+
+
 def _evaluations(trainer, params, step: int, is_last: bool, eval_data, test_data, tokenizer,
                  config) -> dict:
-  """The evaluations due at `step`: validation every eval_every steps and at the end; for
-  fine-tuning, the test split at the end (the final number)."""
-  tcfg, out = trainer.train_cfg, {}
-  if tcfg.eval_every and (step % tcfg.eval_every == 0 or is_last):
-    out.update(evaluate(trainer, params, eval_data, tokenizer, config, tcfg.eval_batches))
+  """The evaluations due at `step`: validation (`_eval_due`); for fine-tuning, the test split
+  at the end (the final number)."""
+  out = {}
+  if _eval_due(trainer, step, is_last):
+    out.update(evaluate(trainer, params, eval_data, tokenizer, config,
+                        trainer.train_cfg.eval_batches))
   if trainer.stage == "finetune" and is_last:
     out.update(evaluate(trainer, params, test_data(), tokenizer, config, prefix="test"))
   return out

@@ -567,7 +567,8 @@ def test_an_evaluation_reads_its_sums_from_the_device_once(monkeypatch):
 
 @needs_fmnist
 def test_evaluation_during_training_compiles_once(tmp_path, caplog):
-  config = tiny_config(steps=6, warmup_steps=2, eval_every=2, eval_batches=2)
+  """...and runs every eval_every steps whatever log_every is (it ran only on logged steps)."""
+  config = tiny_config(steps=6, warmup_steps=2, eval_every=2, eval_batches=2, log_every=5)
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
