@@ -27,8 +27,9 @@ STAGES = ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune",
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # fit_palette | prepare | plan | pretrain | evaluate | probe | finetune | sample | export | all
   c.stage = "pretrain"
-  c.seed = 0
+  c.seed = 0  # data order, crops, initialisation, sampling: one seed for all
   # Released weights to start from, where the workdir has no pretraining checkpoint: an OpenAI
   # checkpoint prefix (.../model.ckpt-N, kmeans_centers.npy beside it) or a Hugging Face
   # ImageGPT folder. Shape and palette come from the weights (released.py).
@@ -39,8 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "imagenet_resized/32x32"  # TFDS name when source == 'tfds'
   c.data.path = ""  # IDX files, image folder, .npz or TFDS data_dir; '' = the usual places
   c.data.prepared = ""  # a prepared data set (stage prepare writes it, source 'prepared' reads)
-  c.data.resolution = 32
-  c.data.channels = 3
+  c.data.resolution = 32  # the model's image side in pixels: resolution**2 tokens an image
+  c.data.channels = 3  # 3 = RGB, 1 = gray (the palette's colours have as many values)
   # Pretraining crops: 'paper' (short side 256..384, random 224 crop; evaluation: centre
   # 224/256), 'crop' (random square of crop_min..1 of the side), 'none'; 'auto' = paper for
   # full-size images (folders, imagenet2012), none for data already at low resolution.
@@ -57,16 +58,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pipeline = "auto"
 
   c.palette = ml_collections.ConfigDict()
-  c.palette.k = 512
+  c.palette.k = 512  # colours in the k-means palette: the vocabulary (the paper: 512)
   c.palette.path = ""  # '' = <workdir>/palette.npz
   c.palette.samples = 500_000  # pixels sampled from the pretraining split for k-means
   c.palette.iters = 30  # Lloyd iterations
 
   c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 24
-  c.model.d_model = 512
-  c.model.num_heads = 8
-  c.model.mlp_ratio = 4.0
+  c.model.num_layers = 24  # transformer blocks (iGPT S 24, M 36, L 48, XL 60)
+  c.model.d_model = 512  # width (S 512, M 1024, L 1536, XL 3072)
+  c.model.num_heads = 8  # attention heads; must divide d_model
+  c.model.mlp_ratio = 4.0  # MLP width / d_model
   c.model.objective = "ar"  # ar | bert
   c.model.use_bias = False  # True only for converted transformers checkpoints
   c.model.num_classes = 0  # > 0 adds the fine-tuning class head
@@ -75,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # blocked (causal, CPUs) | splash (Pallas, TPU; interpreted on CPU) | cudnn (flash, GPU, bf16)
   c.model.attention = "auto"
   c.model.splash_block_q = 512  # splash tiles in tokens: multiples of 128, capped at seq_len
-  c.model.splash_block_kv = 512
+  c.model.splash_block_kv = 512  # splash key/value tile (same rules as splash_block_q)
   # none | full | a jax.checkpoint_policies name | save:NAME,... | offload:NAME,... (TPU), with
   # NAME among query, key, value, attention_out, mlp_hidden (the block's named activations)
   c.model.remat = "none"
@@ -86,21 +87,21 @@ def base_config() -> ml_collections.ConfigDict:
   # to zero, no dropout; batch 128 for 1M steps (S/M/L). It swept the learning rate over
   # 0.01, 0.003, 0.001, ... per model, so `lr` here is a starting point, not the paper's value.
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1_000_000
-  c.train.batch_size = 128
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 10_000  # ~one ImageNet epoch at batch 128
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.weight_decay = 0.0
-  c.train.grad_clip = 1.0
-  c.train.accum_steps = 1
-  c.train.log_every = 100
-  c.train.eval_every = 5_000
+  c.train.steps = 1_000_000  # optimizer steps; the schedule runs over them
+  c.train.batch_size = 128  # global batch (all processes and devices together)
+  c.train.lr = 1e-3  # peak learning rate (after warmup; cosine decay to zero)
+  c.train.warmup_steps = 10_000  # linear warmup steps (the paper: ~one epoch of its data)
+  c.train.b1 = 0.9  # Adam beta1
+  c.train.b2 = 0.95  # Adam beta2
+  c.train.weight_decay = 0.0  # AdamW decoupled weight decay (the paper: none)
+  c.train.grad_clip = 1.0  # global gradient-norm clip; 0 = none
+  c.train.accum_steps = 1  # micro-batches per step (gradient accumulation); divides batch_size
+  c.train.log_every = 100  # steps between metrics rows (metrics.jsonl, TensorBoard, the log)
+  c.train.eval_every = 5_000  # steps between validation evaluations (and at the end); 0 = none
   c.train.eval_batches = 0  # validation batches per evaluation; 0 = all of it
-  # Unconditional samples to TensorBoard every N steps; 0 = off. Off by default: decoding is
-  # seq_len sequential steps (4,096 at 64x64), a large share of a big run's time; when on, the
-  # log states each grid's cost.
+  # Unconditional samples to TensorBoard every N steps; 0 = off (the demo config turns it on).
+  # Decoding is seq_len sequential steps (4,096 at 64x64), a large share of a big run's time;
+  # when on, the log states each grid's cost.
   c.train.sample_every = 0
   # A step whose gradients or updates are not finite is skipped (never applied, never saved);
   # this many in a row stop the run, keeping the last good checkpoint.
@@ -108,19 +109,19 @@ def base_config() -> ml_collections.ConfigDict:
   # 'START,END': a jax.profiler trace of steps START..END under <workdir>/profile (TensorBoard's
   # profile tab); process 0 only unless profile_all_hosts.
   c.train.profile_steps = ""
-  c.train.profile_all_hosts = False
+  c.train.profile_all_hosts = False  # trace on every process, not only process 0
   # A step taking this many times the median step time dumps every thread's stack to stderr
   # (a hung host says where it hangs); 0 = off.
   c.train.watchdog_factor = 20.0
 
   # Fine-tuning: these fields replace train's; the rest of train applies as it is.
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.steps = 10_000
+  c.finetune.steps = 10_000  # fine-tuning steps (train.steps is pretraining's)
   # The trunk's peak learning rate. Small: from a probe-initialised head, trunk updates at 1e-4
   # and above lowered validation accuracy in experiments/finetune_sweep.md; 1e-5 raised it.
   c.finetune.lr = 1e-5
-  c.finetune.warmup_steps = 500
-  c.finetune.eval_every = 1_000
+  c.finetune.warmup_steps = 500  # linear warmup steps of fine-tuning
+  c.finetune.eval_every = 1_000  # steps between validation evaluations (and at the end); 0 = none
   c.finetune.eval_batches = 0  # validation batches per evaluation; 0 = all of it
   c.finetune.gen_weight = 1.0  # L_GEN + L_CLF as in the paper; 0 = plain L_CLF
   # 'probe': the class head starts as the last-layer linear probe (probe.train_examples,
@@ -160,25 +161,25 @@ def base_config() -> ml_collections.ConfigDict:
   # on that many labelled train examples per class as well, with probe.low_data_seeds draws
   # each, L2 chosen on validation; reported as mean and std. '' = none.
   c.probe.labels_per_class = ""
-  c.probe.low_data_seeds = 3
+  c.probe.low_data_seeds = 3  # draws of each low-data train subset
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 16  # unconditional samples
   c.sample.completions = 8  # test images whose bottom half is completed
-  c.sample.temperature = 1.0
+  c.sample.temperature = 1.0  # softmax temperature; < 1 sharper, > 1 more varied
   c.sample.top_k = 0  # 0 = sample from the full distribution
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 5_000
-  c.checkpoint.keep = 3
+  c.checkpoint.every = 5_000  # steps between checkpoints (also the last step and a preemption's)
+  c.checkpoint.keep = 3  # newest checkpoints kept
   # Stages that read the pretrained model (evaluate, probe, finetune, sample): 0 = its newest
   # intact step; N = exactly step N (kept by checkpoint.keep), e.g. to probe how features grow.
   c.checkpoint.load_step = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.fsdp = 1  # devices the parameters and optimizer state are sharded over (ZeRO-3)
+  c.mesh.tensor = 1  # devices each layer's matmuls are split over (heads, MLP width)
   c.mesh.slices = 1  # > 1: data parallel across that many slices over DCN (multislice)
 
   c.export = ml_collections.ConfigDict()
@@ -370,7 +371,11 @@ def describe(config) -> str:
 def validate(config) -> None:
   """Raises UserError, naming the field, for values no run could use."""
   if config.stage not in STAGES:
-    raise UserError(f"Unknown stage {config.stage!r}; choose one of {', '.join(STAGES)}.")
+    import difflib
+    close = difflib.get_close_matches(config.stage, STAGES, n=1)
+    raise UserError(f"Unknown stage {config.stage!r};"
+                    + (f" did you mean {close[0]!r}?" if close else "")
+                    + f" The stages: {', '.join(STAGES)}.")
   for key, allowed in CHOICES.items():
     if _get(config, key) not in allowed:
       raise UserError(f"--config.{key}={_get(config, key)!r} is not one of {', '.join(allowed)}.")
@@ -390,6 +395,10 @@ def validate(config) -> None:
                     "be in [0, 1), or -1 for the paper's per data set.")
   if not 0 < config.data.crop_min <= 1:
     raise UserError(f"--config.data.crop_min={config.data.crop_min} must be in (0, 1].")
+  if config.palette.samples < config.palette.k:
+    raise UserError(f"--config.palette.samples={config.palette.samples} is below "
+                    f"--config.palette.k={config.palette.k}: k-means needs a pixel per colour at "
+                    "least (and many more to place them well).")
   if config.train.batch_size % config.train.accum_steps:
     raise UserError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
                     f"--config.train.accum_steps={config.train.accum_steps}.")

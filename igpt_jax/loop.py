@@ -143,8 +143,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
   if stage == "pretrain" and cfg.num_classes:
     raise UserError("Pretraining takes model.num_classes=0; the class head belongs to finetune.")
   if stage == "finetune":
-    if data.num_classes < 2:
-      raise UserError(f"Fine-tuning needs labelled data; {data.name} has no classes.")
+    data.require_classes("Fine-tuning")
     cfg = dataclasses.replace(cfg, num_classes=data.num_classes)
 
   trainer = train_lib.Trainer(cfg, config, mesh, rules, stage=stage)
@@ -481,7 +480,6 @@ def evaluate_stage(config, workdir, log=print) -> dict:
     data = sources.load(config, role, log=log)
     result[f"{role}_examples"] = len(data)
     result.update(evaluate(trainer, params, data, tokenizer, config, prefix=role))
-  result["eval_loss"], result["eval_bits_per_dim"] = result["test_loss"], result["test_bits_per_dim"]
   path = workdir_lib.path(workdir) / "evaluate.json"
   workdir_lib.write_json(path, result)
   log("; ".join(f"{role} bits/dim {result[f'{role}_bits_per_dim']:.4f} "

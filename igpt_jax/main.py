@@ -3,7 +3,8 @@
   python -m igpt_jax.main --config=configs/demo.py --config.stage=STAGE [--workdir=DIR]
                           [--config.FIELD=VALUE ...]
 
-Stages (--config.stage): prepare, fit_palette, pretrain, evaluate, probe, finetune, sample, plan, all.
+Stages (--config.stage): prepare, fit_palette, pretrain, evaluate, probe, finetune, sample,
+export, plan, all.
 Every stage writes under --workdir (default: runs/<config>-<timestamp>; gs://... works), says
 where its outputs went, and prints one JSON object as its last stdout line.
 
@@ -147,13 +148,63 @@ def check_overrides(argv: list[str]) -> None:
                       f"(default {default!r}).")
 
 
+def check_flags(argv: list[str]) -> None:
+  """A flag that does not exist (--work_dir) as one `error:` line naming the closest one, where
+  absl would say FATAL and exit 1."""
+  import difflib
+  known = set(flags.FLAGS)  # ours, absl's and those of the libraries imported so far
+  for arg in argv:
+    name = arg[2:].split("=", 1)[0]
+    if not arg.startswith("--") or not name or name.startswith("config.") or name in known:
+      continue
+    if name.startswith("no") and name[2:] in known:  # --noshow_config
+      continue
+    ours = [f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])]
+    close = difflib.get_close_matches(name, ours, n=1) or difflib.get_close_matches(name, known, n=1)
+    exit_with_error(f"--{name}: no such flag." + (f" Did you mean --{close[0]}?" if close else "")
+                    + " This program's flags: " + ", ".join(f"--{f}" for f in sorted(ours))
+                    + " (and --config.FIELD=VALUE; --help says more).")
+
+
+SAVED_CONFIG = os.path.join(CONFIGS_DIR, "_saved.py")  # reads a config.json every stage writes
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+  """Without --config, `--workdir=W` runs with W's saved config (overrides still apply):
+  `config.<stage>.json` when W ran that stage before, else `config.json`, the run's first. A
+  newcomer's later stages then need no override retyped."""
+  if _config_index(argv) is not None:
+    return argv
+  workdir = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                  for i, a in enumerate(argv) if a.split("=", 1)[0] == "--workdir"
+                  and ("=" in a or i + 1 < len(argv))), None)
+  if workdir is None:
+    exit_with_error("--config is required, e.g. --config=demo (a shipped config), a config "
+                    "file, or a run's saved config.json; or give --workdir=DIR of a run to use "
+                    "its config.")
+  stage = next((a.split("=", 1)[1] for a in argv if a.startswith("--config.stage=")), None)
+  run_dir = workdir_lib.path(workdir)
+  saved = [run_dir / f"config.{stage}.json"] if stage else []
+  found = next((p for p in saved + [run_dir / "config.json"] if p.exists()), None)
+  if found is None:
+    exit_with_error(f"--workdir={workdir} holds no config.json (no stage has run there): give "
+                    "--config, e.g. --config=demo.")
+  print(f"Config: {found} (the run's; --config.FIELD=VALUE overrides it).", flush=True)
+  return [f"--config={found}", *argv]  # before the overrides that apply to it
+
+
 def with_packaged_config(argv: list[str]) -> list[str]:
   """`--config=igpt_l` (or `igpt_l.py`, or `eval/cifar10:l`) names a config shipped inside the
   package, so a pip install without this repository's checkout has them; a path to a file that
   exists is used as it is."""
   index, out = _config_index(argv), list(argv)
   name = None if index is None else _config_value(argv[index])
-  if name is not None and not os.path.isfile(name.split(":")[0]):
+  if name is not None and name.endswith(".json"):  # a run's saved config (any stage writes one)
+    if "://" not in name and not os.path.isfile(name):
+      exit_with_error(f"--config={name}: no such file.")
+    saved = name if "://" in name else os.path.abspath(name)
+    out[index] = out[index].replace(name, f"{SAVED_CONFIG}:{saved}", 1)
+  elif name is not None and not os.path.isfile(name.split(":")[0]):
     base, _, rest = name.partition(":")  # also a shipped subfolder: eval/cifar10
     shipped = os.path.join(CONFIGS_DIR, base if base.endswith(".py") else base + ".py")
     if os.path.isfile(shipped):
@@ -290,7 +341,8 @@ def cli(args: list[str]) -> None:
   status (0 done, 2 user error, 75 preempted). Tests call it in-process."""
   if any(a in ("-h", "--help", "-?") for a in args):  # absl would exit 1 on --help
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  sys.argv[1:] = with_packaged_config(args)  # plan's re-exec with more devices reads sys.argv
+  sys.argv[1:] = with_packaged_config(with_run_config(args))  # plan's re-exec reads sys.argv
+  check_flags(sys.argv[1:])
   check_overrides(sys.argv[1:])
   app.run(main, argv=list(sys.argv))
 

@@ -240,8 +240,7 @@ def labelled_splits(config, log) -> dict:
     train = train.subset(np.sort(train_idx), train.name)
   train = _subset(train, p.train_examples, config.seed)
   test = _subset(sources.load(config, "test", log=log), p.test_examples, config.seed)
-  if train.num_classes < 2:
-    raise UserError(f"The probe needs labelled data; {train.name} has no classes.")
+  train.require_classes("The probe")
   return {"train": train, "validation": val, "test": test}
 
 

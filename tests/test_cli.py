@@ -1,6 +1,7 @@
 """The command line: --help, misspelt overrides, where outputs went."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,9 +37,8 @@ def cli_many(*cases, **env_vars):
 def test_help_lists_stages_and_common_overrides():
   out = cli("--help")
   assert out.returncode == 0
-  for stage in ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample",
-                "plan", "all"):
-    assert stage in out.stdout
+  for stage in config_lib.STAGES:
+    assert re.search(rf"\b{stage}\b", out.stdout), stage
   assert "--config.train.steps" in out.stdout and "--workdir" in out.stdout
 
 
@@ -46,13 +46,14 @@ def test_show_config_lists_every_field_with_its_value_and_help():
   out = cli("--config=configs/demo.py", "--config.train.steps=7", "--show_config")
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.splitlines()
-  assert "--config.train.steps=7" in lines  # after overrides
+  assert any(l.startswith("--config.train.steps=7  # ") for l in lines)  # after overrides
   assert ("--config.data.source='fashion_mnist'  # prepared | fashion_mnist | tfds | folder | "
           "numpy") in lines
   assert any(l.startswith("--config.data.augment='none'  # Pretraining crops: 'paper'")
              for l in lines)  # a comment block above the field
-  assert len([l for l in lines if l.startswith("--config.")]) == len(
-      main_keys(config_lib.load_config_file(f"{REPO}/configs/demo.py")))
+  fields = [l for l in lines if l.startswith("--config.")]
+  assert len(fields) == len(main_keys(config_lib.load_config_file(f"{REPO}/configs/demo.py")))
+  assert [l for l in fields if "  # " not in l] == []  # every field says what it means
 
 
 def main_keys(config, prefix=""):
@@ -106,12 +107,29 @@ def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path
 
 
 def test_each_stage_keeps_its_config_beside_the_runs_first(tmp_path):
+  """...and a later stage runs with them: --workdir alone (that stage's own config.<stage>.json
+  when it ran before, else the run's first), or --config=<workdir>/config.json."""
   demo, w = f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}"
-  first, out = cli_many((demo, "--config.stage=plan", w),
-                        (demo, "--config.stage=plan", "--config.train.steps=7", w))
-  assert first.returncode == 0 and out.returncode == 0, first.stderr[-2000:] + out.stderr[-2000:]
-  assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 200
-  assert json.loads((tmp_path / "config.plan.json").read_text())["train"]["steps"] == 7
+  outs = cli_many((demo, "--config.stage=plan", "--config.model.num_layers=2", w),
+                  (demo, "--config.stage=plan", "--config.train.steps=7", w),
+                  (w, "--config.stage=plan"),  # again, as last time: config.plan.json
+                  (w, "--config.stage=probe", "--show_config"),  # first time: config.json
+                  (f"--config={tmp_path / 'config.json'}", "--config.sample.num=3",
+                   "--show_config"))
+  assert all(out.returncode == 0 for out in outs), [out.stderr[-2000:] for out in outs]
+  config, plan = (json.loads((tmp_path / name).read_text())
+                  for name in ("config.json", "config.plan.json"))
+  assert config["train"]["steps"] == 200 and config["model"]["num_layers"] == 2
+  assert plan["train"]["steps"] == 7 and plan["model"]["num_layers"] == 4
+  assert f"Config: {tmp_path / 'config.plan.json'}" in outs[2].stdout
+  assert json.loads(outs[2].stdout.splitlines()[-1])["params"] == json.loads(
+      outs[1].stdout.splitlines()[-1])["params"]
+  for out, stage in ((outs[3], "probe"), (outs[4], "plan")):
+    lines = out.stdout.splitlines()
+    assert any(l.startswith("--config.model.num_layers=2  #") for l in lines)  # the run's
+    assert any(l.startswith(f"--config.stage='{stage}'  #") for l in lines)
+  assert any(l.startswith("--config.sample.num=3  #") for l in outs[4].stdout.splitlines())
+  assert_one_line_error(cli("--workdir=" + str(tmp_path / "new")), "holds no config.json")
 
 
 def assert_one_line_error(out, expected, status=2):
@@ -174,6 +192,12 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
        "--config.model.dtype='float16' is not one of float32, bfloat16"),
       ((demo, "--config.model.attention=cudnn", w),
        "--config.model.attention='cudnn' (flash attention) needs model.dtype='bfloat16'"),
+      # Flags and stages misspelt, and a palette sample too small: one line, not absl's FATAL
+      # (exit 1) or a ValueError's traceback.
+      ((demo, "--work_dir=x"), "--work_dir: no such flag. Did you mean --workdir?"),
+      ((demo, "--config.stage=pretrian", w), "Unknown stage 'pretrian'; did you mean 'pretrain'?"),
+      ((demo, "--config.palette.samples=10", w),
+       "--config.palette.samples=10 is below --config.palette.k=16"),
   ]
   for (args, expected), out in zip(cases, cli_many(*(args for args, _ in cases)), strict=True):
     assert_one_line_error(out, expected)

@@ -53,6 +53,19 @@ def test_folder_errors_are_one_sentence(tmp_path):
     sources.load_folder(str(tmp_path / "nope"), "train", 3, 8)
 
 
+def test_classifying_one_class_or_unlabelled_data_says_what_the_data_has(tmp_path):
+  (tmp_path / "cats").mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / "cats" / f"{i}.png")
+  one_class = sources.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.0)
+  with pytest.raises(config_lib.UserError, match="Fine-tuning classifies, which needs 2 classes "
+                     r"or more; .* has one class \('cats'\)"):
+    one_class.require_classes("Fine-tuning")
+  with pytest.raises(config_lib.UserError, match="has no class labels"):
+    sources.from_arrays(np.zeros((3, 8, 8, 1), np.uint8)).require_classes("The probe")
+  small_set().require_classes("The probe")  # 4 classes: fine
+
+
 def test_folder_split_is_a_stable_hash(tmp_path):
   for i in range(40):
     Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / f"{i}.png")

@@ -312,8 +312,8 @@ def test_every_stage_on_two_processes_agrees_with_one(tmp_path):
   code, two = local(2, 2, *args, f"--workdir={tmp_path / 'two'}")
   assert code == 0, two[-3000:]
   a, b = last_json(one), last_json(two, "[0] ")
-  assert last_json(two, "[1] ")["eval_bits_per_dim"] == b["eval_bits_per_dim"]
-  for key in ("eval_bits_per_dim", "best_accuracy", "random_init_accuracy", "raw_pixel_accuracy",
+  assert last_json(two, "[1] ")["test_bits_per_dim"] == b["test_bits_per_dim"]
+  for key in ("test_bits_per_dim", "best_accuracy", "random_init_accuracy", "raw_pixel_accuracy",
               "finetune_accuracy"):
     np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
   assert a["best_layer"] == b["best_layer"]

@@ -123,3 +123,24 @@ def test_fast_quantizer_is_exactly_the_brute_force():
   gray = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
   np.testing.assert_array_equal(P.Quantizer(g_centers).quantize_uint8(gray),
                                 P.quantize_np(P.to_unit_scale(gray), g_centers))
+
+
+def test_a_palette_with_more_colours_than_the_data_has_says_so(tmp_path):
+  """Data with 3 grey levels and palette.k=16: k-means can only repeat colours, and a warning
+  says how many repeat and which k gives every pixel its own colour."""
+  from test_model import load_config
+
+  from igpt_jax.stages import fit_palette
+  levels = np.array([0, 128, 255], np.uint8)
+  images = levels[np.random.default_rng(0).integers(0, 3, (64, 8, 8))]
+  np.savez(tmp_path / "data.npz", train_images=images, train_labels=np.zeros(64, np.int64),
+           test_images=images[:8], test_labels=np.zeros(8, np.int64))
+  config = load_config("demo")
+  config.data.source, config.data.path = "numpy", str(tmp_path / "data.npz")
+  config.data.resolution, config.palette.samples, config.palette.iters = 8, 2000, 2
+  logs = []
+  fit_palette.run(config, str(tmp_path / "run"), log=logs.append)
+  [warning] = [line for line in logs if line.startswith("warning:")]
+  assert "have 3 distinct colours, so 13 of the palette's 16 colours are the nearest colour of " \
+         "no pixel" in warning
+  assert "--config.palette.k=3" in warning

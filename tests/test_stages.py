@@ -45,6 +45,7 @@ def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   # Validation (6k held out of train) and test (10k) reported separately.
   assert ev["test_examples"] == 10_000 and ev["validation_examples"] == 6_000
   assert 0 < ev["test_bits_per_dim"] < 4 and 0 < ev["validation_bits_per_dim"] < 4
+  assert not any(k.startswith("eval_") for k in ev)  # eval_* is validation everywhere else
   assert ev["test_loss"] != ev["validation_loss"]
   assert json.load(open(os.path.join(workdir, "evaluate.json")))["test_loss"] == ev["test_loss"]
 

@@ -78,6 +78,15 @@ class ImageSet:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def require_classes(self, stage: str) -> None:
+    """Classification (probe, finetune) needs two classes at least; a UserError says what the
+    data has instead."""
+    if self.num_classes >= 2:
+      return
+    has = (f"one class ({self.class_names[0]!r})" if self.class_names else "no class labels")
+    raise UserError(f"{stage} classifies, which needs 2 classes or more; {self.name} has {has}. "
+                    "A folder source takes each subfolder as a class.")
+
 
 class IndexedRows:
   """rows[indices] of an array-like that reads lazily (a prepared split), without reading."""

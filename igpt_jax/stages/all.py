@@ -36,7 +36,7 @@ def run(config, workdir, log=print) -> dict:
   workdir_lib.write_text(report_path, report)
   log(report)
   return {"stage": "all", "report": str(report_path),
-          "eval_bits_per_dim": results["evaluate"]["eval_bits_per_dim"],
+          "test_bits_per_dim": results["evaluate"]["test_bits_per_dim"],
           "best_layer": results["probe"]["best_layer"],
           "best_accuracy": results["probe"]["best_accuracy"],
           "random_init_accuracy": results["probe"]["random_init_accuracy"],

@@ -50,6 +50,13 @@ def _fit_and_save(config, path, log) -> None:
   stop = lambda _: distributed.PREEMPTION.raise_if_requested("fit_palette")  # noqa: E731
   centers = palette_lib.fit(pixels, config.palette.k, seed=config.seed,
                             iters=config.palette.iters, log=log, on_iteration=stop)
+  distinct = len(np.unique(pixels, axis=0))
+  if distinct < config.palette.k:  # k-means can only repeat colours past the distinct ones
+    used = len(np.unique(palette_lib.quantize_np(pixels, centers)))
+    log(f"warning: the {config.palette.samples} pixels sampled have {distinct} distinct colours, "
+        f"so {config.palette.k - used} of the palette's {config.palette.k} colours are the "
+        f"nearest colour of no pixel (tokens no image uses); --config.palette.k={distinct} "
+        "gives every pixel its own colour.")
   workdir_lib.save_palette(palette_lib.Palette(centers, dataset=data.name, seed=config.seed),
                            path)
   log(f"Palette written to {path}")
