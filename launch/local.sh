@@ -35,6 +35,11 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
+if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("igpt_jax") and u.find_spec("absl")))' 2>/dev/null; then
+  echo "error: $PYTHON cannot import igpt_jax (no $HERE/.venv here: run \`make install\` in $HERE, or set PYTHON to the python of an environment that has igpt_jax)" >&2
+  exit 2
+fi
+echo "[local] $NUM process(es) x $DEVICES CPU device(s), python $PYTHON"
 if [[ -z "$PORT" ]]; then
   PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi

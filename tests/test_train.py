@@ -510,7 +510,7 @@ def test_plan_xl_on_simulated_devices():
   assert out["fits"] is True
 
 
-def test_launch_scripts_are_valid():
+def test_launch_scripts_are_valid(tmp_path):
   scripts = [f"{REPO}/launch/{s}" for s in ("tpu_pod.sh", "gpu_slurm.sh", "local.sh")]
   for script in scripts:
     subprocess.run(["bash", "-n", script], check=True)
@@ -519,6 +519,20 @@ def test_launch_scripts_are_valid():
   bad = subprocess.run(["bash", f"{REPO}/launch/local.sh", "-n", "zero"], capture_output=True,
                        text=True)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: -n and -d take positive integers"
+  # A checkout without .venv: python3 is tried, and one line says it lacks igpt_jax.
+  checkout = tmp_path / "checkout"
+  (checkout / "launch").mkdir(parents=True)
+  shutil.copy(f"{REPO}/launch/local.sh", checkout / "launch")
+  (tmp_path / "bin").mkdir()
+  bare = tmp_path / "bin" / "python3"  # a python without site-packages: no igpt_jax, no absl
+  bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+  bare.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  bad = subprocess.run(["bash", str(checkout / "launch" / "local.sh"), "-n", "2", "--",
+                        "--config=configs/demo.py"], capture_output=True, text=True,
+                       env={**env, "PATH": f"{tmp_path / 'bin'}:{env['PATH']}"})
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+  assert bad.stderr.startswith("error: python3 cannot import igpt_jax (no ") and "make install" in bad.stderr
   # tpu_pod.sh's commands against a fake gcloud: tests/test_tpu_pod.py.
 
 
