@@ -94,12 +94,16 @@ def eval_split(config, log=print):
   return sources.load(config, "validation", log=log)
 
 
-def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers) -> dict:
+def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers, class_names=None) -> dict:
   """What a checkpoint says about itself: its config, model shape and palette (with a digest
-  that every stage reading the checkpoint compares with the palette it would use)."""
-  return {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
+  that every stage reading the checkpoint compares with the palette it would use), and a
+  classifier's class names (export's id2label)."""
+  meta = {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
           "palette": np.asarray(centers).tolist(),
           "palette_sha256": workdir_lib.palette_digest(centers)}
+  if class_names is not None:
+    meta["class_names"] = list(class_names)
+  return meta
 
 
 def pretrain(config, workdir, log=print, stop_after: int | None = None) -> dict:
@@ -314,7 +318,8 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
           if preempted:
             timeline.note("preempted", step=step)
           with timeline.during("checkpoint"):
-            ckpt.save(step, state, checkpoint_meta(config, cfg, centers))
+            ckpt.save(step, state, checkpoint_meta(
+                config, cfg, centers, data.class_names if stage == "finetune" else None))
           writer.flush()  # on object stores: the rows and spans up to the checkpoint
           timeline.flush()
         if preempted:

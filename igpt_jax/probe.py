@@ -196,7 +196,16 @@ def write_report(results: dict, out_dir) -> dict:
   if "seconds" in results:
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()) + "."]
   workdir_lib.write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+  png = io.BytesIO()
+  accuracy_plot(results, rand).savefig(png, format="png", dpi=100)
+  workdir_lib.write_bytes(plot_path, png.getvalue())
+  return results
+
+
+def accuracy_plot(results: dict, rand: dict):
+  """Accuracy by layer (pretrained, random init, raw pixels, low-data probes), a Figure."""
   from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+  from matplotlib.ticker import MaxNLocator
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
   layers = [r["layer"] for r in results["by_layer"]]
@@ -209,13 +218,11 @@ def write_report(results: dict, out_dir) -> dict:
                 yerr=[r["std"] for r in low["by_layer"]], fmt=".-", capsize=2,
                 label=f"{low['labels_per_class']} labels/class")
   ax.set_xlabel("layer")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
   ax.set_ylabel("linear probe accuracy")
   ax.legend()
   fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  workdir_lib.write_bytes(plot_path, png.getvalue())
-  return results
+  return fig
 
 
 def _subset(data, n: int, seed: int):

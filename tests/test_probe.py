@@ -227,3 +227,13 @@ def test_a_stopped_extraction_resumes_after_its_last_whole_chunk(tmp_path, monke
   other = features.extract({"f": tmp_path / "stopped"}, data, forward, tokenizer, mesh, rules,
                            16, {"model": "other"}, chunk_bytes, "none")["f"]
   assert other.meta["key"] == {"model": "other"} and other.num_examples == 300
+
+
+def test_the_accuracy_plot_ticks_whole_layers():
+  """Two probed layers: matplotlib's default ticks were 1.0, 1.2, 1.4, ... -- layers 1.2 do not
+  exist."""
+  results = {"by_layer": [{"layer": 1, "accuracy": 0.5}, {"layer": 2, "accuracy": 0.6}],
+             "raw_pixel_accuracy": 0.4}
+  fig = probe.accuracy_plot(results, {1: 0.3, 2: 0.35})
+  ticks = fig.axes[0].get_xticks()
+  assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks

@@ -28,7 +28,7 @@ def image_npz(path, n_train=96, n_test=48, seed=0):
   for split, n in (("train", n_train), ("test", n_test)):
     arrays[f"{split}_images"] = rng.integers(0, 256, (n, RES, RES, 3), dtype=np.uint8)
     arrays[f"{split}_labels"] = rng.integers(0, 3, n)
-  np.savez(path, **arrays)
+  np.savez(path, **arrays, class_names=np.array(["cat", "dog", "owl"]))
   return str(path)
 
 
@@ -125,6 +125,7 @@ def test_export_loads_in_transformers_with_the_same_logits(hf_run, tmp_path):
   causal = transformers.ImageGPTForCausalImageModeling.from_pretrained(out["path"]).eval()
   np.testing.assert_allclose(hf_logits(causal, tokens), logits, atol=1e-4)
   classifier = transformers.ImageGPTForImageClassification.from_pretrained(out["path"]).eval()
+  assert classifier.config.id2label == {0: "cat", 1: "dog", 2: "owl"}  # not LABEL_0..2
   shifted = np.concatenate([np.full((3, 1), 16), tokens[:, :-1]], axis=1)  # [sos] + x[:-1]
   with torch.no_grad():  # the class head reads what the release's does: the shifted inputs
     hf_class = classifier(torch.as_tensor(shifted)).logits.numpy()

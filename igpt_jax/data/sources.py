@@ -515,12 +515,14 @@ def load_split(config, split: str, log=print) -> ImageSet:
   if d.source == "numpy":
     if not d.path or not os.path.exists(d.path):
       raise DataError(f"data.source='numpy' needs --config.data.path to an .npz with "
-                      f"train_images/test_images (and _labels); {d.path!r} does not exist.")
+                      f"train_images/test_images (and _labels, class_names); {d.path!r} does "
+                      "not exist.")
     arrays = np.load(d.path)
     if f"{role}_images" not in arrays:
       raise DataError(f"{d.path} has no {role}_images array.")
     labels = arrays[f"{role}_labels"] if f"{role}_labels" in arrays else None
-    return from_arrays(arrays[f"{role}_images"], labels, channels=d.channels,
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    return from_arrays(arrays[f"{role}_images"], labels, class_names=names, channels=d.channels,
                        name=f"numpy:{d.path}:{role}")
   raise DataError(f"Unknown data.source {d.source!r}: use prepared, fashion_mnist, tfds, folder "
                   "or numpy.")

@@ -132,6 +132,10 @@ def run(config, workdir, log=print) -> dict:
     if cfg.num_classes:
       hf_config["architectures"] += ["ImageGPTForImageClassification"]
       hf_config["num_labels"] = cfg.num_classes
+      names = meta.get("class_names") or [f"LABEL_{i}" for i in range(cfg.num_classes)]
+      if len(names) == cfg.num_classes:  # the fine-tuning data's class names
+        hf_config["id2label"] = dict(enumerate(names))
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
       # Our head reads (pooled - shift) * scale; transformers' reads pooled: fold them in.
       w, scale = np.asarray(arrays["class_head"], np.float64), arrays["class_scale"]
       sd["score.weight"] = np.ascontiguousarray(w * scale, np.float32)
