@@ -1,0 +1,58 @@
+"""README's "Your own images": a folder of 32x32 RGB photo crops in 3 class folders through the
+quick start command (stage all), a later stage with only --workdir, and the export."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, xla_flags
+
+skimage_data = pytest.importorskip("skimage.data")
+
+# The quick start's config at test size (the README's command, smaller).
+TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=4",
+        "--config.data.resolution=8", "--config.palette.k=16", "--config.palette.samples=20000",
+        "--config.palette.iters=5", "--config.train.steps=4", "--config.train.batch_size=16",
+        "--config.train.log_every=2", "--config.train.eval_every=2",
+        "--config.finetune.steps=2", "--config.finetune.eval_every=2", "--config.probe.steps=30",
+        "--config.sample.num=2", "--config.sample.completions=2"]
+
+
+def photo_crops(root, per_class=40, side=32):
+  """32x32 crops of three of scikit-image's photographs, a class folder each."""
+  rng = np.random.default_rng(0)
+  for name in ("astronaut", "chelsea", "coffee"):
+    photo = getattr(skimage_data, name)()
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+      Image.fromarray(photo[y:y + side, x:x + side]).save(root / name / f"{i}.png")
+
+
+def igpt(*args):
+  proc = subprocess.run([sys.executable, "-m", "igpt_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_own_images_from_a_folder_to_a_report_and_a_hugging_face_model(tmp_path):
+  photos, run = tmp_path / "photos", tmp_path / "run"
+  photo_crops(photos)
+  result = igpt("--config=folder", f"--config.data.path={photos}", f"--workdir={run}", *TINY)
+  assert result["stage"] == "all" and (run / "report.md").exists()
+  assert 0 < result["test_bits_per_dim"] < 8 and 0 <= result["best_accuracy"] <= 1
+  probe = json.loads((run / "probe" / "results.json").read_text())
+  assert probe["test_examples"] + probe["train_examples"] < 120  # the folder's own splits
+  # A later stage: --workdir alone (the run's config, the folder and tiny sizes included).
+  again = igpt(f"--workdir={run}", "--config.stage=probe")
+  assert again["best_accuracy"] == result["best_accuracy"]
+  exported = igpt(f"--workdir={run}", "--config.stage=export")
+  hf_config = json.loads((run / "hf" / "config.json").read_text())
+  assert exported["classes"] == 3
+  assert hf_config["id2label"] == {"0": "astronaut", "1": "chelsea", "2": "coffee"}
