@@ -95,6 +95,12 @@ def test_logs_status_stop_delete_and_detached_run(pod):
   assert code == 0 and "started on worker0" in out and "started on worker1" in out
   code, out = pod("status", *SLICE)
   assert "slice igpt-l: READY" in out and out.count("igpt-status worker") == 2
+  # `run` returns before the detached jobs start: stop them once both run (on a loaded machine
+  # worker1's job had not written its pid yet, and `stop` truly found no job there).
+  deadline = time.time() + 30
+  while not all((pod.dir / f"worker{w}" / "igpt_run" / "job.pid").exists() for w in (0, 1)):
+    assert time.time() < deadline, "the detached jobs did not start"
+    time.sleep(0.1)
   code, out = pod("stop", *SLICE)  # SIGTERM: the fake job "saves" and exits 75
   assert code == 0 and "SIGTERM sent on worker0" in out and "SIGTERM sent on worker1" in out
   deadline = time.time() + 30
