@@ -192,7 +192,8 @@ def write_report(results: dict, out_dir) -> dict:
             f"{results['best_layer']}: {results['best_accuracy']:.4f}; concatenated layers "
             f"{results['multi_layer']['layers']}: {results['multi_layer']['accuracy']:.4f}; "
             f"random init (its best layer): {results['random_init_accuracy']:.4f}; raw pixels: "
-            f"{results['raw_pixel_accuracy']:.4f}."]
+            f"{results['raw_pixel_accuracy']:.4f}."
+            + sample_size_note(results["best_accuracy"], results["test_examples"])]
   if "seconds" in results:
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()) + "."]
   workdir_lib.write_text(out_dir / "results.md", "\n".join(lines) + "\n")
@@ -230,6 +231,16 @@ def _subset(data, n: int, seed: int):
     return data
   idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
   return data.subset(idx, f"{data.name}[{n} examples]")
+
+
+def sample_size_note(accuracy: float, n: int) -> str:
+  """Under ~1,000 test images an accuracy moves by whole percents from image to image: say by
+  how much (a 95% binomial interval's half-width), so no one reads a 1.0000 on 26 images."""
+  if n >= 1000 or n <= 0:
+    return ""
+  half = 1.96 * (max(accuracy * (1 - accuracy), 1 / n) / n) ** 0.5
+  return (f" On {n} test images an accuracy is uncertain by about +-{half:.3f} (95%): "
+          "differences smaller than that are noise.")
 
 
 def labelled_splits(config, log) -> dict:
@@ -371,7 +382,7 @@ def run(config, workdir, log=print) -> dict:
       f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}; concatenated "
       f"layers {results['multi_layer']['layers']} {multi['accuracy']:.4f}. Times: "
       + ", ".join(f"{k_} {v:.0f}" for k_, v in results["seconds"].items())
-      + f". Report in {out_dir}")
+      + f".{sample_size_note(best['accuracy'], results['test_examples'])} Report in {out_dir}")
   return {"stage": "probe", "results": str(out_dir / "results.json"),
           **{k_: results[k_] for k_ in ("best_layer", "best_accuracy", "random_init_accuracy",
                                         "raw_pixel_accuracy")}}

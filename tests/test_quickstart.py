@@ -49,6 +49,8 @@ def test_own_images_from_a_folder_to_a_report_and_a_hugging_face_model(tmp_path)
   assert 0 < result["test_bits_per_dim"] < 8 and 0 <= result["best_accuracy"] <= 1
   probe = json.loads((run / "probe" / "results.json").read_text())
   assert probe["test_examples"] + probe["train_examples"] < 120  # the folder's own splits
+  assert f"On {probe['test_examples']} test images an accuracy is uncertain by about +-" in (
+      run / "probe" / "results.md").read_text()  # a handful of images: said
   # A later stage: --workdir alone (the run's config, the folder and tiny sizes included).
   again = igpt(f"--workdir={run}", "--config.stage=probe")
   assert again["best_accuracy"] == result["best_accuracy"]
@@ -56,3 +58,5 @@ def test_own_images_from_a_folder_to_a_report_and_a_hugging_face_model(tmp_path)
   hf_config = json.loads((run / "hf" / "config.json").read_text())
   assert exported["classes"] == 3
   assert hf_config["id2label"] == {"0": "astronaut", "1": "chelsea", "2": "coffee"}
+  card = (run / "hf" / "README.md").read_text()
+  assert f"| data | folder `{photos}` |" in card  # not the default TFDS name
