@@ -111,8 +111,8 @@ def check_overrides(argv: list[str]) -> None:
   a value that does not parse as the field's type (absl would say FATAL and exit 1)."""
   import difflib
 
-  index = _config_index(argv)
-  path = None if index is None else _config_value(argv[index])
+  index = _flag_index(argv, "--config")
+  path = None if index is None else _flag_value(argv[index])
   if path and not os.path.isfile(path.split(":")[0]):
     names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[0] != "_")
     typed = os.path.basename(path.split(":")[0])
@@ -173,11 +173,10 @@ def with_run_config(argv: list[str]) -> list[str]:
   """Without --config, `--workdir=W` runs with W's saved config (overrides still apply):
   `config.<stage>.json` when W ran that stage before, else `config.json`, the run's first. A
   newcomer's later stages then need no override retyped."""
-  if _config_index(argv) is not None:
+  if _flag_index(argv, "--config") is not None:
     return argv
-  workdir = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
-                  for i, a in enumerate(argv) if a.split("=", 1)[0] == "--workdir"
-                  and ("=" in a or i + 1 < len(argv))), None)
+  index = _flag_index(argv, "--workdir")
+  workdir = None if index is None else _flag_value(argv[index])
   if workdir is None:
     exit_with_error("--config is required, e.g. --config=demo (a shipped config), a config "
                     "file, or a run's saved config.json; or give --workdir=DIR of a run to use "
@@ -197,8 +196,8 @@ def with_packaged_config(argv: list[str]) -> list[str]:
   """`--config=igpt_l` (or `igpt_l.py`, or `eval/cifar10:l`) names a config shipped inside the
   package, so a pip install without this repository's checkout has them; a path to a file that
   exists is used as it is."""
-  index, out = _config_index(argv), list(argv)
-  name = None if index is None else _config_value(argv[index])
+  index, out = _flag_index(argv, "--config"), list(argv)
+  name = None if index is None else _flag_value(argv[index])
   if name is not None and name.endswith(".json"):  # a run's saved config (any stage writes one)
     if "://" not in name and not os.path.isfile(name):
       exit_with_error(f"--config={name}: no such file.")
@@ -212,18 +211,20 @@ def with_packaged_config(argv: list[str]) -> list[str]:
   return out
 
 
-def _config_index(argv: list[str]) -> int | None:
-  """Where the --config value is in argv: `--config=X` itself, or the word after `--config`."""
+def _flag_index(argv: list[str], flag: str) -> int | None:
+  """Where `flag`'s value is in argv: `--flag=X` itself, or the word after `--flag`."""
   for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
+    if arg.startswith(flag + "="):
       return i
-    if arg == "--config" and i + 1 < len(argv):
+    if arg == flag and i + 1 < len(argv):
       return i + 1
   return None
 
 
-def _config_value(arg: str) -> str:
-  return arg.split("=", 1)[1] if arg.startswith("--config=") else arg
+def _flag_value(arg: str) -> str:
+  """The value in `--flag=X`, or the word X itself."""
+  return arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+
 
 
 def _parses_as(text: str, kind: type) -> bool:
