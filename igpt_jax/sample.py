@@ -124,6 +124,17 @@ def save_png(image: np.ndarray, path, scale: int = 4) -> str:
   return str(path)
 
 
+def across_classes(labels, n: int) -> np.ndarray:
+  """Indices of n test images taken in turn from each class (each class's first, then each
+  class's second, ...), in file order: the first n files of a folder are often one class."""
+  labels = np.asarray(labels)
+  rank = np.zeros(len(labels), np.int64)  # an image's place among its class's
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    rank[members] = np.arange(len(members))
+  return np.sort(np.lexsort((labels, rank))[:n])
+
+
 def run(config, workdir, log=print) -> dict:
   """Stage sample: unconditional samples and completions of test images' bottom halves.
 
@@ -146,7 +157,7 @@ def run(config, workdir, log=print) -> dict:
   paths = {"unconditional": save_png(image_grid([uncond_imgs]), out_dir / "unconditional.png")}
   distributed.PREEMPTION.check("sample", checkpoint_step=step)  # each decode is one program
   test = sources.load(config, "test", log=log)
-  test = test.subset(np.arange(min(sc.completions, len(test))), "completions")
+  test = test.subset(across_classes(test.labels, sc.completions), "completions")
   tokens, pixels = pipeline.tokens_of(test, centers, res, with_pixels=True,
                                       augment=config.data.augment)
   half = (res // 2) * res

@@ -118,3 +118,13 @@ def test_bert_class_logits_ensemble_is_the_mean_of_single_mask_passes():
   ensembled = jax.jit(lambda t: train.ensembled_class_logits(model, t, 9, 3))(tokens)
   np.testing.assert_allclose(ensembled, np.mean(singles, axis=0), rtol=1e-5, atol=1e-5)
   assert not np.allclose(singles[0], singles[2], atol=1e-4)
+
+
+def test_completions_are_drawn_from_every_class():
+  """A folder's test files come class by class: the first 4 were all class 0."""
+  labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+  chosen = sample.across_classes(labels, 4)
+  assert chosen.tolist() == [0, 1, 5, 8]  # each class's first, then class 0's second
+  assert sorted(set(labels[sample.across_classes(labels, 3)])) == [0, 1, 2]
+  assert sample.across_classes(np.full(5, -1), 3).tolist() == [0, 1, 2]  # unlabelled: in order
+  assert len(sample.across_classes(labels, 50)) == 10
