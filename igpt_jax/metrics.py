@@ -198,20 +198,13 @@ class _EventParts:
 
   def flush(self) -> None:
     if self._events:
-      import io
-
       from etils import epath
-      from tensorboard.summary.writer.record_writer import RecordWriter
       from tensorboard.compat.proto.event_pb2 import Event
-      buffer = io.BytesIO()
-      records = RecordWriter(buffer)
-      records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-      for event in self._events:
-        records.write(event)
+      header = Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
       folder = epath.Path(self.logdir)
       folder.mkdir(parents=True, exist_ok=True)
       (folder / f"events.out.tfevents.{time.time_ns():020d}.igpt_jax").write_bytes(
-          buffer.getvalue())
+          _event_file_bytes([header, *self._events]))
       self._events = []
     self._flushed_at = time.monotonic()
 
@@ -222,11 +215,8 @@ class _EventParts:
 def _truncate_events(logdir, step: int) -> None:
   """Rewrites every TensorBoard event file in `logdir` without the events past `step`, each
   file whole or not at all."""
-  import io
-
   from etils import epath
   from tensorboard.backend.event_processing import event_file_loader
-  from tensorboard.summary.writer.record_writer import RecordWriter
   logdir = epath.Path(logdir)
   if not logdir.exists():
     return
@@ -234,12 +224,20 @@ def _truncate_events(logdir, step: int) -> None:
     events = list(event_file_loader.EventFileLoader(str(path)).Load())
     if all(e.step <= step for e in events):
       continue
-    buffer = io.BytesIO()
-    records = RecordWriter(buffer)
-    for event in events:
-      if event.step <= step:
-        records.write(event.SerializeToString())
-    workdir_lib.write_atomic(path, buffer.getvalue())
+    workdir_lib.write_atomic(path, _event_file_bytes(
+        [e.SerializeToString() for e in events if e.step <= step]))
+
+
+def _event_file_bytes(records: list[bytes]) -> bytes:
+  """Serialised events as one TensorBoard event file (TFRecord framing)."""
+  import io
+
+  from tensorboard.summary.writer.record_writer import RecordWriter
+  buffer = io.BytesIO()
+  writer = RecordWriter(buffer)
+  for record in records:
+    writer.write(record)
+  return buffer.getvalue()
 
 
 def _event_writer(logdir: str):
