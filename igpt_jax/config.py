@@ -187,14 +187,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.plan = ml_collections.ConfigDict()
   c.plan.num_devices = 0  # > 0: simulate that many CPU devices for planning
-  c.plan.device_memory_gb = 0.0  # > 0: report whether the step fits this per-device memory
+  # GiB per device the step must fit, searched for when it does not; 0 = this machine's devices'
+  # own memory (a GPU's, a CPU's free RAM), none for simulated devices.
+  c.plan.device_memory_gb = 0.0
   # An accelerator to compile for with its own compiler (TPU: libtpu, no TPU needed):
   # v4-32, v5litepod-64, v5p-128, v6e-64; GPUs (h100, h200-8, a100-80gb): XLA's CUDA compiler
   # where jax's CUDA plugin is installed (no GPU needed), else a CPU-compiled estimate.
   c.plan.target = ""
   c.plan.slices = 0  # slices of the target; 0 = mesh.slices
-  # When the step does not fit, or fits with room to spare, search the settings a user can
-  # change for the best-estimated one that fits, and print it as --config. overrides.
+  # When the step does not fit (or fits a target with room to spare), search the settings a
+  # user can change for the best-estimated one that fits, and print it as --config. overrides.
   c.plan.search = True
   # FLOPs and HBM bytes per step from the compiler, and the roofline step time and MFU they
   # imply: two more (small) compiles.

@@ -199,7 +199,7 @@ def _fit(config, workdir, stage: str, log, stop_after: int | None) -> dict:
       timeline.switch("after_training")
       return result
     writer = metrics_lib.MetricsWriter(workdir_lib.stage_dir(workdir, stage),
-                                       enabled=distributed.is_chief())
+                                       enabled=distributed.is_chief(), namespace=stage)
     writer.truncate_after(start)
     timeline.switch("compile")
     step_fn = trainer.compile_step()

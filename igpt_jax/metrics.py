@@ -74,11 +74,17 @@ class MetricsWriter:
   `enabled=False` on every process but 0. The directory may be remote (`gs://`): there both
   logs grow by append-only parts (appendlog.AppendLog; TensorBoard reads every event file of a
   folder, so its parts are whole event files) instead of being rewritten at each log step.
+
+  TensorBoard tags are `namespace/name` (the stage: fine-tuning's `loss` is not pretraining's,
+  and one card would overlay them); counts (`is_count`) go to its Text tab when they change,
+  not to curves. metrics.jsonl keeps the plain names.
   """
 
-  def __init__(self, workdir, enabled: bool = True, flush_s: float = 30.0):
+  def __init__(self, workdir, enabled: bool = True, flush_s: float = 30.0, namespace: str = ""):
     from etils import epath
     self.enabled = enabled
+    self.namespace = namespace
+    self._counts_written = {}
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._log = appendlog.AppendLog(self.path, flush_s)
     self._tb, self._tb_opened = None, False
@@ -121,10 +127,18 @@ class MetricsWriter:
     self._log.append(json.dumps(row) + "\n")
     if self._events() is None:
       return
-    values = [Summary.Value(tag=k, simple_value=v) for k, v in row.items()
-              if k != "step" and v is not None]
+    values = [Summary.Value(tag=self.tag(k), simple_value=v) for k, v in row.items()
+              if k != "step" and v is not None and not is_count(k)]
+    for k, v in row.items():
+      if is_count(k) and v is not None and self._counts_written.get(k) != v:
+        self._counts_written[k] = v
+        values.append(_text_value(self.tag(k), f"{v:g}"))
     self._tb.add_event(Event(wall_time=wall_time, step=row["step"],
                              summary=Summary(value=values)))
+
+  def tag(self, name: str) -> str:
+    """`name`'s TensorBoard tag: under the writer's namespace unless it names its own."""
+    return f"{self.namespace}/{name}" if self.namespace and "/" not in name else name
 
   def write_image(self, step: int, tag: str, image) -> None:
     """A uint8 [H, W, C] image (a sample grid, a plot) into TensorBoard's Images tab."""
@@ -142,7 +156,7 @@ class MetricsWriter:
     from tensorboard.compat.proto.summary_pb2 import Summary
     png = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
-    value = Summary.Value(tag=tag, image=Summary.Image(
+    value = Summary.Value(tag=self.tag(tag), image=Summary.Image(
         height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
         encoded_image_string=png.getvalue()))
     self._tb.add_event(Event(wall_time=wall_time, step=step, summary=Summary(value=[value])))
@@ -174,6 +188,21 @@ class MetricsWriter:
     self._log.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def is_count(name: str) -> bool:
+  """A column that counts things (examples evaluated, a host's index): text, not a curve."""
+  return name.endswith("_examples") or name == "slowest_host"
+
+
+def _text_value(tag: str, text: str):
+  """A Summary value for TensorBoard's Text tab."""
+  from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+  meta = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+  return summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_STRING, string_val=[text.encode()],
+      tensor_shape=tensor_shape_pb2.TensorShapeProto()))
 
 
 def read_rows(directory) -> list[dict]:

@@ -17,6 +17,7 @@ twins is found by name and its matmuls are added analytically (`kernel_flops_per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -38,6 +39,18 @@ GIB = targets_lib.GIB
 REMAT_COST = {"none": 0.0, "save:query,key,value,attention_out,mlp_hidden": 0.25,
               "dots_with_no_batch_dims_saveable": 0.5, "full": 1.0}
 ROOM = 0.5  # a step using under this share of HBM "fits with room to spare"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What a plan judges a step against: `bytes` per device, called `name` in its sentences
+  ('v5litepod-16', 'plan.device_memory_gb=80'); `platform` is the one the searched settings are for,
+  `chip` (when known) prices the roofline."""
+  name: str
+  bytes: int
+  platform: str
+  chip: targets_lib.Chip | None = None
+  unit: str = "chip"  # what the sentences call one device
 
 
 def model_summary(config) -> dict:
@@ -66,6 +79,23 @@ def compile_step(config, devices):
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   trainer = train_lib.Trainer(cfg, config, mesh, sharding_lib.rules_from_config(config))
   return trainer.compile_step(), mesh
+
+
+def state_bytes(config) -> int:
+  """Bytes of the whole model's parameters, their gradients and the optimizer state: no layout,
+  remat or micro-batching shrinks a device's share below these over one slice's devices
+  (our meshes shard within a slice and replicate across slices)."""
+  from flax import nnx
+  from igpt_jax import optim
+  cfg = model_lib.ModelConfig.from_config(config)
+  tx = optim.make_optimizer(train_lib.train_section(config))
+
+  def init(key):
+    params = nnx.to_pure_dict(nnx.state(model_lib.ImageGPT(cfg, rngs=nnx.Rngs(key)), nnx.Param))
+    return params, params, tx.init(params)  # the second: the gradients, as large
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
 def undivided(config, mesh) -> str:
@@ -222,6 +252,8 @@ def attention_options(config, platform: str, compiled_on: str) -> list[dict]:
         out.append(option)
   if platform == "gpu" and compiled_on == "gpu" and jax.numpy.dtype(dtype).itemsize == 2:
     out.append({"model.attention": "cudnn"})
+  if platform == "cpu" and config.model.objective == "ar":
+    out.append({"model.attention": "blocked"})
   return out + [{"model.attention": "xla"}]
 
 
@@ -242,7 +274,7 @@ def candidates(config, chips: int, slices: int, platform: str, compiled_on: str 
           shards = chips // tensor
           if batch % (shards * slices * accum):
             continue
-          for layout in ("data", "fsdp"):
+          for layout in ("data", "fsdp") if shards > 1 else ("data",):
             out.append({**attention, "mesh.data": shards if layout == "data" else 1,
                         "mesh.fsdp": shards if layout == "fsdp" else 1,
                         "mesh.tensor": tensor, "model.remat": remat,
@@ -272,15 +304,17 @@ def current_setting(config, mesh: dict, platform: str, compiled_on: str) -> dict
 
 
 def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: str,
-           better_than: dict | None, log, max_compiles: int = 40) -> dict | None:
+           better_than: dict | None, log, max_compiles: int = 40,
+           skip: dict | None = None) -> dict | None:
   """Compiles candidates best-estimated first; returns the first that fits (with its figures),
-  or None. With `better_than` (a setting that already fits) only better-ranked ones are tried."""
+  or None. With `better_than` (a setting that already fits) only better-ranked ones are tried;
+  `skip` (the setting already compiled) is not tried again."""
   tried = 0
   compiled_on = attention_lib.device_platform(devices[0])
   for setting in candidates(config, chips, slices, platform, compiled_on):
     if better_than is not None and _rank(setting) >= _rank(better_than):
       break
-    if setting == better_than:
+    if setting in (better_than, skip):
       continue
     if tried == max_compiles:
       log(f"plan: search stopped after {max_compiles} compiles.")
@@ -317,24 +351,62 @@ def run(config, log=print) -> dict:
 
 
 def plan_simulated(config, log) -> dict:
-  """The mesh on this machine's devices (or plan.num_devices simulated CPUs): memory only."""
+  """The mesh on this machine's devices (or plan.num_devices simulated CPUs), judged against
+  `memory_budget`: with one, a verdict and (when it does not fit) the search; without, the
+  step's needs and how to get a verdict."""
   devices = jax.devices()
   if config.plan.num_devices:
     devices = devices[:config.plan.num_devices]
-  compiled, mesh = compile_step(config, devices)
-  log(f"Compiled the train step for mesh {dict(mesh.shape)} ({len(devices)} devices).")
-  out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled),
-         "attention": attention_ran(config, mesh)}
-  whole = undivided(config, mesh)
-  if whole:
-    out["undivided"] = whole
-    log(f"warning: {whole}")
-  if "per_device_bytes" in out:
-    out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
-  if config.plan.device_memory_gb and "per_device_bytes" in out:
-    out["device_memory_gb"] = config.plan.device_memory_gb
-    out["fits"] = out["per_device_bytes"] <= config.plan.device_memory_gb * GIB
+  budget = memory_budget(config, devices[0])
+  if budget is None:
+    compiled, mesh = compile_step(config, devices)
+    out = {"mesh": dict(mesh.shape), **train_lib.memory_report(compiled),
+           "attention": attention_ran(config, mesh)}
+    whole = undivided(config, mesh)
+    if whole:
+      out["undivided"] = whole
+      log(f"warning: {whole}")
+    if "per_device_bytes" in out:
+      out["per_device_gib"] = round(out["per_device_bytes"] / GIB, 3)
+    log(f"plan: the step needs {out.get('per_device_gib', '?')} GiB per device on "
+        f"{len(devices)} simulated CPU devices (mesh {out['mesh']}); for a verdict and settings "
+        "that fit, add --config.plan.device_memory_gb=<GiB per device of your accelerator>, or "
+        f"--config.plan.target=<accelerator> ({targets_lib.EXAMPLES}) to compile for it.")
+    return out
+  out = {"device_memory_gb": round(budget.bytes / GIB, 2), "budget": budget.name}
+  out.update(_verdict(config, devices, budget, len(devices), max(config.mesh.slices, 1), log,
+                      search_roomy=False))
   return out
+
+
+def memory_budget(config, device) -> Budget | None:
+  """plan.device_memory_gb; else, for this machine's own devices, their memory (an
+  accelerator's allocator limit, or a CPU's RAM); None for simulated devices without it."""
+  gib = config.plan.device_memory_gb
+  if gib:
+    return Budget(f"plan.device_memory_gb={gib:g}", int(gib * GIB), "cpu", unit="device")
+  if config.plan.num_devices:
+    return None
+  platform = attention_lib.device_platform(device)
+  if platform != "cpu":
+    limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    chip = targets_lib.chip_for_device_kind(device.device_kind)
+    return (Budget(f"this {device.device_kind}", int(limit), platform, chip,
+                   unit=platform.upper()) if limit else None)
+  free = _available_ram()
+  return Budget("this machine's free RAM", free, "cpu", unit="device")
+
+
+def _available_ram() -> int:
+  """RAM the kernel could give a new program now (MemAvailable), else all of it."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def plan_tpu(config, target: targets_lib.Target, log) -> dict:
@@ -351,7 +423,7 @@ def plan_tpu(config, target: targets_lib.Target, log) -> dict:
          "hosts": hosts, "slices": slices, "topology": target.topology,
          "hbm_gib": round(target.hbm_bytes / GIB, 2), "hbm_bytes": hbm,
          "usable_gib": round(hbm / GIB, 2)}
-  out.update(_verdict(config, devices, target, len(devices), slices, log))
+  out.update(_verdict(config, devices, _target_budget(target), len(devices), slices, log))
   out["plan_s"] = round(time.perf_counter() - began, 1)
   return out
 
@@ -380,8 +452,13 @@ def plan_gpu(config, target: targets_lib.Target, log) -> dict:
          "hosts": -(-target.chips // targets_lib.GPUS_PER_HOST), "slices": 1,
          "hbm_gib": round(target.hbm_bytes / GIB, 2), "hbm_bytes": target.usable_bytes,
          "usable_gib": round(target.usable_bytes / GIB, 2)}
-  out.update(_verdict(config, devices, target, target.chips, 1, log))
+  out.update(_verdict(config, devices, _target_budget(target), target.chips, 1, log))
   return out
+
+
+def _target_budget(target: targets_lib.Target) -> Budget:
+  return Budget(target.name, target.usable_bytes, target.platform, target.chip,
+                unit="GPU" if target.platform == "gpu" else "chip")
 
 
 def _installed(name: str) -> str | None:
@@ -393,47 +470,70 @@ def _installed(name: str) -> str | None:
     return None
 
 
-def _verdict(config, devices, target, chips: int, slices: int, log) -> dict:
-  hbm = target.usable_bytes
+def _verdict(config, devices, budget: Budget, chips: int, slices: int, log,
+             search_roomy: bool = True) -> dict:
+  """Compiles the config's step, says in one sentence whether it fits `budget`, and searches
+  for settings that do (or, with `search_roomy`, for faster ones when it has room to spare)."""
+  hbm = budget.bytes
   result = try_compile(config, devices, hbm)
   out = {k: v for k, v in result.items() if k != "compile_s"}
   out["compile_s"] = round(result["compile_s"], 1)
-  if "per_device_bytes" in result and config.plan.roofline:
-    out.update(_rounded(roofline(config, devices, target.chip, chips)))
-  per_slice = chips // slices
+  if "per_device_bytes" in result and config.plan.roofline and budget.chip:
+    out.update(_rounded(roofline(config, devices, budget.chip, chips)))
   if "undivided" in out:
     log(f"warning: {out['undivided']}")
+  unit = budget.unit
+  per_slice = chips // slices
+  floor = state_bytes(config) / per_slice  # per device, however the state is sharded
+  searching = config.plan.search and floor <= hbm
   if result["fits"]:
-    log(f"plan: fits (attention {out['attention']}): {out['per_device_gib']:.2f} of "
-        f"{hbm / GIB:.2f} GiB per chip"
+    log(f"plan: fits {budget.name}: {out['per_device_gib']:.2f} of {hbm / GIB:.2f} GiB per "
+        f"{unit} (attention {out['attention']})"
         + (f"; roofline {out['step_s_roofline']:.3f} s/step, MFU <= "
            f"{100 * out['mfu_roofline']:.0f}% ({out['bound']} bound)." if "mfu_roofline" in out
            else "."))
   else:
-    log(f"plan: does NOT fit {target.name}: "
-        + (out.get("out_of_memory") or f"{out['per_device_gib']:.2f} GiB per chip"))
-  roomy = result["fits"] and result.get("per_device_bytes", 0) < ROOM * hbm
+    log(f"plan: does NOT fit {budget.name}: "
+        + (out.get("out_of_memory") or f"{out['per_device_gib']:.2f} GiB per {unit} "
+           f"(mesh {out['mesh']}, attention {out['attention']})")
+        + ("; searching for settings that fit (--config.plan.search=false skips this)..."
+           if searching else "."))
+  if not result["fits"] and floor > hbm:
+    needed = math.ceil(floor * per_slice / hbm) * slices
+    out["suggested"] = None
+    out["devices_needed_at_least"] = needed
+    log(f"plan: no setting on {_count(chips, unit)} can fit {budget.name}: the parameters, "
+        f"gradients and optimizer state alone are {floor / GIB:.2f} GiB per {unit} however "
+        f"they are sharded; it takes at least {_count(needed, unit)} of {hbm / GIB:.2f} GiB.")
+    return out
+  roomy = search_roomy and result["fits"] and result.get("per_device_bytes", 0) < ROOM * hbm
   if config.plan.search and (not result["fits"] or roomy):
     compiled_on = attention_lib.device_platform(devices[0])
-    current = (current_setting(config, result["mesh"], target.platform, compiled_on)
+    current = (current_setting(config, result["mesh"], budget.platform, compiled_on)
                if "mesh" in result else None)
-    found = search(config, devices, hbm, per_slice, slices, target.platform,
-                   current if result["fits"] else None, log)
+    found = search(config, devices, hbm, per_slice, slices, budget.platform,
+                   current if result["fits"] else None, log, skip=current)
     if found:
       suggestion = {"overrides": found["overrides"], "fits": True,
                     "per_device_gib": found["per_device_gib"],
                     "mesh": found["mesh"], "compile_s": round(found["compile_s"], 1)}
-      if config.plan.roofline:
+      if config.plan.roofline and budget.chip:
         suggestion.update(_rounded(roofline(with_overrides(config, found["setting"]), devices,
-                                            target.chip, chips)))
+                                            budget.chip, chips)))
       out["suggested"] = suggestion
-      log(f"plan: suggested (fits, {suggestion['per_device_gib']:.2f} GiB per chip"
+      log(f"plan: suggested (fits, {suggestion['per_device_gib']:.2f} GiB per {unit}"
           + (f", MFU <= {100 * suggestion['mfu_roofline']:.0f}%" if "mfu_roofline" in suggestion
              else "") + f"): {found['overrides']}")
     elif not result["fits"]:
       out["suggested"] = None
-      log("plan: no setting searched fits; use a larger slice (or more slices).")
+      log(f"plan: no setting searched fits {budget.name}; "
+          + ("use a larger slice (or more slices)." if budget.platform == "tpu" else
+             "use more devices (--config.plan.num_devices=N simulates N of them)."))
   return out
+
+
+def _count(n: int, unit: str) -> str:
+  return f"{n} {unit}" + ("" if n == 1 else "s")
 
 
 def _rounded(d: dict) -> dict:

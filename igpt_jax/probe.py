@@ -153,7 +153,7 @@ def write_tensorboard(results: dict, out_dir) -> None:
   from igpt_jax import metrics as metrics_lib
   if not distributed.is_chief():
     return
-  writer = metrics_lib.MetricsWriter(out_dir)
+  writer = metrics_lib.MetricsWriter(out_dir, namespace="probe")
   writer.truncate_after(0)
   rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
   for r in results["by_layer"]:

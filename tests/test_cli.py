@@ -98,7 +98,7 @@ def test_shipped_configs_are_in_the_wheel_and_named_without_a_path(tmp_path):
 
 
 def test_default_workdir_is_timestamped_under_runs_and_stage_says_where(tmp_path):
-  out = cli("--config=igpt_s", "--config.stage=plan", cwd=tmp_path)
+  out = cli("--config=igpt_s", "--config.stage=plan", "--config.plan.search=false", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   (run,) = os.listdir(tmp_path / "runs")
   assert run.startswith("igpt_s-") and len(run) == len("igpt_s-20261122-120000")
@@ -275,6 +275,39 @@ def test_a_checkpoint_is_used_only_with_the_palette_it_was_trained_with(tmp_path
     assert_one_line_error(out, "was trained with a different palette")
   assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
   assert not list((tmp_path / "checkpoints").glob("finetune/[0-9]*"))
+
+
+def test_plan_answers_in_words_for_any_machine(tmp_path):
+  """No target: one sentence judges the step against this machine's free RAM or
+  plan.device_memory_gb; a step that does not fit gets the search and overrides that fit when
+  pasted back; a budget below the model's own state says how many devices it takes; simulated
+  devices without a budget say how to get a verdict."""
+  demo, w = f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}"
+  plan = lambda *args: cli(demo, "--config.stage=plan", w, *args)
+  last_json = lambda out: json.loads(out.stdout.strip().splitlines()[-1])
+  here = plan()
+  assert here.returncode == 0, here.stderr[-3000:]
+  assert "plan: fits this machine's free RAM: " in here.stdout and last_json(here)["fits"]
+  needs = last_json(here)["per_device_gib"]
+  budget = f"--config.plan.device_memory_gb={0.7 * needs:.4f}"
+  tight = plan(budget)
+  assert tight.returncode == 0, tight.stderr[-3000:]
+  assert f"plan: does NOT fit plan.device_memory_gb={0.7 * needs:.4f}: " in tight.stdout
+  result = last_json(tight)
+  assert result["fits"] is False and result["suggested"]["fits"], result
+  pasted = plan(budget, *result["suggested"]["overrides"].split())
+  assert last_json(pasted)["fits"], pasted.stdout[-2000:]
+  assert abs(last_json(pasted)["per_device_gib"] - result["suggested"]["per_device_gib"]) < 1e-3
+  # AdamW: parameters, gradients and two moments, 16 bytes a parameter, at 2.5x the budget.
+  state_gib = 16 * last_json(here)["params"] / 2**30
+  hopeless = plan(f"--config.plan.device_memory_gb={state_gib / 2.5:.6f}")
+  assert "plan: no setting on 1 device can fit" in hopeless.stdout, hopeless.stdout[-2000:]
+  assert "it takes at least 3 devices" in hopeless.stdout
+  assert last_json(hopeless)["devices_needed_at_least"] == 3
+  simulated = plan("--config.plan.num_devices=2")
+  assert "on 2 simulated CPU devices" in simulated.stdout
+  assert "--config.plan.device_memory_gb=<GiB per device" in simulated.stdout
+  assert "fits" not in last_json(simulated)
 
 
 def test_plan_simulates_the_devices_a_mesh_needs():

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from igpt_jax import probe
+from igpt_jax import metrics, probe
+from igpt_jax.stages import finetune as finetune_stage
 from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax.data import sources
 from test_stages import QUIET, stage_config
@@ -28,11 +29,29 @@ def test_tensorboard_gets_scalars_sample_grids_and_probe_accuracy(tmp_path):
   pretrain_stage.run(config, workdir, log=QUIET)
   acc = read_events(os.path.join(workdir, "tensorboard"))
   for tag in ("loss", "bits_per_dim", "lr", "grad_norm", "tokens_per_s"):
-    assert [e.step for e in acc.Scalars(tag)] == list(range(1, 9))
-  grids = acc.Images("samples")
+    assert [e.step for e in acc.Scalars(f"pretrain/{tag}")] == list(range(1, 9))
+  assert all(tag.startswith("pretrain/") for tag in acc.Tags()["scalars"])
+  grids = acc.Images("pretrain/samples")
   assert [e.step for e in grids] == [4, 8]
   # 8 samples of 8x8 in one row with 2-pixel gaps.
   assert (grids[0].height, grids[0].width) == (8 + 4, 8 * 10 + 2)
+
+  # Fine-tuning's curves are its own cards (not pretraining's `loss` overlaid), and the count
+  # of examples evaluated is text at the evaluations, not a curve.
+  config = stage_config("finetune")
+  config.finetune.eval_every = 2  # evaluations at steps 0 (the LP-FT head), 2 and 4: same examples
+  finetune_stage.run(config, workdir, log=QUIET)
+  acc = read_events(os.path.join(workdir, "finetune", "tensorboard"))
+  scalars = acc.Tags()["scalars"]
+  assert "finetune/loss" in scalars and "finetune/eval_accuracy" in scalars
+  assert all(tag.startswith("finetune/") for tag in scalars)
+  assert not any(tag.endswith("_examples") for tag in scalars)
+  rows = [r for r in metrics.read_rows(os.path.join(workdir, "finetune")) if "eval_examples" in r]
+  assert [r["step"] for r in rows] == [0, 2, 4] and rows[0]["eval_examples"] > 0
+  (text,) = acc.Tensors("finetune/eval_examples")  # written once: the count never changed
+  assert acc.SummaryMetadata("finetune/eval_examples").plugin_data.plugin_name == "text"
+  assert text.step == rows[0]["step"]
+  assert text.tensor_proto.string_val == [str(int(rows[0]["eval_examples"])).encode()]
 
   probe.run(stage_config("probe"), workdir, log=QUIET)
   acc = read_events(os.path.join(workdir, "probe", "tensorboard"))

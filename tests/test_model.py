@@ -45,7 +45,7 @@ def tokens(cfg, batch=3, seed=1):
 @pytest.mark.parametrize("name,expected", [("igpt_s", 76_571_648), ("igpt_m", 455_157_760)])
 def test_paper_sizes_exact(name, expected):
   config = load_config(name)
-  config.stage = "plan"
+  config.stage, config.plan.search = "plan", False  # sizes only: no search on this machine
   assert stages.get("plan")(config, "")["params"] == expected
 
 
@@ -55,7 +55,8 @@ def test_plan_stage_cli_prints_json_last_line():
   for name in ("igpt_l", "igpt_xl"):
     proc = subprocess.run(
         [sys.executable, "-m", "igpt_jax.main", f"--config={REPO}/configs/{name}.py",
-         "--config.stage=plan"], capture_output=True, text=True, cwd=REPO, timeout=300)
+         "--config.stage=plan", "--config.plan.search=false"], capture_output=True, text=True,
+        cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["igpt_l"]["params"] == 1_362_250_752

@@ -428,7 +428,7 @@ def test_a_resumed_run_cuts_back_its_tensorboard_curves(tmp_path):
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
   steps = [e.step for path in sorted((tmp_path / "tensorboard").iterdir())
            for e in event_file_loader.EventFileLoader(str(path)).Load()
-           if any(v.tag == "loss" for v in e.summary.value)]
+           if any(v.tag == "pretrain/loss" for v in e.summary.value)]
   assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
