@@ -85,6 +85,7 @@ def run(config, workdir: str) -> dict:
   if stage not in ("prepare", "plan"):
     workdir = distributed.from_chief("workdir", workdir)  # a default one has a timestamp
     workdir_lib.check_same_workdir(workdir)
+    workdir_lib.check_same_run(config, workdir)  # before its saved configs are written
     outputs = workdir
   if stage != "prepare":  # each stage's own config; config.json: the run's first (shared)
     text = config.to_json_best_effort(indent=2)

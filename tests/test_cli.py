@@ -251,6 +251,34 @@ def test_checkpoint_and_palette_mismatch_on_the_command_line(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain")) == ["2"]
 
 
+def test_a_config_that_contradicts_the_runs_is_one_line_naming_the_fields(tmp_path):
+  """A run pretrained here: resuming its pretraining on other data, or reading its checkpoint
+  with another model, is refused before anything is written, in one line that names the
+  fields; a schedule may change (the run's config, a longer run)."""
+  tiny = ["--config.data.resolution=8", "--config.model.num_layers=2", "--config.model.num_heads=4",
+          "--config.model.d_model=32", "--config.train.batch_size=16",
+          "--config.palette.samples=20000"]
+  demo = (f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}", *tiny)
+  first = cli(*demo, "--config.stage=pretrain", "--config.train.steps=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  saved = (tmp_path / "config.pretrain.json").read_text()
+  other_data, other_model, longer = cli_many(
+      (*demo, "--config.stage=pretrain", "--config.train.steps=3", "--config.data.source=folder",
+       f"--config.data.path={tmp_path / 'photos'}"),
+      (*demo, "--config.stage=evaluate", "--config.model.d_model=64"),
+      (f"--workdir={tmp_path}", "--config.stage=pretrain", "--config.train.steps=3"))
+  assert_one_line_error(other_data, f"The run in {tmp_path} was pretrained with "
+                        "data.source='fashion_mnist' (this config: 'folder'), data.path='' "
+                        f"(this config: '{tmp_path / 'photos'}') (its config.pretrain.json)")
+  assert "give --workdir=" in other_data.stderr
+  assert_one_line_error(other_model, "pretrained with model.d_model=32 (this config: 64)")
+  assert not (tmp_path / "config.evaluate.json").exists()
+  assert longer.returncode == 0, longer.stderr[-2000:]
+  assert json.loads(longer.stdout.strip().splitlines()[-1])["step"] == 3
+  assert json.loads((tmp_path / "config.pretrain.json").read_text())["model"] == json.loads(
+      saved)["model"]
+
+
 def test_a_checkpoint_is_used_only_with_the_palette_it_was_trained_with(tmp_path):
   """fit_palette keeps the palette that checkpoints were trained with; another palette.npz (a
   file copied over it) is refused in one line by a resumed pretraining, by fine-tuning and by
