@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from igpt_jax import model as model_lib
+from igpt_jax import named_params
 from igpt_jax import tfimport
 
 HF_WEIGHTS = "model.safetensors"
@@ -125,7 +126,7 @@ def from_pretrained(path: str, **overrides):
     arrays["class_bias"] = np.zeros((cfg.num_classes,), np.float32)
     arrays["class_shift"] = np.zeros((cfg.d_model,), np.float32)
     arrays["class_scale"] = np.ones((cfg.d_model,), np.float32)
-  return cfg, model_lib.from_named_params(cfg, arrays)
+  return cfg, named_params.to_model(cfg, arrays)
 
 
 # -- igpt_jax -> transformers ----------------------------------------------------------------
@@ -190,7 +191,7 @@ def save_pretrained(model, cfg: model_lib.ModelConfig, path: str) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config_dict(cfg), f, indent=2)
-  sd = params_to_hf(cfg, model_lib.named_params(model))
+  sd = params_to_hf(cfg, named_params.from_model(model))
   save_file(sd, os.path.join(path, HF_WEIGHTS), metadata={"format": "pt"})
 
 
@@ -247,7 +248,7 @@ def from_openai_checkpoint(path: str, n_layer: int, n_embd: int, n_head: int,
     arrays["class_bias"] = np.zeros((cfg.num_classes,), np.float32)
     arrays["class_shift"] = np.zeros((cfg.d_model,), np.float32)
     arrays["class_scale"] = np.ones((cfg.d_model,), np.float32)
-  return cfg, model_lib.from_named_params(cfg, arrays)
+  return cfg, named_params.to_model(cfg, arrays)
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from igpt_jax import attention as attention_lib
 from igpt_jax.attention import attention
 from igpt_jax import config as config_lib
+from igpt_jax import remat
 from igpt_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations; `sharding.py` maps them to mesh axes.
@@ -189,33 +190,6 @@ class Block(nnx.Module):
                                     splash_blocks=self.cfg.splash_blocks))
 
 
-def remat_policy(spec: str):
-  """model.remat -> (rematerialise?, policy): 'none', 'full' (save nothing), a
-  jax.checkpoint_policies name, 'save:NAME,...' (save only these named activations: query, key,
-  value, attention_out, mlp_hidden) or 'offload:NAME,...' (those to host memory, TPU)."""
-  if spec == "none":
-    return False, None
-  if spec == "full":
-    return True, None
-  named = config_lib.remat_names(spec)
-  if named:
-    kind, names = named
-    if kind == "save":
-      return True, jax.checkpoint_policies.save_only_these_names(*names)
-    return True, jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
-        offload_src="device", offload_dst="pinned_host")
-  return True, getattr(jax.checkpoint_policies, spec)  # config.model_problem checked the name
-
-
-def _remat(fn, spec: str, scanned: bool):
-  """The layer body under the remat policy. Inside a scan, prevent_cse=False: the loop already
-  keeps XLA from merging the recomputation into the forward pass, and the barriers it would
-  add cost time (jax.checkpoint's docs)."""
-  remat, policy = remat_policy(spec)
-  return jax.checkpoint(fn, policy=policy, prevent_cse=not scanned) if remat else fn
-
-
 class ImageGPT(nnx.Module):
   """GPT-2 over palette tokens. Inputs are pixel tokens [B, N] in raster order, no start token.
 
@@ -291,7 +265,7 @@ class ImageGPT(nnx.Module):
       feats = jnp.mean(rms_norm(x, None, eps).astype(jnp.float32), axis=1) if collect_features else None
       return x, feats
 
-    body = _remat(body, self.cfg.remat, self.cfg.scan_layers)
+    body = remat.wrap(body, self.cfg.remat, self.cfg.scan_layers)
     if self.cfg.scan_layers:
       return jax.lax.scan(body, h, stacked)
     feats = []
@@ -456,32 +430,3 @@ def flops_per_token(cfg: ModelConfig) -> int:
   n_matmul = layers * (4 * d * d + 2 * d * cfg.mlp_dim) + cfg.vocab_size * d
   attn = (6 if cfg.causal else 12) * layers * d * t
   return 6 * n_matmul + attn
-
-
-def named_params(model: ImageGPT) -> dict[str, Any]:
-  """Parameters as {'blocks/q': array, ...}; the stacked layer axis stays leading."""
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {"/".join(map(str, path)): var.get_value() for path, var in flat}
-
-
-def from_named_params(cfg: ModelConfig, arrays: dict[str, Any]) -> ImageGPT:
-  """Builds a model whose parameters are `arrays` (the names of `named_params`), checked whole.
-
-  Nothing is initialised first, so converting a large checkpoint allocates each array once.
-  """
-  graphdef, state = nnx.split(abstract_model(cfg))
-  flat = nnx.to_flat_state(state)
-  expected = {"/".join(map(str, path)): var for path, var in flat}
-  missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-  if missing or unexpected:
-    raise ValueError(f"Parameters do not match the model shape: missing {missing}, "
-                     f"unexpected {unexpected}.")
-  filled = []
-  for path, var in flat:
-    name = "/".join(map(str, path))
-    value = jnp.asarray(arrays[name], jnp.float32)
-    if value.shape != var.get_value().shape:
-      raise ValueError(f"Parameter {name} has shape {value.shape}; the model expects "
-                       f"{var.get_value().shape}.")
-    filled.append((path, var.replace(value)))
-  return nnx.merge(graphdef, nnx.from_flat_state(filled))

@@ -37,7 +37,7 @@ class Released:
   palette_path: epath.Path
 
   def arrays(self) -> dict[str, np.ndarray]:
-    """The weights by our parameter names (model.named_params), float32 numpy."""
+    """The weights by our parameter names (named_params.from_model), float32 numpy."""
     from igpt_jax import hf
     if self.kind == "huggingface":
       return hf.params_from_hf(self.cfg, hf._read_hf_state_dict(self.path))

@@ -12,6 +12,7 @@ from flax import nnx
 
 from igpt_jax import attention as attention_lib
 from igpt_jax import model as model_lib
+from igpt_jax import remat as remat_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
 from igpt_jax.config import UserError, validate
@@ -128,7 +129,7 @@ def test_named_remat_saves_what_it_names(capsys):
     model = model_lib.ImageGPT(c, rngs=nnx.Rngs(0))
     h = model.embed(jnp.zeros((2, 64), jnp.int32))
     block = model.unstacked_blocks()[0]
-    f = jax.checkpoint(lambda x: block(x), policy=model_lib.remat_policy(remat)[1])
+    f = jax.checkpoint(lambda x: block(x), policy=remat_lib.remat_policy(remat)[1])
     capsys.readouterr()
     jax.ad_checkpoint.print_saved_residuals(f, h)
     return capsys.readouterr().out.splitlines()
