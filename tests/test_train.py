@@ -86,13 +86,13 @@ def test_same_losses_on_one_device_and_on_a_mesh(mesh, model):
 NO_REMAT_SCRIPT = """
 import sys
 import jax
-from igpt_jax import config as config_lib, plan
+from igpt_jax import config as config_lib, plan_compile
 for objective, sizes in [(o, s) for o in ("ar", "bert") for s in sys.argv[1:]]:
   config = config_lib.load_config_file("configs/demo.py")
   data, fsdp, tensor = map(int, sizes.split("x"))
-  config = plan.with_overrides(config, {"mesh.data": data, "mesh.fsdp": fsdp,
-                                        "mesh.tensor": tensor, "model.objective": objective})
-  plan.compile_step(config, jax.devices()[:data * fsdp * tensor])
+  config = plan_compile.with_overrides(config, {"mesh.data": data, "mesh.fsdp": fsdp,
+                                                "mesh.tensor": tensor, "model.objective": objective})
+  plan_compile.compile_step(config, jax.devices()[:data * fsdp * tensor])
   print("compiled", objective, sizes, flush=True)
 """
 
