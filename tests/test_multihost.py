@@ -396,11 +396,11 @@ def test_ctrl_c_or_sigterm_to_one_process_stops_evaluate_and_probe_on_both(
   code, out = local(2, 2, *evaluate)
   assert code == 0, out[-3000:]
   # As an uninterrupted evaluation (here: one process of 8 devices) gives.
-  from igpt_jax import loop
+  from igpt_jax.stages import evaluate as evaluate_stage
   from test_train import tiny_config  # TINY's model and batch
   config = tiny_config()
   config.stage = "evaluate"
-  straight = loop.evaluate_stage(config, str(tmp_path / "reference"), log=lambda *_: None)
+  straight = evaluate_stage.run(config, str(tmp_path / "reference"), log=lambda *_: None)
   resumed = json.load(open(workdir / "evaluate.json"))
   for key in ("validation_bits_per_dim", "test_bits_per_dim"):
     np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-5, err_msg=key)

@@ -10,6 +10,7 @@ from igpt_jax import main as main_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import checkpoint as checkpoint_lib
 from igpt_jax import loop, probe, sample
+from igpt_jax.stages import evaluate as evaluate_stage
 from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.config import UserError
@@ -41,7 +42,7 @@ def pretrained(tmp_path_factory):
 def test_evaluate_probe_finetune_sample(pretrained, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(pretrained, workdir)
-  ev = loop.evaluate_stage(stage_config("evaluate"), workdir, log=QUIET)
+  ev = evaluate_stage.run(stage_config("evaluate"), workdir, log=QUIET)
   # Validation (6k held out of train) and test (10k) reported separately.
   assert ev["test_examples"] == 10_000 and ev["validation_examples"] == 6_000
   assert 0 < ev["test_bits_per_dim"] < 4 and 0 < ev["validation_bits_per_dim"] < 4

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, xla_flags
 from igpt_jax import checkpoint as checkpoint_lib
-from igpt_jax import loop
+from igpt_jax import evaluation, loop, loop_duties
 from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
@@ -263,7 +263,7 @@ def test_a_streak_between_two_log_steps_stops_the_run(tmp_path, monkeypatch):
     return loss * jnp.where(bad, jnp.nan, 1.0), aux
 
   monkeypatch.setattr(train_lib.Trainer, "loss_fn", poisoned)
-  with pytest.raises(loop.NonFiniteLoss, match=r"5 steps in a row by step 10 "):
+  with pytest.raises(loop_duties.NonFiniteLoss, match=r"5 steps in a row by step 10 "):
     pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
 
 
@@ -470,7 +470,7 @@ def test_nonfinite_steps_stop_the_run_and_nothing_nonfinite_is_saved(tmp_path):
   # third in a row stops the run.
   config = tiny_config(steps=10, lr=float("nan"), warmup_steps=1, max_nonfinite_steps=3)
   config.checkpoint.every = 1
-  with pytest.raises(loop.NonFiniteLoss, match=r"3 steps in a row by step 3 .* last good "
+  with pytest.raises(loop_duties.NonFiniteLoss, match=r"3 steps in a row by step 3 .* last good "
                                                r"checkpoint \(step 2\) is kept"):
     pretrain_stage.run(config, str(tmp_path), log=lambda *_: None)
   ckpt_dir = str(tmp_path / "checkpoints" / "pretrain")
@@ -574,7 +574,7 @@ def test_an_evaluation_reads_its_sums_from_the_device_once(monkeypatch):
   eval_fn = trainer.eval_fn
   monkeypatch.setattr(trainer, "eval_fn", lambda *args: {
       k: HostReads(v) for k, v in eval_fn(*args).items()})
-  out = loop.evaluate(trainer, params, data, tokenizer, config, max_batches=20)
+  out = evaluation.evaluate(trainer, params, data, tokenizer, config, max_batches=20)
   assert HostReads.count == len(sums)  # once per sum
   assert out["eval_loss"] == pytest.approx(nll / tokens, rel=1e-6)
 
