@@ -264,100 +264,151 @@ def labelled_splits(config, log) -> dict:
 
 def run(config, workdir, log=print) -> dict:
   """Stage probe: the probed layers of the pretrained model vs raw pixels and a random-init
-  model, plus the concatenation of the best layers. Every process takes part."""
+  model, plus the concatenation of the best layers. Every process takes part. Its phases:
+  select (the model, layers and splits), extract (feature stores), fit, report."""
+  began = time.perf_counter()
+  target = select(config, workdir, log)
+  times = {"load_s": time.perf_counter() - began}
+  began = time.perf_counter()
+  stores = extract(target, config, log)
+  times["extract_s"] = time.perf_counter() - began
+  began = time.perf_counter()
+  fits = fit_all(target, stores, config, log)
+  times["fit_s"] = time.perf_counter() - began
+  return report(target, stores, fits, times, config, log)
+
+
+@dataclasses.dataclass
+class Target:
+  """What the probe reads: the pretrained model at `step` on its mesh, the layers it probes,
+  the labelled splits, and where its features and report go."""
+  mesh: object
+  rules: object
+  cfg: object  # model.ModelConfig
+  params: dict
+  step: int
+  layers: list[int]
+  splits: dict  # {"train" | "validation" | "test": sources.ImageSet}
+  tokenizer: object
+  identity: str  # the weights' values, model and palette: what cached features must match
+  palette_hash: str
+  out_dir: object
+  bert_masks: int
+
+
+def select(config, workdir, log) -> Target:
+  from igpt_jax import checkpoint as checkpoint_lib
+  from igpt_jax import sharding as sharding_lib
+  from igpt_jax import workdir as workdir_lib
+  from igpt_jax.data import transform
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config)
+  cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
+  layers = choose_layers(config.probe.layers, cfg.num_layers)
+  splits = labelled_splits(config, log)
+  masks = 0 if cfg.causal else config.probe.bert_masks
+  if config.probe.bert_masks and cfg.causal:
+    log(f"probe.bert_masks={config.probe.bert_masks} ignored: an AR model's inputs are not "
+        "masked.")
+  # Cached features are reused only for the same weights (their values, not only their step),
+  # model, palette and view of the data.
+  return Target(mesh, rules, cfg, params, step, layers, splits,
+                transform.Tokenizer(centers, config.data.resolution, mesh, rules),
+                f"step{step}:{checkpoint_lib.fingerprint(params)}",
+                workdir_lib.palette_digest(centers)[:16], workdir_lib.path(workdir) / "probe",
+                masks)
+
+
+def extract(target: Target, config, log) -> dict:
+  """{(model, split): features.Store} for the pretrained model (and the pixels) and a random
+  init: reused where a complete store with the same key is there, else extracted."""
   import jax
   from flax import nnx
 
-  from igpt_jax import checkpoint as checkpoint_lib
   from igpt_jax import distributed
   from igpt_jax import features as features_lib
   from igpt_jax import model as model_lib
   from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
-  from igpt_jax import workdir as workdir_lib
   from igpt_jax.data import transform
-  p = config.probe
-  times = {}
-  start = time.perf_counter()
-  mesh = sharding_lib.make_mesh(config.mesh)
-  rules = sharding_lib.rules_from_config(config)
-  cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=log)
-  layers = choose_layers(p.layers, cfg.num_layers)
-  # Cached features are reused only for the same weights (their values, not only their step),
-  # model, palette and view of the data.
-  identity = f"step{step}:{checkpoint_lib.fingerprint(params)}"
-  palette_hash = workdir_lib.palette_digest(centers)[:16]
-  splits = labelled_splits(config, log)
-  out_dir = workdir_lib.path(workdir) / "probe"
-  tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
-  graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
-  picked = np.asarray([l - 1 for l in layers])
-  masks = 0 if cfg.causal else p.bert_masks
-  if p.bert_masks and cfg.causal:
-    log(f"probe.bert_masks={p.bert_masks} ignored: an AR model's inputs are not masked.")
+  t, p = target, config.probe
+  graphdef = nnx.graphdef(model_lib.abstract_model(t.cfg))
+  picked = np.asarray([l - 1 for l in t.layers])
   # [B, probed layers, d]: rows first, as the store keeps them.
-  layer_features = jax.jit(lambda prm, t: masked_features(
-      nnx.merge(graphdef, prm), t, config.seed + 2, masks)[picked].transpose(1, 0, 2))
-  models = {"pretrained": params,
-            "random_init": train_lib.init_params(cfg, mesh, rules, config.seed + 1)}
-  times["load_s"] = time.perf_counter() - start
+  layer_features = jax.jit(lambda prm, tokens: masked_features(
+      nnx.merge(graphdef, prm), tokens, config.seed + 2, t.bert_masks)[picked].transpose(1, 0, 2))
+  models = {"pretrained": t.params,
+            "random_init": train_lib.init_params(t.cfg, t.mesh, t.rules, config.seed + 1)}
   stores = {}
-  start = time.perf_counter()
   for tag, prm in models.items():
     names = [tag, "pixels"] if tag == "pretrained" else [tag]
-    for split, data in splits.items():
-      key = {"model": identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
-             "model_config": dataclasses.asdict(cfg), "palette": palette_hash, "split": split,
-             "examples": len(data), "data": data.name, "layers": layers, "seed": config.seed,
-             "resolution": config.data.resolution, "batch_size": p.batch_size,
+    for split, data in t.splits.items():
+      key = {"model": t.identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
+             "model_config": dataclasses.asdict(t.cfg), "palette": t.palette_hash,
+             "split": split, "examples": len(data), "data": data.name, "layers": t.layers,
+             "seed": config.seed, "resolution": config.data.resolution,
+             "batch_size": p.batch_size,
              "view": transform.resolve_augment(config.data.augment, data.full_size),
-             "mesh": dict(mesh.shape), "processes": jax.process_count(),
-             "bert_masks": masks}
-      paths = {n: out_dir / "features" / f"{n}-{split}" for n in names}
+             "mesh": dict(t.mesh.shape), "processes": jax.process_count(),
+             "bert_masks": t.bert_masks}
+      paths = {n: t.out_dir / "features" / f"{n}-{split}" for n in names}
       done = all(features_lib.Store.complete(paths[n], key) for n in names)
       if not distributed.any_process(not done):
         stores.update({(n, split): features_lib.Store(paths[n]) for n in names})
-        log(f"Reusing {tag} features of {len(data)} {split} images in {out_dir / 'features'}.")
+        log(f"Reusing {tag} features of {len(data)} {split} images in {t.out_dir / 'features'}.")
         continue
-      log(f"Extracting {tag} features of layers {layers} for {len(data)} {split} images...")
+      log(f"Extracting {tag} features of layers {t.layers} for {len(data)} {split} images...")
 
       def forward(tokens, pixels, prm=prm, names=names):
-        with sharding_lib.activation_sharding(mesh, rules):
+        with sharding_lib.activation_sharding(t.mesh, t.rules):
           out = {names[0]: layer_features(prm, tokens)}
         if "pixels" in names:
           out["pixels"] = pixels.reshape(pixels.shape[0], 1, -1)
         return out
 
-      opened = features_lib.extract(paths, data, forward, tokenizer, mesh, rules, p.batch_size,
-                                    key, min(64 * 2**20, p.max_memory_mb * 2**20 // 4),
+      opened = features_lib.extract(paths, data, forward, t.tokenizer, t.mesh, t.rules,
+                                    p.batch_size, key,
+                                    min(64 * 2**20, p.max_memory_mb * 2**20 // 4),
                                     config.data.augment, log)
       stores.update({(n, split): opened[n] for n in names})
-  times["extract_s"] = time.perf_counter() - start
+  return stores
 
-  start = time.perf_counter()
-  k = splits["train"].num_classes
+
+def fit_all(target: Target, stores: dict, config, log) -> dict:
+  """Every probed layer of both models, the best layers concatenated, raw pixels and the
+  low-data probes. Layers are chosen on validation, like L2: the test split only reports."""
+  from igpt_jax import distributed
+  layers, k = target.layers, target.splits["train"].num_classes
   of = lambda name: tuple(stores[(name, s)] for s in ("train", "validation", "test"))  # noqa: E731
 
   def fit(name, view=None):  # whole features are kept: a stop here costs one fit's rerun
     distributed.PREEMPTION.check("probe")
-    return _fit(of(name), k, config, mesh, rules, view, log)
+    return _fit(of(name), k, config, target.mesh, target.rules, view, log)
 
   by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("pretrained"))]
   for r in by_layer:
     log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})"
         + (" -- at the edge of the L2 values tried (probe.l2)" if r["l2_at_edge"] else ""))
   random_by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("random_init"))]
-  # Layers are chosen on validation, like L2: the test split only reports.
   best = max(by_layer, key=lambda r: r["val_accuracy"])
-  best_random = max(random_by_layer, key=lambda r: r["val_accuracy"])
-  group = concat_groups(best["layer"], layers, p.concat)
-  multi = fit("pretrained", [group])[0]
-  raw = fit("pixels")[0]
-  low = low_data(of("pretrained"), layers, k, config, log) if p.labels_per_class else []
-  times["fit_s"] = time.perf_counter() - start
+  group = concat_groups(best["layer"], layers, config.probe.concat)
+  return {"by_layer": by_layer, "random_by_layer": random_by_layer, "best": best,
+          "best_random": max(random_by_layer, key=lambda r: r["val_accuracy"]),
+          "group": group, "multi": fit("pretrained", [group])[0], "raw": fit("pixels")[0],
+          "low": (low_data(of("pretrained"), layers, k, config, log)
+                  if config.probe.labels_per_class else [])}
+
+
+def report(target: Target, stores: dict, fits: dict, times: dict, config, log) -> dict:
+  """results.json/.md, the per-example test predictions, TensorBoard, a summary line; -> the
+  stage's JSON line."""
+  from igpt_jax import distributed
+  from igpt_jax import workdir as workdir_lib
+  layers, out_dir, splits = target.layers, target.out_dir, target.splits
+  best, multi, raw = fits["best"], fits["multi"], fits["raw"]
   predictions = {}  # from the in-memory solver only
-  for name, r in ([(f"layer{r['layer']}", r) for r in by_layer]
-                  + [(f"random_init_layer{r['layer']}", r) for r in random_by_layer]
+  for name, r in ([(f"layer{r['layer']}", r) for r in fits["by_layer"]]
+                  + [(f"random_init_layer{r['layer']}", r) for r in fits["random_by_layer"]]
                   + [("concat", multi), ("raw_pixels", raw)]):
     if "predictions" in r:
       predictions[name] = r.pop("predictions")
@@ -366,24 +417,24 @@ def run(config, workdir, log=print) -> dict:
     np.savez(buffer, labels=stores[("pretrained", "test")].labels(), **predictions)
     workdir_lib.write_bytes(out_dir / "test_predictions.npz", buffer.getvalue())
   results = {
-      "checkpoint_step": step, "train_examples": len(splits["train"]),
+      "checkpoint_step": target.step, "train_examples": len(splits["train"]),
       "validation_examples": len(splits["validation"]), "test_examples": len(splits["test"]),
-      "layers": layers, "by_layer": by_layer, "best_layer": best["layer"],
+      "layers": layers, "by_layer": fits["by_layer"], "best_layer": best["layer"],
       "best_accuracy": best["accuracy"],
-      "multi_layer": {"layers": [layers[i] for i in group], **multi},
-      "random_init_by_layer": random_by_layer,
-      "random_init_accuracy": best_random["accuracy"],
-      "raw_pixel_accuracy": raw["accuracy"], "bert_masks": masks,
-      **({"low_data": low} if low else {}), "seconds": {k_: round(v, 1) for k_, v in times.items()},
+      "multi_layer": {"layers": [layers[i] for i in fits["group"]], **multi},
+      "random_init_by_layer": fits["random_by_layer"],
+      "random_init_accuracy": fits["best_random"]["accuracy"],
+      "raw_pixel_accuracy": raw["accuracy"], "bert_masks": target.bert_masks,
+      **({"low_data": fits["low"]} if fits["low"] else {}),
+      "seconds": {k: round(v, 1) for k, v in times.items()},
   }
   results = write_report(results, out_dir)
   write_tensorboard(results, out_dir)
   log(f"Probe: best layer {best['layer']} {best['accuracy']:.4f}; random init "
       f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}; concatenated "
       f"layers {results['multi_layer']['layers']} {multi['accuracy']:.4f}. Times: "
-      + ", ".join(f"{k_} {v:.0f}" for k_, v in results["seconds"].items())
+      + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items())
       + f".{sample_size_note(best['accuracy'], results['test_examples'])} Report in {out_dir}")
   return {"stage": "probe", "results": str(out_dir / "results.json"),
-          **{k_: results[k_] for k_ in ("best_layer", "best_accuracy", "random_init_accuracy",
-                                        "raw_pixel_accuracy")}}
-
+          **{k: results[k] for k in ("best_layer", "best_accuracy", "random_init_accuracy",
+                                     "raw_pixel_accuracy")}}
