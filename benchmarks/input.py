@@ -58,6 +58,7 @@ def photo_squares(side: int, n: int) -> np.ndarray:
 
 def prepared_set(directory: str, resolution: int, n: int):
   from igpt_jax.data import prepared, sources
+  from igpt_jax.data.sources import prepared as prepared_source
   side = 2 * resolution
   images = photo_squares(side, n)
   shards = [prepared.write_shard(directory, "train", j, images[lo:lo + 1024],
@@ -67,7 +68,7 @@ def prepared_set(directory: str, resolution: int, n: int):
                              shard_size=1024, split_seed=sources.SPLIT_SEED)
   prepared.write_manifest(directory, settings_record=record, class_names=[],
                           splits={"train": shards})
-  return sources.load_prepared(directory, "train"), images
+  return prepared_source.load_prepared(directory, "train"), images
 
 
 def ours(data, centers, resolution, batch, seconds, transform_on_host=True, pipeline="python"):

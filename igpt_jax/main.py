@@ -76,6 +76,22 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
+def save_run_config(config, workdir) -> dict:
+  """Writes the stage's config to config.<stage>.json (and config.json, the run's first, when
+  there is none): a stage killed midway is resumed with `--workdir` alone. -> {path: the text
+  it had before, None where there was no file}, to put back if the stage refuses to run."""
+  text = config.to_json_best_effort(indent=2)
+  out = {}
+  for name in (f"config.{config.stage}.json", "config.json"):
+    path = workdir_lib.path(workdir) / name
+    out[path] = path.read_text() if path.exists() else None
+    if name == f"config.{config.stage}.json" or out[path] is None:
+      workdir_lib.write_text(path, text)
+    else:
+      del out[path]  # the run's first config stays
+  return out
+
+
 def run(config, workdir: str) -> dict:
   stage = config.stage
   config_lib.validate(config)
@@ -85,16 +101,21 @@ def run(config, workdir: str) -> dict:
   if stage not in ("prepare", "plan"):
     workdir = distributed.from_chief("workdir", workdir)  # a default one has a timestamp
     workdir_lib.check_same_workdir(workdir)
-    workdir_lib.check_same_run(config, workdir)  # before its saved configs are written
+    stages.check_same_run(config, workdir)  # before its saved configs are written
     outputs = workdir
-  if stage != "prepare":  # each stage's own config; config.json: the run's first (shared)
-    text = config.to_json_best_effort(indent=2)
-    workdir_lib.write_text(workdir_lib.path(workdir) / f"config.{stage}.json", text)
-    if not (workdir_lib.path(workdir) / "config.json").exists():
-      workdir_lib.write_text(workdir_lib.path(workdir) / "config.json", text)
-  if config.init_from and stage in ("pretrain", "evaluate", "probe", "finetune", "sample", "all"):
-    config = stages.from_released(config, workdir, log=log)
-  result = stages.get(stage)(config, workdir, log=log)
+  saved = save_run_config(config, workdir) if stage != "prepare" else {}
+  try:
+    if config.init_from and stage in ("pretrain", "evaluate", "probe", "finetune", "sample",
+                                      "all"):
+      config = stages.from_released(config, workdir, log=log)
+    result = stages.get(stage)(config, workdir, log=log)
+  except config_lib.UserError:  # refused: the run's saved configs stay what they were
+    for path, before in saved.items():
+      if before is None:
+        workdir_lib.remove(path)
+      else:
+        workdir_lib.write_text(path, before)
+    raise
   log(f"{stage} done; outputs in {workdir_lib.path(outputs)}")
   print(json.dumps(result), flush=True)
   return result

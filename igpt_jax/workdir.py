@@ -73,43 +73,16 @@ def check_same_workdir(workdir) -> None:
   distributed.agree("workdir_token", seen, f"the workdir {path(workdir)} (its {RUN_TOKEN})")
 
 
-# Fields the pretraining checkpoints were made with that no later stage may change: the model
-# they hold and the tokens it reads; resuming pretraining also keeps its data.
-RUN_SHAPE = ("model.num_layers", "model.d_model", "model.num_heads", "model.mlp_ratio",
-             "model.objective", "model.use_bias", "data.resolution", "data.channels", "palette.k")
-PRETRAINING_DATA = ("data.source", "data.name", "data.path", "data.prepared")
-
-
-def check_same_run(config, workdir) -> None:
-  """A config that contradicts the run in `workdir` -- its pretraining checkpoints and the
-  config.pretrain.json saved beside them -- is one error naming the fields that differ, before
-  anything is written: caught early and in config terms, and pretraining resumed on other data
-  (one model trained on two data sets, silently) is refused."""
-  saved_path = path(workdir) / "config.pretrain.json"
-  if config.init_from or not saved_path.exists() or not holds_steps(
-      checkpoint_dir(workdir, "pretrain")):
-    return
-  saved = json.loads(saved_path.read_text())
-  fields = RUN_SHAPE + (PRETRAINING_DATA if config.stage in ("pretrain", "all") else ())
-  diffs = []
-  for key in fields:
-    section, name = key.split(".")
-    was, now = saved.get(section, {}).get(name), config[section][name]
-    if key == "data.name" and "tfds" not in (saved.get("data", {}).get("source"),
-                                             config.data.source):
-      continue  # a TFDS name means nothing to other sources
-    if was is not None and was != now:
-      diffs.append(f"{key}={was!r} (this config: {now!r})")
-  if diffs:
-    raise UserError(f"The run in {path(workdir)} was pretrained with {', '.join(diffs)} (its "
-                    f"config.pretrain.json): give --workdir={workdir} alone to run with its "
-                    "config (overrides still apply), or use a new --workdir.")
-
-
 def write_bytes(target, data: bytes) -> None:
   """Process 0 writes (see write_atomic)."""
   if distributed.is_chief():
     write_atomic(target, data)
+
+
+def remove(target) -> None:
+  """Process 0 removes a file (there or not)."""
+  if distributed.is_chief():
+    epath.Path(target).unlink(missing_ok=True)
 
 
 def write_atomic(target, data: bytes) -> None:

@@ -7,6 +7,9 @@ from PIL import Image
 from igpt_jax import config as config_lib
 from igpt_jax import palette as P
 from igpt_jax.data import pipeline, sources
+from igpt_jax.data.sources import fashion_mnist as fmnist_source
+from igpt_jax.data.sources import folder as folder_source
+from igpt_jax.data.sources import tfds as tfds_source
 
 GRAY16 = P.uniform_grid(16, 1)
 RGB8 = P.uniform_grid(8, 3)
@@ -34,7 +37,7 @@ def test_bad_files_in_a_folder(tmp_path):
   Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
   (tmp_path / "dogs/corrupt.png").write_bytes(good.read_bytes()[:60])  # truncated
   logs = []
-  data = sources.load_folder(str(tmp_path), "train", channels=3, resolution=8,
+  data = folder_source.load_folder(str(tmp_path), "train", channels=3, resolution=8,
                              eval_fraction=0.0, log=logs.append)
   # Stored at the smallest image's side (tiny.png, 10 px), not enlarged to 2 x 8.
   assert len(data) == 5 and data.images.shape[1:] == (10, 10, 3) and not data.full_size
@@ -48,16 +51,16 @@ def test_bad_files_in_a_folder(tmp_path):
 
 def test_folder_errors_are_one_sentence(tmp_path):
   with pytest.raises(sources.DataError, match="No images"):
-    sources.load_folder(str(tmp_path), "train", 3, 8)
+    folder_source.load_folder(str(tmp_path), "train", 3, 8)
   with pytest.raises(sources.DataError, match="does not exist"):
-    sources.load_folder(str(tmp_path / "nope"), "train", 3, 8)
+    folder_source.load_folder(str(tmp_path / "nope"), "train", 3, 8)
 
 
 def test_classifying_one_class_or_unlabelled_data_says_what_the_data_has(tmp_path):
   (tmp_path / "cats").mkdir()
   for i in range(4):
     Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / "cats" / f"{i}.png")
-  one_class = sources.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.0)
+  one_class = folder_source.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.0)
   with pytest.raises(config_lib.UserError, match="Fine-tuning classifies, which needs 2 classes "
                      r"or more; .* has one class \('cats'\)"):
     one_class.require_classes("Fine-tuning")
@@ -69,8 +72,8 @@ def test_classifying_one_class_or_unlabelled_data_says_what_the_data_has(tmp_pat
 def test_folder_split_is_a_stable_hash(tmp_path):
   for i in range(40):
     Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
-  train = sources.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.25)
-  test = sources.load_folder(str(tmp_path), "test", 3, 8, eval_fraction=0.25)
+  train = folder_source.load_folder(str(tmp_path), "train", 3, 8, eval_fraction=0.25)
+  test = folder_source.load_folder(str(tmp_path), "test", 3, 8, eval_fraction=0.25)
   assert len(train) + len(test) == 40 and 3 <= len(test) <= 20
   assert not set(train.images[:, 0, 0, 0]) & set(test.images[:, 0, 0, 0])
   assert (train.labels == -1).all()  # flat folder: unlabelled
@@ -169,8 +172,8 @@ def test_idx_files_found_through_igpt_data_dir(tmp_path, monkeypatch):
     with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
       f.write(struct.pack(">HBBI", 0, 8, 1, 2) + bytes([3, 7]))
   monkeypatch.setenv("IGPT_DATA_DIR", str(tmp_path))
-  monkeypatch.setattr(sources, "FASHION_MNIST_DIRS", ())
-  data = sources.load_fashion_mnist(sources.fashion_mnist_dir(), "test", channels=1)
+  monkeypatch.setattr(fmnist_source, "FASHION_MNIST_DIRS", ())
+  data = fmnist_source.load_fashion_mnist(sources.fashion_mnist_dir(), "test", channels=1)
   np.testing.assert_array_equal(data.images[..., 0], images)
   assert data.labels.tolist() == [3, 7]
 
@@ -180,7 +183,7 @@ def test_idx_files_found_through_igpt_data_dir(tmp_path, monkeypatch):
                                              ("imagenet_resized/32x32", "test", "validation")])
 def test_tfds_sources_with_mock_data(name, role, split):
   tfds = pytest.importorskip("tensorflow_datasets")
-  assert sources.tfds_split(name, role) == split
+  assert tfds_source.tfds_split(name, role) == split
   config = config_lib.base_config()
   config.data.source, config.data.name, config.data.resolution = "tfds", name, 8
   config.data.validation_fraction = 0.0

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, xla_flags
 from igpt_jax.data import sources
+from igpt_jax.data.sources import fashion_mnist as fmnist_source
 
 pytestmark = pytest.mark.skipif(sources.fashion_mnist_dir() is None,
                                 reason="Debian's dataset-fashion-mnist is not installed")
@@ -292,8 +293,8 @@ def test_a_process_missing_a_barrier_is_named(tmp_path):
 def make_uneven_numpy_source(path):
   """256 Fashion-MNIST train images and 9 test images: 9 does not split over 2 hosts."""
   directory = sources.fashion_mnist_dir()
-  train = sources.load_fashion_mnist(directory, "train", 1)
-  test = sources.load_fashion_mnist(directory, "test", 1)
+  train = fmnist_source.load_fashion_mnist(directory, "train", 1)
+  test = fmnist_source.load_fashion_mnist(directory, "test", 1)
   np.savez(path, train_images=train.images[:256, ..., 0], train_labels=train.labels[:256],
            test_images=test.images[:9, ..., 0], test_labels=test.labels[:9])
 

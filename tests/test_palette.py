@@ -9,6 +9,7 @@ from igpt_jax.config import UserError
 from igpt_jax import palette as P
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.data import sources
+from igpt_jax.data.sources import fashion_mnist as fmnist_source
 
 
 def skimage_patches():
@@ -26,7 +27,7 @@ def fashion_mnist_train():
   directory = sources.fashion_mnist_dir()
   if directory is None:
     pytest.skip("Debian's dataset-fashion-mnist is not installed")
-  return sources.load_fashion_mnist(directory, "train", channels=1).images
+  return fmnist_source.load_fashion_mnist(directory, "train", channels=1).images
 
 
 def reconstruction_mse(images, centers):

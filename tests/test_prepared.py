@@ -17,6 +17,7 @@ from PIL import Image
 from igpt_jax import config as config_lib
 from igpt_jax import palette as P
 from igpt_jax.data import pipeline, prepared, sources, transform
+from igpt_jax.data.sources import folder as folder_source
 from igpt_jax.stages import prepare
 
 QUIET = lambda *_: None
@@ -86,7 +87,7 @@ def test_prepared_folder_skips_the_corrupt_file_and_matches_the_in_memory_loader
   split = "train" if manifest["splits"]["train"]["skipped"] else "test"
   assert manifest["splits"][split]["skipped"][0].endswith("corrupt.png")
   for role in ("train", "test"):
-    in_memory = sources.load_folder(str(tmp_path / "src"), role, 3, 8, log=QUIET)
+    in_memory = folder_source.load_folder(str(tmp_path / "src"), role, 3, 8, log=QUIET)
     data = sources.load_split(as_prepared(config_for("folder", "", config.data.prepared)), role)
     assert data.full_size and data.class_names == ["cats", "dogs"]
     np.testing.assert_array_equal(data.images[np.arange(len(data))], in_memory.images)

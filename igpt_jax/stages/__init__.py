@@ -6,6 +6,7 @@ modules never import a stage.
 """
 
 import importlib
+import json
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from igpt_jax import distributed
 from igpt_jax import palette as palette_lib
 from igpt_jax import released
 from igpt_jax import workdir as workdir_lib
+from igpt_jax.data import sources
 
 NAMES = ("prepare", "fit_palette", "pretrain", "evaluate", "probe", "finetune", "sample", "plan",
          "export", "all")
@@ -49,3 +51,38 @@ def from_released(config, workdir, log=print):
   config = released.resolved(config, weights, log)
   _install_palette(config, workdir, weights, log)
   return config
+
+
+# Fields the pretraining checkpoints were made with that no later stage may change: the model
+# they hold and the tokens it reads; resuming pretraining also keeps its data (the fields its
+# source names it by, `Source.defining_fields`).
+RUN_SHAPE = ("model.num_layers", "model.d_model", "model.num_heads", "model.mlp_ratio",
+             "model.objective", "model.use_bias", "data.resolution", "data.channels", "palette.k")
+
+
+def check_same_run(config, workdir) -> None:
+  """A config that contradicts the run in `workdir` -- its pretraining checkpoints and the
+  config.pretrain.json saved beside them -- is one error naming the fields that differ, before
+  anything is written: caught early and in config terms, and pretraining resumed on other data
+  (one model trained on two data sets, silently) is refused."""
+  saved_path = workdir_lib.path(workdir) / "config.pretrain.json"
+  if config.init_from or not saved_path.exists() or not workdir_lib.holds_steps(
+      workdir_lib.checkpoint_dir(workdir, "pretrain")):
+    return
+  saved = json.loads(saved_path.read_text())
+  fields = RUN_SHAPE
+  if config.stage in ("pretrain", "all"):  # the data too: theirs and ours name it
+    for name in (saved.get("data", {}).get("source"), config.data.source):
+      source = sources.SOURCES.get(name)
+      fields += tuple(f for f in (source.defining_fields if source else ()) if f not in fields)
+  diffs = []
+  for key in fields:
+    section, name = key.split(".")
+    was, now = saved.get(section, {}).get(name), config[section][name]
+    if was is not None and was != now:
+      diffs.append(f"{key}={was!r} (this config: {now!r})")
+  if diffs:
+    raise config_lib.UserError(
+        f"The run in {workdir_lib.path(workdir)} was pretrained with {', '.join(diffs)} (its "
+        f"config.pretrain.json): give --workdir={workdir} alone to run with its config "
+        "(overrides still apply), or use a new --workdir.")

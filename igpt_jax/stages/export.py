@@ -26,6 +26,7 @@ from igpt_jax import sharding as sharding_lib
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.config import UserError
+from igpt_jax.data import sources
 
 
 def _newest(workdir) -> tuple[str, checkpoint_lib.Checkpointer]:
@@ -80,7 +81,7 @@ def model_card(workdir, stage: str, step: int, cfg, config, classes: int) -> str
       "| | |", "|---|---|",
       f"| objective | {cfg.objective} |",
       f"| parameters | {model_lib.count_params(cfg):,} |",
-      f"| data | {_data_text(data)} |",
+      f"| data | {sources.describe(data)} |",
       f"| pretraining steps x batch | {pre.get('train', {}).get('steps', '?')} x "
       f"{pre.get('train', {}).get('batch_size', '?')} |",
       f"| test bits/dim | {fmt(ev and ev.get('test_bits_per_dim'))} |",
@@ -102,16 +103,6 @@ def model_card(workdir, stage: str, step: int, cfg, config, classes: int) -> str
             " ".join(["python -m igpt_jax.main", *sys.argv[1:]]) if sys.argv[1:] else
             f"python -m igpt_jax.main --config.stage=export --workdir={workdir}", "```", ""]
   return "\n".join(lines)
-
-
-def _data_text(data: dict) -> str:
-  """What the model was trained on, as the run's config names it: the TFDS name only where the
-  source reads it, else the source and its path."""
-  source = data.get("source", "?")
-  if source == "tfds":
-    return f"{data.get('name', '?')} (TFDS)"
-  where = data.get("prepared") if source == "prepared" else data.get("path")
-  return f"{source} `{where}`" if where else source
 
 
 def run(config, workdir, log=print) -> dict:

@@ -14,76 +14,17 @@ directory made with others is refused in one line and left as it is, unless
 
 from __future__ import annotations
 
-import copy
 import math
 import multiprocessing
 import os
 import time
 from concurrent import futures
 
-import numpy as np
-
 from igpt_jax import distributed
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.data import prepared, sources
 from igpt_jax.data.sources import DataError
-
-
-class _Split:
-  """count source examples, and read(lo, hi) -> (images, labels, skipped files)."""
-
-  def __init__(self, count, read):
-    self.count, self.read = count, read
-
-
-def _plan(config, pool, log):
-  """(source description, side, full_size, class names, {split: _Split}) of the configured
-  source. Validation is not a stored split: it is held out of train when read."""
-  d = config.data
-  if d.source == "prepared":
-    raise DataError("data.source='prepared' is already prepared: set data.source to the "
-                    "original (tfds, folder, numpy, fashion_mnist) to prepare it.")
-  if d.source == "folder":
-    out, class_names = {}, []
-    side = sources.folder_side(sources.all_folder_files(d.path), d.resolution, d.upsample,
-                               pool, repr(d.path))
-    for split in ("train", "test"):
-      files, labels, class_names = sources.folder_files(d.path, split)
-
-      def read(lo, hi, files=files, labels=labels):
-        decoded = sources.decode_files(files[lo:hi], d.channels, side, pool)
-        keep = [i for i, arr in enumerate(decoded) if arr is not None]
-        images = (np.stack([decoded[i] for i in keep]) if keep
-                  else np.zeros((0, side, side, d.channels), np.uint8))
-        return images, labels[lo:hi][keep], [files[lo + i] for i, a in enumerate(decoded) if a is None]
-
-      out[split] = _Split(len(files), read)
-    return (f"folder:{d.path}", side, side == sources.storage_side(d.resolution), class_names,
-            out)
-  if d.source == "tfds":
-    builder = sources.tfds_builder(d.name, d.path, log)
-    class_names, full_size = sources.tfds_info(builder)
-    side = sources.storage_side(d.resolution) if full_size else builder.info.features["image"].shape[0]
-    out = {}
-    for role in ("pretrain", "train", "test"):
-      split = sources.tfds_split(d.name, role)
-      if role == "pretrain" and split == sources.tfds_split(d.name, "train"):
-        continue
-      out[role] = _Split(builder.info.splits[split].num_examples,
-                         lambda lo, hi, split=split: sources.read_tfds(
-                             builder, split, lo, hi, d.channels, side))
-    return f"tfds:{d.name}", side, full_size, class_names, out
-  # In-memory sources (numpy, fashion_mnist): stored at their own size.
-  out, side, class_names = {}, None, []
-  for split in ("train", "test"):
-    data = sources.load_split(config, split, log)
-    side, class_names = data.images.shape[1], data.class_names
-    if data.images.shape[1] != data.images.shape[2]:
-      raise DataError(f"{data.name} has non-square images {data.images.shape[1:3]}; use an "
-                      "image folder source to centre-crop them.")
-    out[split] = _Split(len(data), lambda lo, hi, data=data: (data.images[lo:hi],
-                                                                data.labels[lo:hi], []))
-  return d.source + (f":{d.path}" if d.path else ""), side, False, class_names, out
+from igpt_jax.data.sources.base import StoredSplit
 
 
 def run(config, workdir=None, log=print) -> dict:
@@ -96,9 +37,10 @@ def run(config, workdir=None, log=print) -> dict:
   start_time = time.perf_counter()
   # spawn, not fork: this process may already run JAX or TF threads.
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    source, side, full_size, class_names, splits = _plan(config, pool, log)
+    layout = sources.source_of(config, log).layout(pool)
+    source, side, splits = layout.description, layout.side, layout.splits
     record = prepared.settings(source=source, side=side, channels=d.channels,
-                               full_size=full_size, shard_size=d.shard_size,
+                               full_size=layout.full_size, shard_size=d.shard_size,
                                split_seed=sources.SPLIT_SEED)
     _claim_directory(d.prepared, record, d.overwrite, log)
     log(f"Preparing {source} into {d.prepared}: splits "
@@ -110,7 +52,7 @@ def run(config, workdir=None, log=print) -> dict:
         records[split] = _prepare_split(d.prepared, split, part, d.shard_size,
                                         (side, side, d.channels), log)
       manifest = prepared.write_manifest(d.prepared, settings_record=record,
-                                         class_names=class_names, splits=records)
+                                         class_names=layout.class_names, splits=records)
     except OSError as e:  # disk full, quota, permissions, a bucket that went away
       raise DataError(f"Preparing {d.prepared} failed: "
                       f"{e.strerror or e} ({getattr(e, 'filename', None) or 'a shard'}). Finished "
@@ -121,7 +63,7 @@ def run(config, workdir=None, log=print) -> dict:
   log(f"Prepared {counts} ({skipped} unreadable files skipped) in "
       f"{time.perf_counter() - start_time:.1f} s: {d.prepared}/{prepared.MANIFEST}")
   return {"stage": "prepare", "prepared": str(d.prepared), "source": source, "side": side,
-          "full_size": full_size, "examples": counts, "skipped": skipped}
+          "full_size": layout.full_size, "examples": counts, "skipped": skipped}
 
 
 def _claim_directory(directory, record: dict, overwrite: bool, log) -> None:
@@ -144,7 +86,7 @@ def _claim_directory(directory, record: dict, overwrite: bool, log) -> None:
   prepared.write_settings(directory, record)
 
 
-def _prepare_split(directory, split: str, part: _Split, shard_size: int, row_shape,
+def _prepare_split(directory, split: str, part: StoredSplit, shard_size: int, row_shape,
                    log) -> list[dict]:
   num_shards = max(math.ceil(part.count / shard_size), 1)
   records, written, begin = [], 0, time.perf_counter()
@@ -187,15 +129,9 @@ def resolved(config, workdir, log=print, poll_s: float = 10.0):
   prepared set: each process reads only its batches' rows, so host memory does not grow with
   the data set (loading imagenet_resized/32x32 whole would hold 1.28M images per process).
   Other sources are returned as they are."""
-  d = config.data
-  # Fashion-MNIST falls back to TFDS only when no path was given and no local copy exists (a
-  # given data.path is used or refused by the source, never replaced).
-  fallback = d.source == "fashion_mnist" and not d.path and sources.fashion_mnist_dir() is None
-  if d.source != "tfds" and not fallback:
+  out = sources.source_of(config, log).prepared_on_first_use()
+  if out is None:
     return config
-  out = copy.deepcopy(config)
-  if fallback:
-    out.data.source, out.data.name = "tfds", "fashion_mnist"
   out.data.prepared = directory = cache_dir(out, workdir)
   manifest = workdir_lib.path(directory) / prepared.MANIFEST
   if not manifest.exists():
