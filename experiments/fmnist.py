@@ -103,7 +103,7 @@ def log_stage(name: str, minutes: dict, fn, *args):
 
 def test_bits_per_dim(config, workdir) -> dict:
   """Bits/dim over the whole test split at config.checkpoint.load_step."""
-  from igpt_jax import loop
+  from igpt_jax import evaluation
   from igpt_jax import sharding as sharding_lib
   from igpt_jax import train as train_lib
   from igpt_jax import workdir as workdir_lib
@@ -113,8 +113,8 @@ def test_bits_per_dim(config, workdir) -> dict:
   cfg, params, centers, step = workdir_lib.load_pretrained(config, workdir, mesh, rules, log=quiet)
   test = sources.load(config, "test", log=quiet)
   tokenizer = transform.Tokenizer(centers, config.data.resolution, mesh, rules)
-  out = loop.evaluate(train_lib.Trainer(cfg, config, mesh, rules), params, test, tokenizer,
-                      config, prefix="test")
+  out = evaluation.evaluate(train_lib.Trainer(cfg, config, mesh, rules), params, test, tokenizer,
+                            config, prefix="test")
   return {"step": step, "test_bits_per_dim": out["test_bits_per_dim"], "test_examples": len(test)}
 
 
