@@ -38,7 +38,7 @@ def test_bad_files_in_a_folder(tmp_path):
   (tmp_path / "dogs/corrupt.png").write_bytes(good.read_bytes()[:60])  # truncated
   logs = []
   data = folder_source.load_folder(str(tmp_path), "train", channels=3, resolution=8,
-                             eval_fraction=0.0, log=logs.append)
+                                   eval_fraction=0.0, log=logs.append)
   # Stored at the smallest image's side (tiny.png, 10 px), not enlarged to 2 x 8.
   assert len(data) == 5 and data.images.shape[1:] == (10, 10, 3) and not data.full_size
   assert data.class_names == ["cats", "dogs"] and sorted(set(data.labels)) == [0, 1]
@@ -54,6 +54,31 @@ def test_folder_errors_are_one_sentence(tmp_path):
     folder_source.load_folder(str(tmp_path), "train", 3, 8)
   with pytest.raises(sources.DataError, match="does not exist"):
     folder_source.load_folder(str(tmp_path / "nope"), "train", 3, 8)
+
+
+def test_a_folder_laid_out_by_split_reads_its_folders_as_the_splits(tmp_path):
+  """ImageNet's layout, root/train/<class> and root/val/<class>: val/ is the test split and the
+  classes are train's -- not 4 classes 'train/a' ... with val's images hashed into train."""
+  for split, count in (("train", 6), ("val", 3)):
+    for name in ("a", "b"):
+      (tmp_path / split / name).mkdir(parents=True)
+      for i in range(count):
+        value = {"train": 0, "val": 100}[split] + 10 * (name == "b") + i
+        Image.fromarray(np.full((12, 12, 3), value, np.uint8)).save(
+            tmp_path / split / name / f"{i}.png")
+  train = folder_source.load_folder(str(tmp_path), "train", 3, 8)
+  test = folder_source.load_folder(str(tmp_path), "test", 3, 8)
+  assert train.class_names == test.class_names == ["a", "b"]
+  assert (len(train), len(test)) == (12, 6)
+  assert (train.images[:, 0, 0, 0] < 100).all() and (test.images[:, 0, 0, 0] >= 100).all()
+  assert list(test.labels) == [0, 0, 0, 1, 1, 1]
+  (tmp_path / "val" / "c").mkdir()
+  Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "val" / "c" / "0.png")
+  with pytest.raises(sources.DataError, match="has class folder\\(s\\) train/ does not: c"):
+    folder_source.load_folder(str(tmp_path), "test", 3, 8)
+  (tmp_path / "test").mkdir()
+  with pytest.raises(sources.DataError, match="has test/, val/ beside train/"):
+    folder_source.load_folder(str(tmp_path), "train", 3, 8)
 
 
 def test_classifying_one_class_or_unlabelled_data_says_what_the_data_has(tmp_path):

@@ -76,20 +76,63 @@ def _in_eval_split(relpath: str, seed: int, eval_fraction: float) -> bool:
   return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
 
 
-def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: float = 0.1):
-  """(files, labels, class names) of the `role` split of an image folder: root/<class>/*.png
-  (labels from folder names) or root/*.png (unlabelled, label -1). The train/test split is a
-  seeded hash of each file's path, so it never changes as files are added."""
+# Folders a data set laid out by split uses (ImageNet's train/ and val/): its test split is
+# the first of TEST_FOLDERS there; validation is held out of train as for any source.
+TRAIN_FOLDER, TEST_FOLDERS = "train", ("test", "val", "validation")
+
+
+def split_layout(root: str) -> dict[str, str] | None:
+  """{'train': root/train, 'test': root/test (or val)} for a folder laid out by split, whose
+  only subfolders are train/ and test/ or val/; None for a folder of classes."""
+  subdirs = {d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+  tests = [d for d in TEST_FOLDERS if d in subdirs]
+  if TRAIN_FOLDER not in subdirs or not tests or subdirs - {TRAIN_FOLDER, *TEST_FOLDERS}:
+    return None
+  if len(tests) > 1:  # not silently: one of them would go unread
+    raise DataError(f"{root!r} has {', '.join(f'{d}/' for d in tests)} beside train/: the test "
+                    "split is one folder (validation is held out of train); keep one of them.")
+  return {"train": os.path.join(root, TRAIN_FOLDER), "test": os.path.join(root, tests[0])}
+
+
+def _existing(root: str) -> str:
   if not os.path.isdir(root):
     raise DataError(f"Image folder {root!r} does not exist: set --config.data.path to a folder "
                     "of images (root/<class>/*.png).")
+  return root
+
+
+def _image_files(root: str) -> list[str]:
+  """The image files under `root`, sorted; one error line when there are none."""
   files = []
   for dirpath, _, names in os.walk(root):
     files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-  files.sort()
   if not files:
     raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}: point "
                     "--config.data.path at a folder of images.")
+  return sorted(files)
+
+
+def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: float = 0.1):
+  """(files, labels, class names) of the `role` split of an image folder: root/<class>/*.png
+  (labels from folder names) or root/*.png (unlabelled, label -1). The train/test split is a
+  seeded hash of each file's path, so it never changes as files are added -- unless the folder
+  is laid out by split (`split_layout`: root/train/<class>, root/val/<class>), whose folders
+  are the splits, with train's classes."""
+  layout = split_layout(_existing(root))
+  if layout:
+    base = layout["test" if role == "test" else "train"]
+    files = _image_files(base)
+    class_names = sorted(d for d in os.listdir(layout["train"])
+                         if os.path.isdir(os.path.join(layout["train"], d)))
+    rel = [os.path.relpath(f, base) for f in files]
+    unknown = sorted({os.path.dirname(r) for r in rel} - set(class_names) - {""})
+    if unknown:
+      raise DataError(f"{base!r} has class folder(s) train/ does not: {', '.join(unknown[:5])}; "
+                      "a split's classes must be train's.")
+    class_index = {c: i for i, c in enumerate(class_names)}
+    return files, np.asarray([class_index.get(os.path.dirname(r), -1) for r in rel],
+                             np.int32), class_names
+  files = _image_files(root)
   rel = [os.path.relpath(f, root) for f in files]
   class_names = sorted({os.path.dirname(r) for r in rel if os.path.dirname(r)})
   class_index = {c: i for i, c in enumerate(class_names)}
@@ -100,8 +143,8 @@ def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: fl
 
 
 def all_folder_files(root: str) -> list[str]:
-  """Every image file of a folder, all splits (`folder_files` with everything in one)."""
-  return folder_files(root, "train", eval_fraction=0.0)[0]
+  """Every image file of a folder, all splits."""
+  return _image_files(_existing(root))
 
 
 def _short_side(path: str) -> int:
