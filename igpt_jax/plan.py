@@ -23,7 +23,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import targets as targets_lib
 from igpt_jax import train as train_lib
 from igpt_jax.config import UserError
-from igpt_jax.plan_compile import (GIB, attention_ran, compile_step, roofline, state_bytes,
+from igpt_jax.plan_compile import (GIB, attention_ran, compile_step, gib, roofline, state_bytes,
                                    try_compile, undivided, with_overrides)
 from igpt_jax.plan_search import current_setting, search
 
@@ -84,7 +84,7 @@ def plan_simulated(config, log) -> dict:
         "that fit, add --config.plan.device_memory_gb=<GiB per device of your accelerator>, or "
         f"--config.plan.target=<accelerator> ({targets_lib.EXAMPLES}) to compile for it.")
     return out
-  out = {"device_memory_gb": round(budget.bytes / GIB, 2), "budget": budget.name}
+  out = {"device_memory_gb": float(f"{budget.bytes / GIB:.4g}"), "budget": budget.name}
   out.update(_verdict(config, devices, budget, len(devices), max(config.mesh.slices, 1), log,
                       search_roomy=False))
   return out
@@ -198,14 +198,14 @@ def _verdict(config, devices, budget: Budget, chips: int, slices: int, log,
   floor = state_bytes(config) / per_slice  # per device, however the state is sharded
   searching = config.plan.search and floor <= hbm
   if result["fits"]:
-    log(f"plan: fits {budget.name}: {out['per_device_gib']:.2f} of {hbm / GIB:.2f} GiB per "
+    log(f"plan: fits {budget.name}: {gib(out['per_device_gib'])} of {gib(hbm / GIB)} GiB per "
         f"{unit} (attention {out['attention']})"
         + (f"; roofline {out['step_s_roofline']:.3f} s/step, MFU <= "
            f"{100 * out['mfu_roofline']:.0f}% ({out['bound']} bound)." if "mfu_roofline" in out
            else "."))
   else:
     log(f"plan: does NOT fit {budget.name}: "
-        + (out.get("out_of_memory") or f"{out['per_device_gib']:.2f} GiB per {unit} "
+        + (out.get("out_of_memory") or f"{gib(out['per_device_gib'])} GiB per {unit} "
            f"(mesh {out['mesh']}, attention {out['attention']})")
         + ("; searching for settings that fit (--config.plan.search=false skips this)..."
            if searching else "."))
@@ -214,8 +214,8 @@ def _verdict(config, devices, budget: Budget, chips: int, slices: int, log,
     out["suggested"] = None
     out["devices_needed_at_least"] = needed
     log(f"plan: no setting on {_count(chips, unit)} can fit {budget.name}: the parameters, "
-        f"gradients and optimizer state alone are {floor / GIB:.2f} GiB per {unit} however "
-        f"they are sharded; it takes at least {_count(needed, unit)} of {hbm / GIB:.2f} GiB.")
+        f"gradients and optimizer state alone are {gib(floor / GIB)} GiB per {unit} however "
+        f"they are sharded; it takes at least {_count(needed, unit)} of {gib(hbm / GIB)} GiB.")
     return out
   roomy = search_roomy and result["fits"] and result.get("per_device_bytes", 0) < ROOM * hbm
   if config.plan.search and (not result["fits"] or roomy):
@@ -232,7 +232,7 @@ def _verdict(config, devices, budget: Budget, chips: int, slices: int, log,
         suggestion.update(_rounded(roofline(with_overrides(config, found["setting"]), devices,
                                             budget.chip, chips)))
       out["suggested"] = suggestion
-      log(f"plan: suggested (fits, {suggestion['per_device_gib']:.2f} GiB per {unit}"
+      log(f"plan: suggested (fits, {gib(suggestion['per_device_gib'])} GiB per {unit}"
           + (f", MFU <= {100 * suggestion['mfu_roofline']:.0f}%" if "mfu_roofline" in suggestion
              else "") + f"): {found['overrides']}")
     elif not result["fits"]:

@@ -28,6 +28,12 @@ from igpt_jax import train as train_lib
 GIB = targets_lib.GIB
 
 
+def gib(gibibytes: float) -> str:
+  """GiB for a sentence: two decimals, or three significant digits below 0.1 (a tiny model's
+  step is not '0.00 GiB')."""
+  return f"{gibibytes:.2f}" if gibibytes >= 0.1 else f"{gibibytes:.3g}"
+
+
 def with_overrides(config, overrides: dict):
   """A copy of `config` with {'mesh.fsdp': -1, ...} applied."""
   new = ml_collections.ConfigDict(config.to_dict())

@@ -7,7 +7,7 @@ import jax
 
 from igpt_jax import attention as attention_lib
 from igpt_jax import model as model_lib
-from igpt_jax.plan_compile import try_compile, with_overrides
+from igpt_jax.plan_compile import GIB, gib, try_compile, with_overrides
 
 # Remat policies the search tries, least recomputation first; the values only order them (a
 # rough share of the forward pass each recomputes). The chosen setting's figures are the compiler's.
@@ -92,9 +92,10 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
            better_than: dict | None, log, max_compiles: int = 40,
            skip: dict | None = None) -> dict | None:
   """Compiles candidates best-estimated first; returns the first that fits (with its figures),
-  or None. With `better_than` (a setting that already fits) only better-ranked ones are tried;
-  `skip` (the setting already compiled) is not tried again."""
-  tried = 0
+  or None -- then the log names the closest one tried. With `better_than` (a setting that
+  already fits) only better-ranked ones are tried; `skip` (the setting already compiled) is not
+  tried again."""
+  tried, closest = 0, None
   compiled_on = attention_lib.device_platform(devices[0])
   for setting in candidates(config, chips, slices, platform, compiled_on):
     if better_than is not None and _rank(setting) >= _rank(better_than):
@@ -111,11 +112,17 @@ def search(config, devices, hbm_bytes: int, chips: int, slices: int, platform: s
       log(f"plan: tried {overrides_text(setting)}: compile error "
           f"({str(e).splitlines()[0][:160]})")
       continue
-    verdict = (f"{result['per_device_gib']:.2f} GiB" if "per_device_gib" in result
+    verdict = (f"{gib(result['per_device_gib'])} GiB" if "per_device_gib" in result
                else "out of memory")
     log(f"plan: tried {overrides_text(setting)}: {verdict} ({result['compile_s']:.1f} s)")
     if result["fits"]:
       return {"overrides": overrides_text(setting), "setting": setting, **result}
+    if "per_device_gib" in result and (closest is None or
+                                       result["per_device_gib"] < closest[0]):
+      closest = (result["per_device_gib"], setting)
+  if closest is not None and better_than is None:
+    log(f"plan: the closest of the {tried} settings tried: {gib(closest[0])} GiB per device, "
+        f"{gib(hbm_bytes / GIB)} available ({overrides_text(closest[1])}).")
   return None
 
 

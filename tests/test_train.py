@@ -510,6 +510,20 @@ def test_plan_xl_on_simulated_devices():
   assert out["fits"] is True
 
 
+def test_a_search_that_finds_nothing_names_the_closest_setting_it_tried():
+  """Nothing fits: the log says which of the settings tried came closest, and by how much."""
+  from igpt_jax import plan_search
+  config = tiny_config(steps=2)
+  logs = []
+  found = plan_search.search(config, jax.devices()[:1], hbm_bytes=1024, chips=1, slices=1,
+                             platform="cpu", better_than=None, log=logs.append, max_compiles=2)
+  assert found is None
+  tried = [float(line.split(": ")[-1].split(" GiB")[0]) for line in logs
+           if line.startswith("plan: tried")]
+  assert len(tried) == 2 and logs[-1].startswith("plan: the closest of the 2 settings tried: ")
+  assert f"{min(tried):.3g} GiB per device, 9.54e-07 available" in logs[-1], logs[-1]
+
+
 def test_launch_scripts_are_valid(tmp_path):
   scripts = [f"{REPO}/launch/{s}" for s in ("tpu_pod.sh", "gpu_slurm.sh", "local.sh")]
   for script in scripts:
