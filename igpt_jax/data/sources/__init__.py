@@ -40,10 +40,10 @@ def describe(data: dict) -> str:
   return source.describe(data) if source else str(data.get("source", "?"))
 
 
-def validation_fraction(config) -> float:
+def validation_fraction(config, source: Source | None = None) -> float:
   """data.validation_fraction, or the paper's per data set (4% of ImageNet, 10% otherwise)."""
   fraction = config.data.validation_fraction
-  return fraction if fraction >= 0 else source_of(config).validation_fraction()
+  return fraction if fraction >= 0 else (source or source_of(config)).validation_fraction()
 
 
 def split_seed(config) -> int:
@@ -72,7 +72,7 @@ def _load_role(config, role: str, log) -> ImageSet:
   source = source_of(config, log)
   if role == "test":
     return source.load_split("test")
-  fraction = validation_fraction(config)
+  fraction = validation_fraction(config, source)
   if role == "validation" and fraction == 0:
     raise DataError("No validation split: --config.data.validation_fraction is 0.")
   if role == "pretrain" and source.has_pretrain_split():

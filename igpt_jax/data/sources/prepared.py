@@ -4,6 +4,8 @@ the data set. Its manifest says what it holds: source, splits, side, class names
 
 from __future__ import annotations
 
+import functools
+
 from igpt_jax.data import prepared
 from igpt_jax.data.sources import tfds
 from igpt_jax.data.sources.base import SPLIT_SEED, DataError, ImageSet, Source, storage_side
@@ -13,24 +15,26 @@ class Prepared(Source):
   name = "prepared"
   defining_fields = ("data.source", "data.prepared")
 
+  @functools.cached_property
   def manifest(self) -> dict:
+    """The set's manifest, read once per source."""
     if not self.d.prepared:
       raise DataError("data.source='prepared' needs --config.data.prepared=DIR (a directory "
                       "made by --config.stage=prepare).")
     return prepared.read_manifest(self.d.prepared)
 
   def has_pretrain_split(self) -> bool:
-    return "pretrain" in self.manifest()["splits"]
+    return "pretrain" in self.manifest["splits"]
 
   def validation_fraction(self) -> float:
-    name = self.manifest()["source"].removeprefix("tfds:")
+    name = self.manifest["source"].removeprefix("tfds:")
     return 0.04 if name in tfds.IMAGENET_NAMES else 0.1
 
   def split_seed(self) -> int:
-    return int(self.manifest().get("split_seed", SPLIT_SEED))
+    return int(self.manifest.get("split_seed", SPLIT_SEED))
 
   def load_split(self, split: str) -> ImageSet:
-    self.manifest()  # a missing data.prepared, said in one line
+    self.manifest  # a missing data.prepared, said in one line
     return load_prepared(self.d.prepared, split, verify=self.d.verify)
 
   def layout(self, pool):
