@@ -79,7 +79,7 @@ def eval_due(trainer, step: int, is_last: bool) -> bool:
 
 
 def evaluations_due(trainer, params, step: int, is_last: bool, eval_data, test_data, tokenizer,
-                 config) -> dict:
+                    config) -> dict:
   """The evaluations due at `step`: validation (`eval_due`); for fine-tuning, the test split
   at the end (the final number)."""
   out = {}
