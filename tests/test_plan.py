@@ -13,6 +13,7 @@ import pytest
 from conftest import CPU_FAST_COMPILE, REPO
 from igpt_jax import config as config_lib
 from igpt_jax import plan as plan_lib
+from igpt_jax import plan_compile
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import targets as targets_lib
 
@@ -270,9 +271,9 @@ def test_a_mesh_that_does_not_divide_a_dimension_says_so():
                                   "model.num_heads": 24})
   mesh = sharding_lib.make_mesh(config.mesh, targets_lib.topology_devices(
       targets_lib.parse("v5litepod-16")))
-  why = plan_lib.undivided(config, mesh)
+  why = plan_compile.undivided(config, mesh)
   assert why.startswith("the mesh does not divide heads (24) by mesh.tensor=16"), why
   assert "choose mesh sizes that divide them" in why
-  assert plan_lib.undivided(config_of("igpt_l", **{"mesh.tensor": 8}), sharding_lib.make_mesh(
+  assert plan_compile.undivided(config_of("igpt_l", **{"mesh.tensor": 8}), sharding_lib.make_mesh(
       config_of("igpt_l", **{"mesh.tensor": 8}).mesh, targets_lib.topology_devices(
           targets_lib.parse("v5litepod-16")))) == ""
