@@ -42,9 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prepared = ""  # a prepared data set (stage prepare writes it, source 'prepared' reads)
   c.data.resolution = 32  # the model's image side in pixels: resolution**2 tokens an image
   c.data.channels = 3  # 3 = RGB, 1 = gray (the palette's colours have as many values)
-  # Pretraining crops: 'paper' (short side 256..384, random 224 crop; evaluation: centre
-  # 224/256), 'crop' (random square of crop_min..1 of the side), 'none'; 'auto' = paper for
-  # full-size images (folders, imagenet2012), none for data already at low resolution.
+  # Training views (data/transform.py quotes the paper): 'paper' (short side 256..384, a random
+  # 224 crop), 'wrn' (shifts of up to 4 of 32 pixels, reflection beyond the edge, mirrored half
+  # the time: the paper's CIFAR fine-tuning), 'crop' (random square of crop_min..1 of the
+  # side), 'none'. Evaluation always sees the whole centre square. 'auto' = paper for full-size
+  # images (folders, imagenet2012); for data already at low resolution, wrn when fine-tuning
+  # and none otherwise.
   c.data.augment = "auto"
   c.data.crop_min = 0.75  # smallest side of the 'crop' augmentation, as a fraction
   c.data.validation_fraction = -1.0  # held out of train; -1 = the paper's (ImageNet 4%, else 10%)

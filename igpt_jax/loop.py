@@ -212,7 +212,7 @@ def train_steps(run: Run, state, start: int, step_fn, writer, stop_after: int | 
       run.data, batch_size=tcfg.batch_size, seed=config.seed, start_step=start,
       num_steps=max(total - start, 0), rows=rows, augment=config.data.augment,
       crop_min=config.data.crop_min, prefetch=config.data.prefetch,
-      pipeline=config.data.pipeline, log=log)
+      pipeline=config.data.pipeline, stage=run.stage, log=log)
   watchdog = Watchdog(tcfg.watchdog_factor, log=log)
   pace = Pace(watchdog, run.mesh)
   logger = LogSteps(run, writer, start, pace, watchdog)

@@ -394,10 +394,38 @@ def test_paper_crop_boxes():
   np.testing.assert_array_equal(transform.train_boxes(np.arange(1500, 1600), 0, "paper"),
                                 boxes[1500:1600])
   assert not np.array_equal(transform.train_boxes(np.arange(2000), 1, "paper"), boxes)
-  centre = transform.eval_boxes(3, "paper")[0]
-  np.testing.assert_allclose(centre, [1 / 16, 1 / 16, 15 / 16, 15 / 16])
+  # The paper evaluates on "the single 224 x 224 center crop" of the image with its shorter
+  # side at 224: the whole stored centre square.
+  np.testing.assert_array_equal(transform.eval_boxes(3, "paper")[0], [0, 0, 1, 1])
   assert transform.resolve_augment("auto", full_size=True) == "paper"
+  assert transform.resolve_augment("auto", full_size=True, stage="finetune") == "paper"
   assert transform.resolve_augment("auto", full_size=False) == "none"
+  assert transform.resolve_augment("auto", full_size=False, stage="finetune") == "wrn"
+
+
+def test_the_wide_resnet_view_shifts_reflects_and_mirrors_whole_pixels():
+  """'wrn', the paper's CIFAR fine-tuning view: each image is np.pad(image, 4, 'reflect')
+  cropped back to 32x32 at a whole-pixel offset in [0, 8], mirrored half the time -- the
+  pixels the model gets are exactly those, at resolution 32 and (area-averaged) at 16."""
+  images = smooth_images(64, 32, seed=3)
+  positions = np.arange(64)
+  boxes = transform.train_boxes(positions, seed=5, augment="wrn", side=32)
+  flipped = boxes[:, 3] < boxes[:, 1]
+  assert 20 < flipped.sum() < 44  # about half
+  y = np.rint(boxes[:, 0] * 32).astype(int) + 4
+  x = np.rint(np.minimum(boxes[:, 1], boxes[:, 3]) * 32).astype(int) + 4
+  assert set(y) == set(range(9)) and set(x) == set(range(9))  # every offset, whole pixels
+  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+  want = np.stack([p[i:i + 32, j:j + 32] for p, i, j in zip(padded, y, x)])
+  want[flipped] = want[flipped][:, :, ::-1]
+  got = transform.pixels_at_resolution(images, boxes, 32)
+  np.testing.assert_array_equal(got, want)
+  half = transform.pixels_at_resolution(images, boxes, 16).astype(float)
+  mean = want.astype(float).reshape(64, 16, 2, 16, 2, 3).mean((2, 4))
+  assert np.abs(half - mean).max() <= 0.5 + 1e-3  # the 2x2 means, rounded
+  # A box depends on (seed, position) only, as for every view.
+  np.testing.assert_array_equal(transform.train_boxes(positions[10:20], 5, "wrn", side=32),
+                                boxes[10:20])
 
 
 def smooth_images(n: int, side: int, seed: int = 0) -> np.ndarray:

@@ -84,12 +84,14 @@ def step_batch(data: ImageSet, step: int, *, batch_size: int, rows: np.ndarray, 
   positions = step_positions(step, batch_size, rows)
   idx = example_indices(positions, len(data), seed)
   return {"images": np.asarray(data.images[idx]), "labels": data.labels[idx],
-          "boxes": transform.train_boxes(positions, seed, augment, crop_min), "step": step}
+          "boxes": transform.train_boxes(positions, seed, augment, crop_min,
+                                         side=data.images.shape[1]), "step": step}
 
 
 def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int = 0,
                   num_steps: int | None = None, rows=None, augment: str = "auto",
-                  crop_min: float = 0.75, prefetch: int = 2, pipeline: str = "auto", log=print):
+                  crop_min: float = 0.75, prefetch: int = 2, pipeline: str = "auto",
+                  stage: str = "pretrain", log=print):
   """Iterator of {'images': uint8 [b, H, W, C], 'boxes': float32 [b, 4], 'labels': int32 [b],
   'step': int} from start_step; b = len(rows) rows of each global batch (see `step_positions`).
 
@@ -98,7 +100,7 @@ def train_batches(data: ImageSet, *, batch_size: int, seed: int, start_step: int
   The batches are the same bytes either way (a test asserts equality)."""
   rows = batch_rows(rows, batch_size)
   read = functools.partial(step_batch, data, batch_size=batch_size, rows=rows, seed=seed,
-                           augment=transform.resolve_augment(augment, data.full_size),
+                           augment=transform.resolve_augment(augment, data.full_size, stage),
                            crop_min=crop_min)
   end = None if num_steps is None else start_step + num_steps
   if resolve_pipeline(pipeline) == "tf.data":

@@ -11,8 +11,19 @@ Crop + resize is exact area resampling: output pixel j averages the crop's sourc
 weighted by how much of each its footprint covers (a box filter, as `tf.image.resize(...,
 "area")` and PIL's BOX for whole-number factors). An image already at the model's resolution
 with the whole-image box passes through unchanged, and a 2x shrink is the plain 2x2 mean; a
-bilinear resize would blur both. Levels are then rounded (half to even) to uint8, and the
-palette lookup is exact (`palette.Quantizer.uint8_lut`).
+bilinear resize would blur both. A box that leaves the image reads its reflection (numpy's
+and TensorFlow's 'REFLECT' padding, the edge pixel not repeated), and a box with x2 < x1 is the
+horizontal mirror of the box from x2 to x1. Levels are then rounded (half to even) to uint8,
+and the palette lookup is exact (`palette.Quantizer.uint8_lut`).
+
+The views are the paper's (Chen et al. 2020, appendix on experimental details): "we randomly
+resize an image such that the shorter sidelength is in the range [256, 384] and then take a
+random 224 x 224 crop. When evaluating on ImageNet, we resize the image such that the shorter
+sidelength is 224 and use the single 224 x 224 center crop. When full-network fine-tuning on
+CIFAR-10 and CIFAR-100, we use the augmentation popularized by Wide Residual Networks: 4 pixels
+are reflection padded on each side, and a 32 x 32 crop is randomly sampled from the padded
+image or its horizontal flip." ('paper' for full-size images, 'wrn' for images stored at about
+the input size; `resolve_augment`.)
 """
 
 from __future__ import annotations
@@ -25,18 +36,21 @@ import numpy as np
 
 from igpt_jax import palette as palette_lib
 
-AUGMENTS = ("auto", "paper", "crop", "none")
+AUGMENTS = ("auto", "paper", "wrn", "crop", "none")
+WRN_PAD = 4 / 32  # the paper's 4 pixels of reflection on each side of a 32-pixel CIFAR image
 
 
 # -- crop boxes (host, numpy): the only randomness of the input pipeline ----------------------
 
-def resolve_augment(augment: str, full_size: bool) -> str:
-  """'auto': the paper's crops for sources stored from full-size images; none for sources that
-  are already at (about) the input resolution, where a crop resized back up only blurs."""
+def resolve_augment(augment: str, full_size: bool, stage: str = "pretrain") -> str:
+  """'auto' is the paper's view for the data and the stage: its random crops for sources
+  stored from full-size images (ImageNet-like); for sources already at about the input size
+  (CIFAR-like), its Wide-ResNet shifts and flips when fine-tuning, and nothing otherwise (the
+  paper names no augmentation there, and a crop resized back up only blurs)."""
   if augment not in AUGMENTS:
     raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
   if augment == "auto":
-    return "paper" if full_size else "none"
+    return "paper" if full_size else "wrn" if stage == "finetune" else "none"
   return augment
 
 
@@ -54,17 +68,30 @@ def position_uniforms(seed: int, positions: np.ndarray, stream: int) -> np.ndarr
   return (x >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 
-def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float = 0.75):
-  """Crop boxes [b, 4] (y1, x1, y2, x2 in [0, 1]) of the examples at global `positions`; a
-  box depends on (seed, position) only, so any host reading any rows draws the same boxes.
+def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float = 0.75,
+                side: int = 32):
+  """Crop boxes [b, 4] (y1, x1, y2, x2 as fractions of the stored square of `side` pixels) of
+  the examples at global `positions`; a box depends on (seed, position) only, so any host
+  reading any rows draws the same boxes.
 
-  'paper': short side drawn from [256, 384], a random 224 crop (Chen et al. 2020, as in
-           ResNet training), on the stored centre square: a square of side 224 / U(256, 384).
+  'paper': short side drawn from [256, 384], a random 224 crop (the paper's ImageNet view, as
+           in ResNet training), on the stored centre square: a square of side 224 / U(256, 384).
+  'wrn':   the paper's CIFAR fine-tuning view: the image shifted by a whole number of pixels in
+           [-4, 4] per axis (4 of 32: WRN_PAD of the side; reflection beyond the edge) and
+           mirrored half the time (x2 < x1).
   'crop':  a random square covering crop_min..1 of the side.
   'none':  the evaluation box.
   """
   if augment == "none":
     return eval_boxes(len(positions), "none")
+  if augment == "wrn":
+    pad = int(round(WRN_PAD * side))
+    u = [position_uniforms(seed, positions, k) for k in range(3)]
+    y, x = ((np.floor(v * (2 * pad + 1)) - pad) / side for v in u[:2])
+    boxes = np.stack([y, x, y + 1.0, x + 1.0], axis=-1)
+    flip = u[2] < 0.5
+    boxes[flip] = boxes[flip][:, [0, 3, 2, 1]]
+    return boxes.astype(np.float32)
   u = [position_uniforms(seed, positions, k) for k in range(3)]
   side = 224.0 / (256.0 + 128.0 * u[0]) if augment == "paper" else crop_min + (1 - crop_min) * u[0]
   y, x = u[1] * (1.0 - side), u[2] * (1.0 - side)
@@ -72,26 +99,52 @@ def train_boxes(positions: np.ndarray, seed: int, augment: str, crop_min: float 
 
 
 def eval_boxes(n: int, augment: str) -> np.ndarray:
-  """The evaluation view: the paper's centre 224/256 crop for 'paper', else the whole image."""
-  side = 224.0 / 256.0 if augment == "paper" else 1.0
-  lo = (1.0 - side) / 2
-  return np.tile(np.array([[lo, lo, lo + side, lo + side]], np.float32), (n, 1))
+  """The evaluation view: the whole stored centre square, for every augmentation (the paper
+  evaluates ImageNet on "the single 224 x 224 center crop" of the image with its shorter side
+  at 224: the centre square itself, which is what a full-size source stores)."""
+  del augment  # one view for all; kept so callers say which training view they evaluate
+  return np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), (n, 1))
+
+
+def input_view(data, augment: str, resolution: int) -> dict:
+  """How an image of `data` reaches the model at evaluation, for an export's image processor
+  (hf_processor.py): the side files were decoded to as a centre square (None: arrays stored as
+  given), the evaluation crop box on it, the resolution and the channels."""
+  mode = resolve_augment(augment, data.full_size)
+  return {"short_side": int(data.decoded_side) or None,
+          "crop_box": [float(v) for v in eval_boxes(1, mode)[0]], "resolution": int(resolution),
+          "channels": int(data.images.shape[-1])}
 
 
 # -- crop, resize, quantize (JAX) -------------------------------------------------------------
 
+def _reflect_fold(size: int) -> np.ndarray:
+  """[3 size, size] one-hot: pixel k of the image extended by its reflection on both sides
+  (k in [-size, 2 size)) -> the image pixel it shows (-1 -> 1, size -> size - 2)."""
+  k = np.arange(-size, 2 * size)
+  period = max(2 * size - 2, 1)
+  k = np.abs(k) % period
+  k = np.where(k >= size, period - k, k)
+  return np.eye(size, dtype=np.float32)[k]
+
+
 def _area_matrix(lo, hi, size: int, out: int):
   """[b, out, size]: the weight of source pixel k in output pixel j, for a crop [lo, hi] (as
   fractions of the `size`-pixel side): the share of j's footprint, [lo + j s, lo + (j + 1) s) x
-  size with s = (hi - lo) / out, that pixel [k, k + 1) covers."""
+  size with s = (hi - lo) / out, that pixel [k, k + 1) covers; outside the image, the pixel its
+  reflection shows. hi < lo: the crop [hi, lo] mirrored."""
+  flip = hi < lo
+  lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
   width = (hi - lo) * size / out  # [b] source pixels per output pixel
   start = lo[:, None] * size + jnp.arange(out, dtype=jnp.float32)[None, :] * width[:, None]
   end = start + width[:, None]
-  k = jnp.arange(size, dtype=jnp.float32)
+  k = jnp.arange(-size, 2 * size, dtype=jnp.float32)
   overlap = jnp.clip(jnp.minimum(end[..., None], k + 1.0) - jnp.maximum(start[..., None], k),
-                     0.0, None)  # [b, out, size]
-  # Normalised by the covered length: a footprint that leaves the image averages what is inside.
-  return overlap / jnp.maximum(jnp.sum(overlap, -1, keepdims=True), 1e-12)
+                     0.0, None)  # [b, out, 3 size]
+  weights = overlap / jnp.maximum(jnp.sum(overlap, -1, keepdims=True), 1e-12)
+  weights = jnp.einsum("bok,ks->bos", weights, _reflect_fold(size),
+                       precision=jax.lax.Precision.HIGHEST)
+  return jnp.where(flip[:, None, None], weights[:, ::-1, :], weights)
 
 
 def resize_levels(images, boxes, resolution: int):
