@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 'auto': all layers up to 12, else the middle third plus a spread of 8; 'all'; or '4,8,12'.
   c.probe.layers = "auto"
   c.probe.concat = 3  # the best layer and its nearest probed neighbours, concatenated (XL: 5)
+  # > 0 (and a larger train split): every probed layer is fitted on this many train and validation
+  # examples first; only the best layer and its probe.concat neighbours are then extracted and
+  # fitted on the whole splits (ImageNet: 50,000, not 1.2M x every layer). 0 = all layers whole.
+  c.probe.select_examples = 0
   # L2 candidates, chosen on the validation split; L-BFGS widens the grid 10x at a time (at
   # most 3 per side) while the choice is at its edge. One value: that L2, fixed.
   c.probe.l2 = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -157,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe.fit_batch_size = 1024  # Adam batch (global, over the mesh)
   c.probe.lr = 0.3  # Adam peak learning rate, warmup then cosine (features are standardised)
   c.probe.batch_size = 256  # feature extraction
+  # The report's baselines: 'all' (raw pixels and the same probe on a random-init model),
+  # 'pixels' (no random-init model: half the extraction, which matters at ImageNet size), 'none'.
+  c.probe.baselines = "all"
   # BERT models: features averaged over this many masks drawn as in pretraining (the paper's
   # mask ensembling); 0 = unmasked inputs, once. AR models ignore it.
   c.probe.bert_masks = 0
@@ -312,9 +319,10 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 CHOICES = {
     "data.source": ("prepared", "fashion_mnist", "tfds", "folder", "numpy"),
-    "data.augment": ("auto", "paper", "crop", "none"),
+    "data.augment": ("auto", "paper", "wrn", "crop", "none"),
     "data.pipeline": ("auto", "tf.data", "python"),
     "probe.solver": ("auto", "lbfgs", "adam"),
+    "probe.baselines": ("all", "pixels", "none"),
     "finetune.head_init": ("probe", "zeros"),
 }  # model.* choices: model_problem
 POSITIVE = ("data.resolution", "data.shard_size", "palette.k", "palette.samples",

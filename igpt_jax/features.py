@@ -1,13 +1,15 @@
 """Probe features on disk: extracted under the training mesh, streamed to the workdir, read back
 a chunk at a time.
 
-A store is a folder of chunks `r<lo>-c<chunk>.npz`, each [rows, groups, dim] features (float16;
-uint8 for pixels) and [rows] labels (-1 marks padding), plus `meta.json`, written last and
-removed first when an extraction starts again (a store being written never reads back as
-complete), and a progress file per row range that lets a stopped extraction resume. Every
+A store is a folder of chunks `r<lo>-c<chunk>`: one file per group (layer), `.g<group>.npz`
+with that group's [rows, dim] features (float16; uint8 for pixels), and the chunk's [rows]
+labels once, `.labels.npy` (-1 marks padding; written last: it marks the chunk whole), so a
+fit that reads one layer, or only the labels, reads only those bytes; plus `meta.json`, written
+last and removed first when an extraction starts again (a store being written never reads back
+as complete), and a progress file per row range that lets a stopped extraction resume. Every
 process writes the rows its devices hold of each global batch (`lo` names that row range, so
-processes holding replicas of the same rows write once), and nothing holds more than one chunk:
-host memory is bounded by `chunk_bytes`, whatever the number of examples. A probe on the same
+processes holding replicas of the same rows write once), and nothing holds more than two chunks
+(one collected, one being written): host memory is bounded by `chunk_bytes`, whatever the number of examples. A probe on the same
 mesh reads back its own row range; the in-memory path reads every range.
 """
 
@@ -22,7 +24,7 @@ from etils import epath
 
 from igpt_jax import workdir as workdir_lib
 
-FORMAT = "igpt_jax.features/1"
+FORMAT = "igpt_jax.features/2"  # /1 kept every group of a chunk in one file
 
 
 def _host_part(array, rows: np.ndarray, axis: int) -> np.ndarray:
@@ -49,7 +51,10 @@ class Store:
   def complete(path, key: dict) -> bool:
     """True when `path` holds a finished store made for `key` (model step, data, layers...)."""
     meta = epath.Path(path) / "meta.json"
-    return meta.exists() and json.loads(meta.read_text()).get("key") == key
+    if not meta.exists():
+      return False
+    meta = json.loads(meta.read_text())
+    return meta.get("format") == FORMAT and meta.get("key") == key
 
   @property
   def groups(self) -> int:
@@ -80,13 +85,22 @@ class Store:
     """One chunk: features [rows, G, D] (float32; uint8 pixels as stored) and labels [rows]
     (-1 = padding). `view`
     (a list of layer groups) concatenates groups: -> [rows, len(view), sum of dims]."""
-    with np.load(io.BytesIO((self.path / name).read_bytes())) as z:
-      x, y = z["x"], z["y"]
-      if "offset" in z:  # float16 chunks hold x - offset (see Writer.flush)
+    y = self.chunk_labels(name)
+    wanted = range(self.groups) if view is None else sorted({g for group in view for g in group})
+    parts = {g: self._group(name, g) for g in wanted}
+    if view is None:
+      return np.stack([parts[g] for g in wanted], axis=1), y
+    return np.stack([np.concatenate([parts[g] for g in group], -1) for group in view], 1), y
+
+  def _group(self, name: str, group: int) -> np.ndarray:
+    with np.load(io.BytesIO((self.path / f"{name}.g{group:03d}.npz").read_bytes())) as z:
+      x = z["x"]
+      if "offset" in z:  # float16 groups hold x - offset (see Writer.flush)
         x = x.astype(np.float32) + z["offset"]
-    if view is not None:
-      x = np.stack([x[:, list(g)].reshape(len(x), -1) for g in view], axis=1)
-    return x, y
+    return x
+
+  def chunk_labels(self, name: str) -> np.ndarray:
+    return np.load(io.BytesIO((self.path / f"{name}.labels.npy").read_bytes()))
 
   def chunks(self, ranges=None, view=None, order=None):
     names = self.chunk_names(ranges)
@@ -110,11 +124,7 @@ class Store:
 
   def labels(self) -> np.ndarray:
     """The real rows' labels, in `load`'s order, without reading the features."""
-    out = []
-    for name in self.chunk_names():
-      with np.load(io.BytesIO((self.path / name).read_bytes())) as z:
-        y = z["y"]
-      out.append(y[y >= 0])
+    out = [y[y >= 0] for y in map(self.chunk_labels, self.chunk_names())]
     return np.concatenate(out)
 
   def sums(self, view=None, ranges=None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -137,7 +147,9 @@ class Store:
 class Writer:
   """Collects this process's rows batch by batch and writes a chunk whenever one is full; after
   each chunk, a progress file records the chunks so far and how many batches they hold, so an
-  extraction that is stopped (or killed) resumes after its last whole chunk."""
+  extraction that is stopped (or killed) resumes after its last whole chunk. A chunk is
+  compressed and written in a thread while the device computes the next batches (one write in
+  flight: host memory holds at most two chunks); `close` waits for the last."""
 
   def __init__(self, path, lo: int, chunk_rows: int, dtype, key: dict | None = None):
     self.path, self.lo, self.chunk_rows, self.dtype = epath.Path(path), lo, chunk_rows, dtype
@@ -146,6 +158,7 @@ class Writer:
     done = progress(self.path, lo, key)
     self.names, self.total_rows, self.batches = done["chunks"], done["rows"], done["batches"]
     self.xs, self.ys, self.rows = [], [], 0
+    self._thread, self._pending = None, None
 
   def add(self, x: np.ndarray, y: np.ndarray) -> None:
     """The rows of the next batch (batch number `self.batches`)."""
@@ -160,25 +173,63 @@ class Writer:
   def flush(self) -> None:
     if not self.rows:
       return
-    name = f"r{self.lo:06d}-c{len(self.names):05d}.npz"
+    name = f"r{self.lo:06d}-c{len(self.names):05d}"
     x, y = np.concatenate(self.xs), np.concatenate(self.ys)
-    arrays = {"x": x.astype(self.dtype), "y": y}
+    groups = [{"x": x[:, g].astype(self.dtype)} for g in range(x.shape[1])]
     if self.dtype == np.float16:
       # Features can sit far from zero with a small spread (a norm's output, averaged over
       # positions): float16 of x itself would round the spread away (steps of 1/32 at 50). So
       # a chunk keeps x minus its float32 mean, and reading adds the mean back.
       real = x[y >= 0] if (y >= 0).any() else x
       offset = real.astype(np.float64).mean(0).astype(np.float32)
-      arrays.update(x=(x - offset).astype(np.float16), offset=offset)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    workdir_lib.write_atomic(self.path / name, buffer.getvalue())
+      groups = [{"x": (x[:, g] - offset[g]).astype(np.float16), "offset": offset[g]}
+                for g in range(x.shape[1])]
+    arrays = {"groups": groups, "y": y}
     self.names.append(name)
     self.xs, self.ys, self.rows = [], [], 0
-    record = {"key": self.key, "chunks": self.names, "rows": self.total_rows,
+    record = {"key": self.key, "chunks": list(self.names), "rows": self.total_rows,
               "batches": self.batches}
-    workdir_lib.write_atomic(self.path / _progress_name(self.lo),
-                             json.dumps(record).encode())
+    self.close()  # the previous chunk written first: the progress record names whole chunks
+    if self._thread is None:
+      from concurrent import futures
+      self._thread = futures.ThreadPoolExecutor(1, thread_name_prefix="features-writer")
+    self._pending = self._thread.submit(self._write, name, arrays, record)
+
+  def _write(self, name: str, arrays: dict, record: dict) -> None:
+    for g, group in enumerate(arrays["groups"]):
+      buffer = io.BytesIO()
+      np.savez(buffer, **group)
+      workdir_lib.write_atomic(self.path / f"{name}.g{g:03d}.npz", buffer.getvalue())
+    buffer = io.BytesIO()
+    np.save(buffer, arrays["y"])
+    workdir_lib.write_atomic(self.path / f"{name}.labels.npy", buffer.getvalue())  # whole now
+    workdir_lib.write_atomic(self.path / _progress_name(self.lo), json.dumps(record).encode())
+
+  def close(self) -> None:
+    """Waits for the chunk being written (and raises its error, if it failed)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
+
+
+def check_room(directory, needed: int) -> None:
+  """One error line when the local disk holding `directory` has less than `needed` bytes
+  free (object stores are not checked)."""
+  import shutil
+
+  from igpt_jax.config import UserError
+  path = epath.Path(directory)
+  if "://" in str(path):
+    return
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  free = shutil.disk_usage(str(existing)).free
+  if needed > free:
+    raise UserError(f"The probe's features need {needed / 1e9:.3g} GB in {path}, whose disk has "
+                    f"{free / 1e9:.3g} GB free: free space, point --workdir elsewhere, probe "
+                    "fewer layers (probe.layers), or leave out the random-init baseline "
+                    "(probe.baselines=pixels).")
 
 
 def _progress_name(lo: int) -> str:
@@ -191,7 +242,8 @@ def progress(path, lo: int, key: dict) -> dict:
   record = epath.Path(path) / _progress_name(lo)
   if record.exists():
     done = json.loads(record.read_text())
-    if done.get("key") == key and all((epath.Path(path) / n).exists() for n in done["chunks"]):
+    if done.get("key") == key and all((epath.Path(path) / f"{n}.labels.npy").exists()
+                                      for n in done["chunks"]):
       return done
   return {"chunks": [], "rows": 0, "batches": 0}
 
@@ -246,31 +298,39 @@ def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int
     log(f"features: resuming after {min(start * batch_size, len(data))}/{len(data)} examples "
         "(the whole chunks of a stopped extraction).")
   writers, dims = {}, {}
+  rate = _Rate()
   batches = pipeline.eval_batches(data, batch_size=batch_size, rows=rows, augment=augment,
                                   start_batch=start)
-  for j, batch in enumerate(distributed.PREEMPTION.batches(batches, "probe"), start):
-    g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")}, mesh, rules,
-                                  batch_size)
-    tokens, pixels = tokenizer(g["images"], g["boxes"], with_pixels=True)
-    labels = np.where(batch["mask"] > 0, batch["labels"], -1).astype(np.int32)
-    parts = {name: _host_part(out, rows, axis=0)
-             for name, out in forward(tokens, pixels).items()}
-    if not writers:  # every store's chunks hold the same batches: they resume from one batch
-      dtypes = {n: np.uint8 if p.dtype == np.uint8 else np.float16 for n, p in parts.items()}
-      chunk = min(chunk_rows_for(int(np.prod(p.shape[1:])) * np.dtype(dtypes[n]).itemsize + 4,
-                                 chunk_bytes - 4096, len(rows))  # + label, - npz headers
-                  for n, p in parts.items())
+  try:
+    for j, batch in enumerate(distributed.PREEMPTION.batches(batches, "probe"), start):
+      g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")}, mesh, rules,
+                                    batch_size)
+      tokens, pixels = tokenizer(g["images"], g["boxes"], with_pixels=True)
+      labels = np.where(batch["mask"] > 0, batch["labels"], -1).astype(np.int32)
+      parts = {name: _host_part(out, rows, axis=0)
+               for name, out in forward(tokens, pixels).items()}
+      if not writers:  # every store's chunks hold the same batches: they resume from one batch
+        dtypes = {n: np.uint8 if p.dtype == np.uint8 else np.float16 for n, p in parts.items()}
+        chunk = min(chunk_rows_for(int(np.prod(p.shape[1:])) * np.dtype(dtypes[n]).itemsize + 4,
+                                   chunk_bytes - 4096, len(rows))  # + label, - npz headers
+                    for n, p in parts.items())
+        for name, part in parts.items():
+          dims[name] = part.shape[1:]
+          writers[name] = Writer(stores[name], lo, chunk, dtypes[name], key)
       for name, part in parts.items():
-        dims[name] = part.shape[1:]
-        writers[name] = Writer(stores[name], lo, chunk, dtypes[name], key)
-    for name, part in parts.items():
-      if writes and j >= writers[name].batches:  # a store may hold more than another
-        writers[name].add(part, labels)
-    if log and (j % 20 == 0 or j == num_batches - 1):
-      log(f"features: {min((j + 1) * batch_size, len(data))}/{len(data)} examples")
+        if writes and j >= writers[name].batches:  # a store may hold more than another
+          writers[name].add(part, labels)
+      if log and (j % 20 == 0 or j == num_batches - 1):
+        log(f"features: {min((j + 1) * batch_size, len(data))}/{len(data)} examples"
+            + rate.text(j + 1 - start, num_batches - j - 1, batch_size))
+  except BaseException:  # a stop: the chunks being written are finished first, so the
+    for w in writers.values():  # progress records a resume reads name every whole chunk
+      w.close()
+    raise
   for w in writers.values():
     if writes:
       w.flush()
+      w.close()
   names = {name: {str(lo): {"chunks": w.names, "rows": w.total_rows}}
            for name, w in writers.items()}
   gathered = _gather_names(names)
@@ -281,6 +341,27 @@ def extract(stores: dict, data, forward, tokenizer, mesh, rules, batch_size: int
     workdir_lib.write_bytes(epath.Path(path) / "meta.json", json.dumps(meta, indent=1).encode())
   distributed.barrier("features-written")
   return {name: Store(path) for name, path in stores.items()}
+
+
+class _Rate:
+  """Images per second since the first batch (the compile excluded) and the time left."""
+
+  def __init__(self):
+    import time
+    self.clock, self.first = time.perf_counter, None
+
+  def text(self, done_batches: int, left_batches: int, batch_size: int) -> str:
+    now = self.clock()
+    if self.first is None:
+      self.first = (now, done_batches)
+      return ""
+    seconds, batches = now - self.first[0], done_batches - self.first[1]
+    if batches <= 0 or seconds <= 0:
+      return ""
+    per_batch = seconds / batches
+    left = left_batches * per_batch
+    return (f", {batch_size / per_batch:,.0f} images/s, about "
+            + (f"{left / 3600:.1f} h" if left > 5400 else f"{left / 60:.0f} min") + " left")
 
 
 def _gather_names(names: dict) -> dict:

@@ -4,18 +4,21 @@ regression on each.
 One forward pass per split, under the training mesh and sharding rules, extracts every probed
 layer's features (and the pixels, for the raw-pixel baseline); each process streams its rows to
 <workdir>/probe/features/ in float16 around each chunk's mean (features.py), so no host ever
-holds a split; the store is reused only for the same weights, model, palette and data. The
-regressions (logreg.py) fit every layer and L2 candidate together: full-batch L-BFGS when the
-features fit in `probe.max_memory_mb`, else mini-batch Adam streamed from the store over the
-mesh; the L2 strength is chosen on the validation split. The report compares against raw
-pixels and the same probe on a randomly initialised model, and adds the concatenation of the
-best layers (the paper's multi-layer features; `probe.concat`).
+holds a split; the store is reused only for the same weights, model, palette and data. Before
+extracting, the disk it takes is said (and refused in one line when there is no room). The
+regressions (logreg.py) use the paper's full-batch L-BFGS whenever one layer's features fit in
+`probe.max_memory_mb` (every layer at once when they all fit, else one at a time), and
+mini-batch Adam streamed from the store over the mesh only when one layer alone does not; the
+L2 strength is chosen on the validation split. At ImageNet size `probe.select_examples` picks
+the layers on a subsample first, so only the best and its neighbours are extracted whole. The
+report (probe_report.py) compares against raw pixels and the same probe on a randomly
+initialised model (`probe.baselines`), and adds the concatenation of the best layers (the
+paper's multi-layer features; `probe.concat`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 
 import numpy as np
@@ -61,30 +64,64 @@ def masked_features(model, tokens, seed: int, masks: int):
 
 
 def in_memory_peak_bytes(stores: tuple, groups: int, dim: int) -> int:
-  """Host memory the L-BFGS path peaks at: the three splits as float32 [N, G, D], plus, while
-  the largest split is loaded, its chunks before concatenation (another copy of it), plus one
-  group of every split standardised (a numpy and a device copy on a CPU backend)."""
+  """Host memory the L-BFGS path peaks at for `groups` groups of `dim` features: the three
+  splits as float32 [N, G, D], plus, while the largest split is loaded, its chunks before
+  concatenation (another copy of it), plus one group of every split standardised (a numpy and
+  a device copy on a CPU backend)."""
   sizes = [s.num_examples * groups * dim * 4 for s in stores]
   return sum(sizes) + max(sizes) + 2 * sum(sizes) // max(groups, 1)
 
 
-def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None, log=None) -> list[dict]:
-  """(train, val, test) stores -> one result per group, in memory or streamed (see module doc)."""
-  from igpt_jax import logreg
+def choose_solver(stores: tuple, groups: int, dim: int, config) -> tuple[str, str]:
+  """(solver, why). The paper's L-BFGS whenever it fits probe.max_memory_mb: every group at
+  once, else one group (layer) in memory at a time; mini-batch Adam streamed from the store
+  only when one group alone does not fit. probe.solver='lbfgs' / 'adam' forces one."""
+  budget = config.probe.max_memory_mb * 2**20
+  every, one = in_memory_peak_bytes(stores, groups, dim), in_memory_peak_bytes(stores, 1, dim)
+  gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+  limit = f"probe.max_memory_mb={config.probe.max_memory_mb}"
+  if config.probe.solver == "adam":
+    return "adam", "probe.solver=adam"
+  if config.probe.solver == "lbfgs" and every <= budget:
+    return "lbfgs", "probe.solver=lbfgs"
+  if config.probe.solver == "lbfgs":
+    return "lbfgs_per_layer", (f"probe.solver=lbfgs; all {groups} layers ({gib(every)}) "
+                               f"exceed {limit}")
+  if every <= budget:
+    return "lbfgs", f"all {groups} groups' features ({gib(every)}) fit {limit}"
+  if one <= budget:
+    return "lbfgs_per_layer", (f"one group's features ({gib(one)}) fit {limit}, all {groups} "
+                               f"({gib(every)}) do not")
+  return "adam", f"one group's features alone ({gib(one)}) exceed {limit}"
+
+
+def _fit(stores: tuple, num_classes: int, config, mesh, rules, view=None,
+         log=None) -> list[dict]:
+  """(train, val, test) stores -> one result per group (layer or concatenation), each naming
+  its solver and why (`choose_solver`)."""
+  from igpt_jax import distributed, logreg
   p = config.probe
-  train, val, test = stores
-  groups = train.groups if view is None else len(view)
-  dim = train.dim * (1 if view is None else len(view[0]))
-  solver = p.solver
-  if solver == "auto":
-    solver = "lbfgs" if in_memory_peak_bytes(stores, groups, dim) <= p.max_memory_mb * 2**20 \
-        else "adam"
+  train = stores[0]
+  view = [[g] for g in range(train.groups)] if view is None else view
+  dim = train.dim * len(view[0])
+  solver, why = choose_solver(stores, len(view), dim, config)
   if solver == "lbfgs":
-    return logreg.fit_in_memory(*(s.load(view) for s in stores), num_classes, tuple(p.l2),
-                                steps=p.steps, predictions=True)
-  return logreg.fit_streamed(train, val, test, num_classes, tuple(p.l2), mesh=mesh, rules=rules,
-                             batch_size=p.fit_batch_size, epochs=p.epochs, lr=p.lr,
-                             seed=config.seed, view=view, log=log)
+    results = logreg.fit_in_memory(*(s.load(view) for s in stores), num_classes, tuple(p.l2),
+                                   steps=p.steps, predictions=True)
+  elif solver == "lbfgs_per_layer":
+    results = []
+    for group in view:  # one group's three splits in memory, then the next
+      distributed.PREEMPTION.check("probe")
+      results += logreg.fit_in_memory(*(s.load([group]) for s in stores), num_classes,
+                                      tuple(p.l2), steps=p.steps, predictions=True)
+  else:
+    results = logreg.fit_streamed(*stores, num_classes, tuple(p.l2), mesh=mesh, rules=rules,
+                                  batch_size=p.fit_batch_size, epochs=p.epochs, lr=p.lr,
+                                  seed=config.seed, view=view, log=log,
+                                  buffer_bytes=p.max_memory_mb * 2**20 // 2)
+  if log:
+    log(f"probe fit of {len(view)} group(s) of {dim} features: {solver} ({why}).")
+  return [{**r, "solver": solver, "solver_reason": why} for r in results]
 
 
 def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=print) -> list[dict]:
@@ -141,106 +178,11 @@ def low_data(stores: tuple, layers: list[int], num_classes: int, config, log=pri
   return out
 
 
-# -- report -----------------------------------------------------------------------------------
-
-def write_tensorboard(results: dict, out_dir) -> None:
-  """Accuracy by layer as TensorBoard scalars (step = layer) and the plot as an image."""
-  import io
-
-  from PIL import Image
-
-  from igpt_jax import distributed
-  from igpt_jax import metrics as metrics_lib
-  if not distributed.is_chief():
-    return
-  writer = metrics_lib.MetricsWriter(out_dir, namespace="probe")
-  writer.truncate_after(0)
-  rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
-  for r in results["by_layer"]:
-    writer.write(r["layer"], {"probe/accuracy": r["accuracy"],
-                              "probe/random_init_accuracy": rand.get(r["layer"]),
-                              "probe/raw_pixel_accuracy": results["raw_pixel_accuracy"]})
-  from etils import epath
-  plot = epath.Path(results["plot"]).read_bytes()
-  writer.write_image(results["checkpoint_step"], "probe/accuracy_by_layer",
-                     np.asarray(Image.open(io.BytesIO(plot)).convert("RGB")))
-  writer.close()
-
-
-def write_report(results: dict, out_dir) -> dict:
-  """results.json, results.md and accuracy_by_layer.png in out_dir (process 0 writes)."""
-  import io
-
-  from igpt_jax import distributed
-  from igpt_jax import workdir as workdir_lib
-  out_dir = workdir_lib.path(out_dir)
-  plot_path = out_dir / "accuracy_by_layer.png"
-  results["plot"] = str(plot_path)
-  if not distributed.is_chief():
-    return results
-  workdir_lib.write_json(out_dir / "results.json", results)
-  lines = ["| layer | accuracy | random init |", "|---|---|---|"]
-  rand = {r["layer"]: r["accuracy"] for r in results.get("random_init_by_layer", [])}
-  for r in results["by_layer"]:
-    lines.append(f"| {r['layer']} | {r['accuracy']:.4f} | {rand.get(r['layer'], float('nan')):.4f} |")
-  for low in results.get("low_data", []):
-    lines += ["", f"Low-data probe, {low['labels_per_class']} labels per class "
-              f"({low['train_examples']} train examples, {low['seeds']} draws): mean +- std of "
-              "test accuracy.", "", "| layer | accuracy |", "|---|---|"]
-    lines += [f"| {r['layer']} | {r['mean']:.4f} +- {r['std']:.4f} |" for r in low["by_layer"]]
-  lines += ["", f"Test accuracy; layers and L2 chosen on validation. Best layer "
-            f"{results['best_layer']}: {results['best_accuracy']:.4f}; concatenated layers "
-            f"{results['multi_layer']['layers']}: {results['multi_layer']['accuracy']:.4f}; "
-            f"random init (its best layer): {results['random_init_accuracy']:.4f}; raw pixels: "
-            f"{results['raw_pixel_accuracy']:.4f}."
-            + sample_size_note(results["best_accuracy"], results["test_examples"])]
-  if "seconds" in results:
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()) + "."]
-  workdir_lib.write_text(out_dir / "results.md", "\n".join(lines) + "\n")
-  png = io.BytesIO()
-  accuracy_plot(results, rand).savefig(png, format="png", dpi=100)
-  workdir_lib.write_bytes(plot_path, png.getvalue())
-  return results
-
-
-def accuracy_plot(results: dict, rand: dict):
-  """Accuracy by layer (pretrained, random init, raw pixels, low-data probes), a Figure."""
-  from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
-  from matplotlib.ticker import MaxNLocator
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
-  layers = [r["layer"] for r in results["by_layer"]]
-  ax.plot(layers, [r["accuracy"] for r in results["by_layer"]], "o-", label="pretrained")
-  if rand:
-    ax.plot(layers, [rand[l] for l in layers], "s--", label="random init")
-  ax.axhline(results["raw_pixel_accuracy"], color="gray", linestyle=":", label="raw pixels")
-  for low in results.get("low_data", []):
-    ax.errorbar(layers, [r["mean"] for r in low["by_layer"]],
-                yerr=[r["std"] for r in low["by_layer"]], fmt=".-", capsize=2,
-                label=f"{low['labels_per_class']} labels/class")
-  ax.set_xlabel("layer")
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
-  ax.set_ylabel("linear probe accuracy")
-  ax.legend()
-  fig.tight_layout()
-  return fig
-
-
 def _subset(data, n: int, seed: int):
   if not n or n >= len(data):
     return data
   idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
   return data.subset(idx, f"{data.name}[{n} examples]")
-
-
-def sample_size_note(accuracy: float, n: int) -> str:
-  """Under ~1,000 test images an accuracy moves by whole percents from image to image: say by
-  how much (a 95% binomial interval's half-width), so no one reads a 1.0000 on 26 images."""
-  if n >= 1000 or n <= 0:
-    return ""
-  half = 1.96 * (max(accuracy * (1 - accuracy), 1 / n) / n) ** 0.5
-  return (f" On {n} test images an accuracy is uncertain by about +-{half:.3f} (95%): "
-          "differences smaller than that are noise.")
 
 
 def labelled_splits(config, log) -> dict:
@@ -270,12 +212,52 @@ def run(config, workdir, log=print) -> dict:
   target = select(config, workdir, log)
   times = {"load_s": time.perf_counter() - began}
   began = time.perf_counter()
+  selection = None
+  if _selects(target, config):
+    target, selection = select_on_subsample(target, config, log)
+    times["select_s"] = time.perf_counter() - began
+    began = time.perf_counter()
   stores = extract(target, config, log)
   times["extract_s"] = time.perf_counter() - began
   began = time.perf_counter()
   fits = fit_all(target, stores, config, log)
+  fits["selection"] = selection
   times["fit_s"] = time.perf_counter() - began
-  return report(target, stores, fits, times, config, log)
+  from igpt_jax import probe_report
+  return probe_report.report(target, stores, fits, times, config, log)
+
+
+def _selects(target: "Target", config) -> bool:
+  n = config.probe.select_examples
+  return bool(n) and len(target.splits["train"]) > n and len(target.layers) > 1
+
+
+def select_on_subsample(target: "Target", config, log) -> tuple["Target", dict]:
+  """Every probed layer fitted on probe.select_examples train and validation examples (their
+  features in probe/select/); -> the target narrowed to the best layer (by validation
+  accuracy, as always) and its probe.concat nearest neighbours, and what was measured."""
+  n, p = config.probe.select_examples, config.probe
+  small = config.copy_and_resolve_references()
+  small.probe.baselines = "none"  # the baselines are probed on the whole splits only
+  splits = {"train": _subset(target.splits["train"], n, config.seed),
+            "validation": _subset(target.splits["validation"], n, config.seed)}
+  sub = dataclasses.replace(target, splits=splits, out_dir=target.out_dir / "select")
+  log(f"probe: choosing among layers {target.layers} on {len(splits['train'])} train and "
+      f"{len(splits['validation'])} validation examples (probe.select_examples={n}).")
+  stores = extract(sub, small, log)
+  train, val = stores[("pretrained", "train")], stores[("pretrained", "validation")]
+  fits = _fit((train, val, val), target.splits["train"].num_classes, small, target.mesh,
+              target.rules, None, log)
+  by_layer = [{"layer": layer, "val_accuracy": r["val_accuracy"], "l2": r["l2"]}
+              for layer, r in zip(target.layers, fits)]
+  best = max(by_layer, key=lambda r: r["val_accuracy"])["layer"]
+  chosen = [target.layers[i] for i in concat_groups(best, target.layers, p.concat)]
+  log(f"probe: layer {best} is best on the subsample ("
+      + ", ".join(f"{r['layer']}: {r['val_accuracy']:.4f}" for r in by_layer)
+      + f"); extracting layers {chosen} on the whole splits.")
+  return dataclasses.replace(target, layers=chosen), {
+      "examples": len(splits["train"]), "validation_examples": len(splits["validation"]),
+      "by_layer": by_layer, "best_layer": best, "layers": chosen}
 
 
 @dataclasses.dataclass
@@ -337,41 +319,78 @@ def extract(target: Target, config, log) -> dict:
   # [B, probed layers, d]: rows first, as the store keeps them.
   layer_features = jax.jit(lambda prm, tokens: masked_features(
       nnx.merge(graphdef, prm), tokens, config.seed + 2, t.bert_masks)[picked].transpose(1, 0, 2))
-  models = {"pretrained": t.params,
-            "random_init": train_lib.init_params(t.cfg, t.mesh, t.rules, config.seed + 1)}
-  stores = {}
+  models = {"pretrained": t.params}
+  if p.baselines == "all":
+    models["random_init"] = train_lib.init_params(t.cfg, t.mesh, t.rules, config.seed + 1)
+  planned = []  # (tag, params, split, data, key, {store name: path}, complete)
   for tag, prm in models.items():
-    names = [tag, "pixels"] if tag == "pretrained" else [tag]
+    names = [tag] + (["pixels"] if tag == "pretrained" and p.baselines != "none" else [])
     for split, data in t.splits.items():
       key = {"model": t.identity if tag == "pretrained" else f"init_seed{config.seed + 1}",
              "model_config": dataclasses.asdict(t.cfg), "palette": t.palette_hash,
              "split": split, "examples": len(data), "data": data.name, "layers": t.layers,
              "seed": config.seed, "resolution": config.data.resolution,
              "batch_size": p.batch_size,
-             "view": transform.resolve_augment(config.data.augment, data.full_size),
+             # the evaluation crop itself, not its name: a changed view is other features
+             "view": transform.eval_boxes(1, transform.resolve_augment(
+                 config.data.augment, data.full_size))[0].tolist(),
              "mesh": dict(t.mesh.shape), "processes": jax.process_count(),
              "bert_masks": t.bert_masks}
       paths = {n: t.out_dir / "features" / f"{n}-{split}" for n in names}
       done = all(features_lib.Store.complete(paths[n], key) for n in names)
-      if not distributed.any_process(not done):
-        stores.update({(n, split): features_lib.Store(paths[n]) for n in names})
-        log(f"Reusing {tag} features of {len(data)} {split} images in {t.out_dir / 'features'}.")
-        continue
-      log(f"Extracting {tag} features of layers {t.layers} for {len(data)} {split} images...")
+      planned.append((tag, prm, split, data, key, paths, not distributed.any_process(not done)))
+  say_cost(t, [(tag, len(data), list(paths)) for tag, _, _, data, _, paths, done in planned
+               if not done], config, log)
+  stores = {}
+  for tag, prm, split, data, key, paths, done in planned:
+    names = list(paths)
+    if done:
+      stores.update({(n, split): features_lib.Store(paths[n]) for n in names})
+      log(f"Reusing {tag} features of {len(data)} {split} images in {t.out_dir / 'features'}.")
+      continue
+    log(f"Extracting {tag} features of layers {t.layers} for {len(data)} {split} images...")
 
-      def forward(tokens, pixels, prm=prm, names=names):
-        with sharding_lib.activation_sharding(t.mesh, t.rules):
-          out = {names[0]: layer_features(prm, tokens)}
-        if "pixels" in names:
-          out["pixels"] = pixels.reshape(pixels.shape[0], 1, -1)
-        return out
+    def forward(tokens, pixels, prm=prm, names=names):
+      with sharding_lib.activation_sharding(t.mesh, t.rules):
+        out = {names[0]: layer_features(prm, tokens)}
+      if "pixels" in names:
+        out["pixels"] = pixels.reshape(pixels.shape[0], 1, -1)
+      return out
 
-      opened = features_lib.extract(paths, data, forward, t.tokenizer, t.mesh, t.rules,
-                                    p.batch_size, key,
-                                    min(64 * 2**20, p.max_memory_mb * 2**20 // 4),
-                                    config.data.augment, log)
-      stores.update({(n, split): opened[n] for n in names})
+    opened = features_lib.extract(paths, data, forward, t.tokenizer, t.mesh, t.rules,
+                                  p.batch_size, key,
+                                  min(64 * 2**20, p.max_memory_mb * 2**20 // 4),
+                                  config.data.augment, log)
+    stores.update({(n, split): opened[n] for n in names})
   return stores
+
+
+def say_cost(t: Target, pending: list, config, log) -> None:
+  """Before extracting: the disk the stores will take (float16 features, uint8 pixels, a label
+  each), and the forward passes' compute, at the devices' peak where `targets` knows them;
+  one error line when the features directory's disk has no room for them."""
+  import jax
+
+  from igpt_jax import features as features_lib
+  from igpt_jax import model as model_lib
+  from igpt_jax import targets
+  if not pending:
+    return
+  row = {"pixels": config.data.resolution ** 2 * config.data.channels}  # uint8
+  layer_row = len(t.layers) * t.cfg.d_model * 2  # float16
+  needed = sum(n * (row.get(name, layer_row) + 4) for _, n, names in pending for name in names)
+  images = sum(n for _, n, _ in pending)
+  flops = model_lib.flops_per_token(t.cfg) / 3 * t.cfg.seq_len * images * max(t.bert_masks, 1)
+  devices = jax.devices()
+  chip = targets.chip_for_device_kind(devices[0].device_kind)
+  at_peak = (f"; at least {flops / (chip.peak_flops * len(devices)) / 3600:.2g} h of forward "
+             f"passes at the {len(devices)} devices' peak" if chip else "")
+  directory = t.out_dir / "features"
+  log(f"probe: extracting {images:,} images ({len(t.layers)} layers of {t.cfg.d_model} "
+      f"features; {', '.join(sorted({tag for tag, _, _ in pending}))}): "
+      f"{needed / 1e9:.3g} GB in {directory}, {flops:.3g} FLOPs{at_peak}. Progress below "
+      "says the measured rate.")
+  features_lib.check_room(directory, needed)
 
 
 def fit_all(target: Target, stores: dict, config, log) -> dict:
@@ -389,52 +408,15 @@ def fit_all(target: Target, stores: dict, config, log) -> dict:
   for r in by_layer:
     log(f"probe layer {r['layer']}: accuracy {r['accuracy']:.4f} (l2={r['l2']:g})"
         + (" -- at the edge of the L2 values tried (probe.l2)" if r["l2_at_edge"] else ""))
-  random_by_layer = [{"layer": l, **r} for l, r in zip(layers, fit("random_init"))]
+  baselines = config.probe.baselines
+  random_by_layer = ([{"layer": l, **r} for l, r in zip(layers, fit("random_init"))]
+                     if baselines == "all" else [])
   best = max(by_layer, key=lambda r: r["val_accuracy"])
   group = concat_groups(best["layer"], layers, config.probe.concat)
   return {"by_layer": by_layer, "random_by_layer": random_by_layer, "best": best,
-          "best_random": max(random_by_layer, key=lambda r: r["val_accuracy"]),
-          "group": group, "multi": fit("pretrained", [group])[0], "raw": fit("pixels")[0],
+          "best_random": (max(random_by_layer, key=lambda r: r["val_accuracy"])
+                          if random_by_layer else {"accuracy": None}),
+          "group": group, "multi": fit("pretrained", [group])[0],
+          "raw": fit("pixels")[0] if baselines != "none" else {"accuracy": None},
           "low": (low_data(of("pretrained"), layers, k, config, log)
                   if config.probe.labels_per_class else [])}
-
-
-def report(target: Target, stores: dict, fits: dict, times: dict, config, log) -> dict:
-  """results.json/.md, the per-example test predictions, TensorBoard, a summary line; -> the
-  stage's JSON line."""
-  from igpt_jax import distributed
-  from igpt_jax import workdir as workdir_lib
-  layers, out_dir, splits = target.layers, target.out_dir, target.splits
-  best, multi, raw = fits["best"], fits["multi"], fits["raw"]
-  predictions = {}  # from the in-memory solver only
-  for name, r in ([(f"layer{r['layer']}", r) for r in fits["by_layer"]]
-                  + [(f"random_init_layer{r['layer']}", r) for r in fits["random_by_layer"]]
-                  + [("concat", multi), ("raw_pixels", raw)]):
-    if "predictions" in r:
-      predictions[name] = r.pop("predictions")
-  if predictions and distributed.is_chief():  # per-example test predictions: paired tests
-    buffer = io.BytesIO()
-    np.savez(buffer, labels=stores[("pretrained", "test")].labels(), **predictions)
-    workdir_lib.write_bytes(out_dir / "test_predictions.npz", buffer.getvalue())
-  results = {
-      "checkpoint_step": target.step, "train_examples": len(splits["train"]),
-      "validation_examples": len(splits["validation"]), "test_examples": len(splits["test"]),
-      "layers": layers, "by_layer": fits["by_layer"], "best_layer": best["layer"],
-      "best_accuracy": best["accuracy"],
-      "multi_layer": {"layers": [layers[i] for i in fits["group"]], **multi},
-      "random_init_by_layer": fits["random_by_layer"],
-      "random_init_accuracy": fits["best_random"]["accuracy"],
-      "raw_pixel_accuracy": raw["accuracy"], "bert_masks": target.bert_masks,
-      **({"low_data": fits["low"]} if fits["low"] else {}),
-      "seconds": {k: round(v, 1) for k, v in times.items()},
-  }
-  results = write_report(results, out_dir)
-  write_tensorboard(results, out_dir)
-  log(f"Probe: best layer {best['layer']} {best['accuracy']:.4f}; random init "
-      f"{results['random_init_accuracy']:.4f}; raw pixels {raw['accuracy']:.4f}; concatenated "
-      f"layers {results['multi_layer']['layers']} {multi['accuracy']:.4f}. Times: "
-      + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items())
-      + f".{sample_size_note(best['accuracy'], results['test_examples'])} Report in {out_dir}")
-  return {"stage": "probe", "results": str(out_dir / "results.json"),
-          **{k: results[k] for k in ("best_layer", "best_accuracy", "random_init_accuracy",
-                                     "raw_pixel_accuracy")}}

@@ -49,8 +49,8 @@ def test_show_config_lists_every_field_with_its_value_and_help():
   assert any(l.startswith("--config.train.steps=7  # ") for l in lines)  # after overrides
   assert ("--config.data.source='fashion_mnist'  # prepared | fashion_mnist | tfds | folder | "
           "numpy") in lines
-  assert any(l.startswith("--config.data.augment='none'  # Pretraining crops: 'paper'")
-             for l in lines)  # a comment block above the field
+  assert any(l.startswith("--config.data.augment='none'  # Training views (data/transform.py "
+                          "quotes the paper)") for l in lines)  # a comment block above the field
   fields = [l for l in lines if l.startswith("--config.")]
   assert len(fields) == len(main_keys(config_lib.load_config_file(f"{REPO}/configs/demo.py")))
   assert [l for l in fields if "  # " not in l] == []  # every field says what it means
@@ -171,7 +171,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
       ((demo, "--config.data.source=prepared", f"--config.data.prepared={tmp_path / 'nothing'}",
         w), "run `--config.stage=prepare`"),
       ((demo, "--config.data.augment=False", w),
-       "--config.data.augment='False' is not one of auto, paper, crop, none"),
+       "--config.data.augment='False' is not one of auto, paper, wrn, crop, none"),
       ((demo, "--config.train.profile_steps=10", w), "must be 'START,END'"),
       ((demo, "--config.train.profile_steps=20,10", w), "START is after END"),
       # A newcomer's mistakes: each one line that names the setting and the fix.

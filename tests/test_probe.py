@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpt_jax import features, logreg, probe
+from igpt_jax import features, logreg, probe, probe_report
 from igpt_jax.stages import pretrain as pretrain_stage
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
@@ -57,8 +57,9 @@ def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solv
   assert train.num_examples == 20_000 and (train.groups, train.dim) == (2, 32)
   float32_bytes = train.num_examples * train.groups * train.dim * 4
   assert float32_bytes > 40 * CHUNK_BYTES  # the split would not fit under the cap in one array
-  chunk_files = [train.path / name for name in train.chunk_names()]
-  assert len(chunk_files) > 20 and max(os.path.getsize(f) for f in chunk_files) <= CHUNK_BYTES
+  chunk_bytes = [sum(os.path.getsize(f) for f in train.path.glob(f"{name}.*"))
+                 for name in train.chunk_names()]  # a file per layer and the labels
+  assert len(chunk_bytes) > 20 and max(chunk_bytes) <= CHUNK_BYTES
 
   # The same L2 values for both (the in-memory solver would otherwise widen its grid).
   in_memory = logreg.fit_in_memory(train.load(), val.load(), test.load(), 10, L2, widen=0)
@@ -67,7 +68,7 @@ def test_streamed_probe_holds_one_chunk_at_a_time_and_matches_the_in_memory_solv
     raise AssertionError("the streamed solver loaded a whole split")
   monkeypatch.setattr(features.Store, "load", refuse)
   streamed = logreg.fit_streamed(train, val, test, 10, L2, mesh=mesh, rules=rules,
-                                 batch_size=1024, epochs=50, lr=0.3, seed=0)
+                                 batch_size=1024, epochs=50, lr=0.3, seed=0, widen=0)
   for a, b in zip(in_memory, streamed, strict=True):
     assert a["accuracy"] > 0.3  # far above chance (10 classes): a real fit, on real features
     # within 25 of the 5,000 test images (counted, not compared as rounded floats)
@@ -104,11 +105,104 @@ def synthetic_store(path, x, y, chunk_rows=256):
   for lo in range(0, len(y), chunk_rows):
     writer.add(x[lo:lo + chunk_rows], y[lo:lo + chunk_rows])
   writer.flush()
+  writer.close()
   meta = {"format": features.FORMAT, "key": {}, "num_examples": len(y), "groups": x.shape[1],
           "dim": x.shape[2], "dtype": "float16",
           "ranges": {"0": {"chunks": writer.names, "rows": writer.total_rows}}}
   (writer.path / "meta.json").write_text(json.dumps(meta))
   return features.Store(path)
+
+
+def class_clusters(n, groups, dim, classes, seed, spread=1.0):
+  """[n, groups, dim] float32 features of `classes` Gaussian clusters, and the labels."""
+  rng = np.random.default_rng(seed)
+  centres = np.random.default_rng(99).standard_normal((classes, groups, dim)) * spread / dim**0.5
+  y = rng.integers(0, classes, n)
+  return (centres[y] + rng.standard_normal((n, groups, dim)) / dim**0.5).astype(np.float32), y
+
+
+def test_the_paper_solver_runs_one_layer_at_a_time_at_igpt_l_width(tmp_path):
+  """At iGPT-L's width (1536) with a budget that holds one layer's three splits but not all
+  three layers', probe.solver=auto still fits L-BFGS, layer by layer, and each layer's result
+  equals the fit of all layers in memory at once; results name the solver and why. A budget
+  below one layer streams (Adam)."""
+  import ml_collections
+  splits = [class_clusters(n, 3, 1536, 5, seed) for n, seed in ((400, 0), (150, 1), (150, 2))]
+  stores = tuple(synthetic_store(tmp_path / str(i), x, y) for i, (x, y) in enumerate(splits))
+  one = probe.in_memory_peak_bytes(stores, 1, 1536)
+  every = probe.in_memory_peak_bytes(stores, 3, 1536)
+  config = ml_collections.ConfigDict({"seed": 0, "probe": {
+      "solver": "auto", "max_memory_mb": (one + every) / 2 / 2**20, "l2": (1e-2, 1e-1),
+      "steps": 30, "fit_batch_size": 64, "epochs": 2, "lr": 0.1}})
+  assert probe.choose_solver(stores, 3, 1536, config)[0] == "lbfgs_per_layer"
+  loads, groups_read = [], []
+  real_load, real_group = features.Store.load, features.Store._group
+  def counting_load(self, view=None, rows=None):
+    x, y = real_load(self, view, rows)
+    loads.append(x.shape[1:])
+    return x, y
+  def counting_group(self, name, group):
+    groups_read.append(group)
+    return real_group(self, name, group)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(features.Store, "load", counting_load)
+    patch.setattr(features.Store, "_group", counting_group)
+    per_layer = probe._fit(stores, 5, config, None, None)
+  assert set(loads) == {(1, 1536)}  # never more than one layer of a split in memory
+  chunks = sum(len(s.chunk_names()) for s in stores)  # each layer's file read once per chunk:
+  assert sorted(groups_read) == sorted(list(range(3)) * chunks)  # not every layer's each time
+  whole = logreg.fit_in_memory(*(s.load() for s in stores), 5, (1e-2, 1e-1), steps=30)
+  for got, want in zip(per_layer, whole, strict=True):
+    assert got["solver"] == "lbfgs_per_layer" and "do not" in got["solver_reason"]
+    assert got["accuracy"] == want["accuracy"] and got["l2"] == want["l2"]
+    assert got["accuracy"] > 0.5  # 5 classes: a real fit
+  config.probe.max_memory_mb = one / 2 / 2**20
+  assert probe.choose_solver(stores, 3, 1536, config) == (
+      "adam", f"one group's features alone ({one / 2**30:.2f} GiB) exceed "
+      f"probe.max_memory_mb={config.probe.max_memory_mb}")
+  config.probe.max_memory_mb = 2 * every / 2**20
+  assert probe.choose_solver(stores, 3, 1536, config)[0] == "lbfgs"
+
+
+def test_streamed_batches_mix_the_chunks_of_a_store_written_in_class_order(tmp_path):
+  """A folder's store is in class order, a chunk ~ one class: shuffling within a chunk would
+  give batches of one class. The shuffle buffer pools several chunks: batches of many
+  classes, every row once an epoch."""
+  y = np.repeat(np.arange(8), 64)  # 8 classes in order, 64 rows each = one chunk each
+  x = np.arange(len(y), dtype=np.float32)[:, None, None] * np.ones((1, 1, 2), np.float32)
+  store = synthetic_store(tmp_path / "s", x, y, chunk_rows=64)
+  rng = np.random.default_rng(0)
+  alone = list(logreg._batches(store, 32, 0, None, rng, shuffle=True, mix=1))
+  pooled = list(logreg._batches(store, 32, 0, None, rng, shuffle=True, mix=4))
+  assert max(len(set(b[1].tolist())) for b in alone) == 1
+  assert min(len(set(b[1].tolist())) for b in pooled) >= 3
+  rows = np.concatenate([b[0][:, 0, 0] for b in pooled])
+  np.testing.assert_array_equal(np.sort(rows), np.arange(len(y)))
+
+
+def test_the_streamed_fit_widens_l2_past_an_edge(tmp_path):
+  """Like the in-memory solver, the streamed one does not stop at an edge of probe.l2: with a
+  grid that only over-penalises, it fits 10x, 100x, 1000x weaker values too and chooses among
+  them. (The classes are readable only by cancelling a noise two features share, which a
+  strongly penalised fit cannot do.)"""
+  mesh = sharding_lib.make_mesh(tiny_config().mesh)
+
+  def split(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    noise = 3 * rng.standard_normal(n)
+    x = np.stack([y + noise, noise, *rng.standard_normal((6, n))], -1)
+    return x[:, None, :].astype(np.float32), y
+
+  splits = [split(n, seed) for n, seed in ((512, 0), (256, 1), (256, 2))]
+  stores = [synthetic_store(tmp_path / str(i), x, y, 128) for i, (x, y) in enumerate(splits)]
+  logged = []
+  result = logreg.fit_streamed(*stores, 4, (1.0, 10.0), mesh=mesh,
+                               rules=sharding_lib.DEFAULT_RULES, batch_size=128, epochs=20,
+                               lr=0.1, seed=0, log=logged.append)[0]
+  assert result["l2_tried"] == [0.001, 0.01, 0.1, 1.0, 10.0]
+  assert result["l2"] < 1.0 and result["val_accuracy"] > 0.6  # 1.0 alone: ~1/3
+  assert any("at an edge" in line for line in logged)
 
 
 def test_float16_store_keeps_features_with_a_large_common_offset(tmp_path):
@@ -234,6 +328,18 @@ def test_the_accuracy_plot_ticks_whole_layers():
   exist."""
   results = {"by_layer": [{"layer": 1, "accuracy": 0.5}, {"layer": 2, "accuracy": 0.6}],
              "raw_pixel_accuracy": 0.4}
-  fig = probe.accuracy_plot(results, {1: 0.3, 2: 0.35})
+  fig = probe_report.accuracy_plot(results, {1: 0.3, 2: 0.35})
   ticks = fig.axes[0].get_xticks()
   assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_features_that_do_not_fit_the_disk_are_refused_in_one_line(tmp_path, monkeypatch):
+  import collections
+  import shutil
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 3 * 10**9))
+  features.check_room(tmp_path / "not" / "yet", 2 * 10**9)  # the nearest existing folder's disk
+  with pytest.raises(UserError, match=r"^The probe's features need 94 GB in .*yet, whose disk "
+                     r"has 3 GB free: free space"):
+    features.check_room(tmp_path / "not" / "yet", 94 * 10**9)
+  features.check_room("gs://bucket/run/probe/features", 10**15)  # object stores: not checked

@@ -152,6 +152,37 @@ def test_finetuning_starts_from_the_pretrained_weights_and_learns(pretrained, tm
   assert late < np.log(10) - 0.3, [round(r["clf_loss"], 3) for r in rows]
 
 
+def test_probe_chooses_its_layers_on_a_subsample_and_leaves_out_a_baseline(pretrained, tmp_path):
+  """probe.select_examples: every layer fitted on a subsample (its own features, in
+  probe/select/), then only the best layer extracted and fitted on the whole splits;
+  probe.baselines=pixels: no random-init model extracted or reported. The disk the features
+  take is said before extracting."""
+  workdir = tmp_path / "run"
+  shutil.copytree(pretrained, workdir)
+  config = stage_config("probe")
+  config.probe.layers, config.probe.concat, config.probe.select_examples = "all", 1, 120
+  config.probe.baselines = "pixels"
+  logged = []
+  pr = probe.run(config, str(workdir), log=logged.append)
+  results = json.load(open(pr["results"]))
+  selection = results["selection"]
+  assert selection["examples"] == 120 and selection["validation_examples"] == 120
+  assert [r["layer"] for r in selection["by_layer"]] == [1, 2]
+  best = max(selection["by_layer"], key=lambda r: (r["val_accuracy"], -r["layer"]))["layer"]
+  assert selection["layers"] == [best] and results["layers"] == [best]
+  assert [r["layer"] for r in results["by_layer"]] == [best] and results["train_examples"] == 300
+  assert results["random_init_accuracy"] is None and results["random_init_by_layer"] == []
+  assert results["raw_pixel_accuracy"] > 0.3
+  features_dir = workdir / "probe" / "features"
+  assert sorted(p.name for p in features_dir.iterdir()) == [
+      f"{n}-{s}" for n in ("pixels", "pretrained") for s in ("test", "train", "validation")]
+  assert json.loads((workdir / "probe" / "select" / "features" / "pretrained-train" /
+                     "meta.json").read_text())["num_examples"] == 120
+  assert "not run (probe.baselines)" in (workdir / "probe" / "results.md").read_text()
+  said = [line for line in logged if line.startswith("probe: extracting")]
+  assert len(said) == 2 and " GB in " in said[1] and "pixels, pretrained" in said[1]
+
+
 def test_finetuning_from_the_probes_head_starts_at_the_probes_accuracy_and_keeps_it(
     pretrained, tmp_path):
   """LP-FT: the class head starts as the last-layer probe, so step 0 classifies the validation

@@ -17,4 +17,5 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.mesh.data, c.mesh.fsdp = 1, -1
   c.train.accum_steps = 1
+  c.probe.select_examples = 50_000  # layers chosen on a subsample: see probe.select_examples
   return c

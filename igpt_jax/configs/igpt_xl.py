@@ -22,4 +22,5 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.train.accum_steps = 1
   c.probe.concat = 5  # the paper's multi-layer probe for XL
+  c.probe.select_examples = 50_000  # layers chosen on a subsample: see probe.select_examples
   return c

@@ -8,6 +8,7 @@ import math
 import time
 
 from igpt_jax import goodput
+from igpt_jax import probe_report
 from igpt_jax import stages
 from igpt_jax import train as train_lib
 from igpt_jax import workdir as workdir_lib
@@ -54,7 +55,8 @@ def summary(results: dict, workdir: str) -> str:
       f"- Test bits/dim: **{e['test_bits_per_dim']:.4f}** ({e['test_loss']:.4f} nats/token)"
       + (f"; validation {e['validation_bits_per_dim']:.4f}" if "validation_bits_per_dim" in e else ""),
       f"- Linear probe, best layer {p['best_layer']}: **{p['best_accuracy']:.4f}** "
-      f"(random-init model {p['random_init_accuracy']:.4f}, raw pixels {p['raw_pixel_accuracy']:.4f});"
+      f"(random-init model {probe_report.accuracy_text(p['random_init_accuracy'])}, raw pixels "
+      f"{probe_report.accuracy_text(p['raw_pixel_accuracy'])});"
       f" by layer: `{probe_dir / 'results.md'}`, plot `{probe_dir / 'accuracy_by_layer.png'}`",
       f"- Fine-tuned test accuracy: **{f.get('test_accuracy', float('nan')):.4f}** (validation "
       f"{f.get('eval_accuracy', float('nan')):.4f})",
@@ -73,12 +75,14 @@ def summary(results: dict, workdir: str) -> str:
        "taught the model more than its random projection of the pixels gives"),
       ((p["best_accuracy"], n_probe), (p["raw_pixel_accuracy"], n_probe),
        "pretrained features beat raw pixels (the paper's features beat pixels by far)",
-       f"a linear model on these raw pixels is already at {p['raw_pixel_accuracy']:.2f}; "
+       f"a linear model on these raw pixels is already at {p['raw_pixel_accuracy'] or 0:.2f}; "
        "features of a briefly trained small model are not there yet"),
       ((ft, n_ft), (p["best_accuracy"], n_probe), "fine-tuning beats the best linear probe",
        _why_finetune(f, p, probe_results["by_layer"])),
   ]
   for (a, n_a), (b, n_b), claim, why in checks:
+    if a is None or b is None:  # a baseline left out (probe.baselines)
+      continue
     # Two binomial standard errors of the difference: what the test images can tell apart.
     se = math.sqrt(a * (1 - a) / max(n_a, 1) + b * (1 - b) / max(n_b, 1))
     if a - b > 2 * se:
