@@ -37,6 +37,8 @@ setup(
         "pillow>=10",  # sample grids and completions as PNG
     ],
     extras_require={
+        # export.push_to_hub: uploads an exported folder to the Hugging Face Hub.
+        "hub": ["huggingface_hub>=0.23"],
         # libtpu, the TPU compiler and runtime; it must match jax's version exactly. Without a
         # TPU, `plan --config.plan.target=v5litepod-64` compiles with it for a whole slice.
         "tpu": [TPU],

@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   # probe.validation_examples and probe.l2 choose it), then everything is fine-tuned (LP-FT);
   # 'zeros': a zero head, as in the release.
   c.finetune.head_init = "probe"
+  # The class head's bias. False (the release's `wclf`): logits = pooled features x weights, as
+  # transformers' ImageGPTForImageClassification computes them, so an export predicts what this
+  # model does (its probe is fitted without an intercept). True: a bias, which transformers drops.
+  c.finetune.head_bias = False
   c.finetune.head_lr = 1e-3  # the class head's peak learning rate; < 0 = finetune.lr
   # BERT models: evaluation's class logits averaged over this many masks drawn as in
   # pretraining (the paper's mask ensembling); 0 = one mask, as in pretraining.
@@ -194,6 +198,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict()
   c.export.path = ""  # the Hugging Face folder stage export writes; '' = <workdir>/hf
+  # 'user/name': also upload the folder to that Hugging Face Hub model repo (created if it is
+  # not there; private unless export.public), with huggingface_hub's token (HF_TOKEN or
+  # `hf auth login`). Needs `pip install igpt_jax[hub]`.
+  c.export.push_to_hub = ""
+  c.export.public = False  # push_to_hub: a public repo (a new repo is private otherwise)
 
   c.plan = ml_collections.ConfigDict()
   c.plan.num_devices = 0  # > 0: simulate that many CPU devices for planning
@@ -257,7 +266,8 @@ def model_fields(config) -> dict:
   return dict(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
               mlp_ratio=m.mlp_ratio, vocab_size=config.palette.k,
               seq_len=config.data.resolution ** 2, objective=m.objective, use_bias=m.use_bias,
-              num_classes=m.num_classes, dtype=m.dtype, attention=m.attention,
+              num_classes=m.num_classes, class_bias=bool(config.finetune.head_bias),
+              dtype=m.dtype, attention=m.attention,
               splash_block_q=m.splash_block_q, splash_block_kv=m.splash_block_kv,
               remat=m.remat, fused_qkv=m.fused_qkv, scan_layers=m.scan_layers)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import jax
+import numpy as np
 
 from igpt_jax import distributed
 from igpt_jax import objectives
@@ -48,6 +49,24 @@ def evaluate(trainer: train_lib.Trainer, params, eval_data, tokenizer, config,
     out[f"{prefix}_accuracy"] = total["correct"] / max(total["examples"], 1.0)
     out[f"{prefix}_examples"] = int(total["examples"])
   return out
+
+
+def per_example(trainer: train_lib.Trainer, fn, params, data, tokenizer, config) -> np.ndarray:
+  """fn(params, tokens) -> [B, ...] for every example of `data`, in order, on every process
+  (each process feeds its rows of each global batch, as `evaluate` does; the padded tail is
+  dropped)."""
+  from igpt_jax.data import pipeline
+  batch_size = trainer.train_cfg.batch_size
+  rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
+  parts, n = [], len(data)
+  batches = pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
+                                  augment=config.data.augment)
+  for j, batch in enumerate(distributed.PREEMPTION.batches(batches, trainer.stage)):
+    g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")},
+                                  trainer.mesh, trainer.rules, batch_size)
+    out = fn(params, tokenizer(g["images"], g["boxes"]))
+    parts.append(distributed.to_host(out)[:n - j * batch_size])
+  return np.concatenate(parts)
 
 
 @jax.jit

@@ -6,7 +6,9 @@ features. So, before the first step, the head is set to the L-BFGS logistic regr
 probe stage fits on the last layer (the same train, validation and L2 choices), in the probe's
 own coordinates: the head reads the mean-pooled final norm `p` standardised as
 `(p - class_shift) * class_scale`, with the probe's train mean and 1/std (fixed from then on),
-and its weights and bias are the probe's. At step 0 the fine-tuned model classifies exactly as
+and its weights and bias are the probe's. A head without a bias (finetune.head_bias=False, the
+release's) cannot centre either (a shift is a bias): its probe is fitted without an intercept
+on `p * class_scale`, class_shift stays 0. At step 0 the fine-tuned model classifies exactly as
 that probe does, and Adam then steps in well-conditioned coordinates.
 """
 
@@ -20,20 +22,10 @@ from igpt_jax import sharding as sharding_lib
 
 def pooled_features(trainer, params, data, tokenizer, config) -> np.ndarray:
   """[N, d_model] float32: the class head's input for every example of `data`, in order, on
-  every process (each process feeds its rows of each global batch, as evaluation does)."""
-  from igpt_jax.data import pipeline
-  batch_size = trainer.train_cfg.batch_size
-  rows = sharding_lib.host_rows(trainer.mesh, trainer.rules, batch_size)
-  pooled = trainer.pooled_fn
-  parts, n = [], len(data)
-  batches = pipeline.eval_batches(data, batch_size=batch_size, rows=rows,
-                                  augment=config.data.augment)
-  for j, batch in enumerate(distributed.PREEMPTION.batches(batches, "finetune")):
-    g = sharding_lib.global_batch({k: batch[k] for k in ("images", "boxes")},
-                                  trainer.mesh, trainer.rules, batch_size)
-    x = pooled(params, tokenizer(g["images"], g["boxes"]))
-    parts.append(distributed.to_host(x)[:n - j * batch_size])  # the padded tail dropped
-  return np.concatenate(parts).astype(np.float32)
+  every process."""
+  from igpt_jax import evaluation
+  return evaluation.per_example(trainer, trainer.pooled_fn, params, data, tokenizer,
+                                config).astype(np.float32)
 
 
 def fit(trainer, params, splits: dict, tokenizer, config, log=print) -> tuple[dict, dict]:
@@ -56,9 +48,11 @@ def fit(trainer, params, splits: dict, tokenizer, config, log=print) -> tuple[di
   distributed.PREEMPTION.check("finetune")  # before the fit, which cannot stop midway
   head = logreg.fit_classifier((xt, train.labels), (xv, val.labels),
                                trainer.cfg.num_classes, tuple(config.probe.l2),
-                               steps=config.probe.steps)
-  values = {"class_head": head["w"].T, "class_bias": head["b"], "class_shift": head["mean"],
+                               steps=config.probe.steps, intercept=trainer.cfg.class_bias)
+  values = {"class_head": head["w"].T, "class_shift": head["mean"],
             "class_scale": 1.0 / head["std"]}
+  if trainer.cfg.class_bias:
+    values["class_bias"] = head["b"]
   shardings = {k: params[k].sharding for k in values}
   for key, value in values.items():
     value = np.ascontiguousarray(value, np.float32)

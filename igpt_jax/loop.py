@@ -102,6 +102,19 @@ class Run:
   def tcfg(self):
     return self.trainer.train_cfg
 
+  @property
+  def input_view(self) -> dict:
+    """How the model sees an image at evaluation (the checkpoint records it for export)."""
+    from igpt_jax.data import transform
+    return transform.input_view(self.data, self.config.data.augment,
+                                self.config.data.resolution)
+
+  @property
+  def split_rule(self) -> str:
+    """How validation is held out of this run's train split (the checkpoint records it)."""
+    from igpt_jax.data import sources
+    return sources.split_rule(self.config)
+
 
 def build_run(config, workdir, stage: str, log) -> Run:
   """The mesh, palette, data, model, trainer and checkpointer of `stage`."""
@@ -142,8 +155,9 @@ def start_state(run: Run) -> tuple[int, dict, dict | None]:
   goodput.TIMELINE.switch("restore")
   restored = run.ckpt.restore_latest(
       run.trainer.abstract_state, config=config.to_dict(), log=log,
-      check_meta=lambda meta: workdir_lib.check_checkpoint(meta, cfg, run.centers,
-                                                           run.ckpt.directory, palette_file))
+      check_meta=lambda meta: (
+          workdir_lib.check_checkpoint(meta, cfg, run.centers, run.ckpt.directory, palette_file),
+          workdir_lib.check_split_rule(meta, run.split_rule, run.ckpt.directory)))
   goodput.TIMELINE.describe(restored_step=restored[0] if restored else 0)  # after it: lost
   if restored is not None:
     start, state, _ = restored
@@ -156,7 +170,7 @@ def start_state(run: Run) -> tuple[int, dict, dict | None]:
   if stage == "finetune":
     _, pretrained, _, _ = workdir_lib.load_pretrained(config, run.workdir, run.mesh, run.rules,
                                                       log=log)
-    for key in optim.HEAD:  # zero-initialised, as released
+    for key in optim.HEAD & set(state["params"]):  # zero-initialised, as released
       pretrained[key] = state["params"][key]
     if config.finetune.head_init == "probe":
       from igpt_jax import probe as probe_lib

@@ -158,20 +158,25 @@ class Saves:
     with goodput.TIMELINE.during("checkpoint"):
       run.ckpt.save(step, state, checkpoint_meta(
           run.config, run.cfg, run.centers,
-          run.data.class_names if run.stage == "finetune" else None))
+          run.data.class_names if run.stage == "finetune" else None, run.input_view,
+          run.split_rule))
     self.writer.flush()  # on object stores: the rows and spans up to the checkpoint
     goodput.TIMELINE.flush()
 
 
-def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers, class_names=None) -> dict:
+def checkpoint_meta(config, cfg: model_lib.ModelConfig, centers, class_names=None,
+                    input_view=None, split_rule: str = "permutation") -> dict:
   """What a checkpoint says about itself: its config, model shape and palette (with a digest
-  that every stage reading the checkpoint compares with the palette it would use), and a
-  classifier's class names (export's id2label)."""
+  that every stage reading the checkpoint compares with the palette it would use), a
+  classifier's class names (export's id2label), how its images were viewed (export's image
+  processor) and how validation was held out of its train split (a resume must keep it)."""
   meta = {"config": config.to_dict(), "model": dataclasses.asdict(cfg),
           "palette": np.asarray(centers).tolist(),
-          "palette_sha256": workdir_lib.palette_digest(centers)}
+          "palette_sha256": workdir_lib.palette_digest(centers), "split_rule": split_rule}
   if class_names is not None:
     meta["class_names"] = list(class_names)
+  if input_view is not None:
+    meta["input_view"] = input_view
   return meta
 
 

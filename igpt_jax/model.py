@@ -51,6 +51,9 @@ class ModelConfig:
   use_bias: bool = False
   norm_eps: float = 1e-5
   num_classes: int = 0  # > 0 adds the fine-tuning class head
+  # The class head's bias. OpenAI's release (`wclf`) and transformers' classifier (`score`)
+  # have none; fine-tuning sets it from finetune.head_bias (checkpoints from before: True).
+  class_bias: bool = True
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention: str = "auto"  # attention.py: auto | xla | blocked | splash | cudnn
   splash_block_q: int = 512  # splash tiles, tokens (capped at seq_len)
@@ -217,7 +220,8 @@ class ImageGPT(nnx.Module):
     if cfg.num_classes:
       self.class_head = _param(rngs, nnx.initializers.zeros, (cfg.num_classes, d),
                                (CLASSES, EMBED))
-      self.class_bias = _param(rngs, nnx.initializers.zeros, (cfg.num_classes,), (CLASSES,))
+      if cfg.class_bias:
+        self.class_bias = _param(rngs, nnx.initializers.zeros, (cfg.num_classes,), (CLASSES,))
       # The head reads standardised features, (pooled - shift) * scale: a probe's own
       # coordinates, where Adam's per-weight steps are well conditioned (pooled features are
       # uncentred: a step on every weight moves every logit the same way). Set once, from the
@@ -305,14 +309,17 @@ class ImageGPT(nnx.Module):
     return self._pool(h)
 
   def logits_and_class_logits(self, tokens, bert_mask=None):
-    """Generative logits and class logits (mean-pooled final norm -> linear + bias), for
-    fine-tuning."""
+    """Generative logits and class logits (mean-pooled final norm -> linear, + bias if the
+    head has one), for fine-tuning."""
     if not self.cfg.num_classes:
       raise ValueError("This model has no class head: set model.num_classes > 0.")
     h, _ = self._run_blocks(self.embed(tokens, bert_mask), collect_features=False)
     shift, scale = (jax.lax.stop_gradient(v[...]) for v in (self.class_shift, self.class_scale))
     standardised = (self._pool(h) - shift) * scale
-    return self.logits(h), standardised @ self.class_head[...].T + self.class_bias[...]
+    class_logits = standardised @ self.class_head[...].T
+    if self.cfg.class_bias:
+      class_logits = class_logits + self.class_bias[...]
+    return self.logits(h), class_logits
 
   # -- cached decoding -----------------------------------------------------------------------
 

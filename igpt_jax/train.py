@@ -249,6 +249,27 @@ class Trainer:
     return call
 
   @functools.cached_property
+  def predict_fn(self):
+    """params, tokens -> [B] predicted classes, from the class logits eval_fn scores."""
+    masks = self.config.finetune.bert_masks
+
+    def predict(params, tokens):
+      model = nnx.merge(self.graphdef, params)
+      bert = None if self.cfg.causal else objectives.bert_mask(
+          jax.random.key(self.config.seed + 1), tokens.shape)
+      class_logits = model.logits_and_class_logits(tokens, bert)[1]
+      if bert is not None and masks:
+        class_logits = ensembled_class_logits(model, tokens, self.config.seed + 1, masks)
+      return jnp.argmax(class_logits, -1).astype(jnp.int32)
+
+    jitted = jax.jit(predict)
+
+    def call(*args):
+      with sharding_lib.activation_sharding(self.mesh, self.rules):
+        return jitted(*args)
+    return call
+
+  @functools.cached_property
   def pooled_fn(self):
     """params, tokens -> [B, d_model]: what the class head reads (head.py fits a probe on it),
     with the inputs eval_fn gives it (a BERT model's masked as in evaluation)."""

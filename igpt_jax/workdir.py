@@ -146,6 +146,20 @@ def check_same_palette(meta: dict, centers, where, palette_file) -> None:
       "it was trained with, or use a new --workdir.")
 
 
+def check_split_rule(meta: dict, rule: str, where) -> None:
+  """A training run resumes only under the hold-out it started with: under another, images it
+  trained on would be validated on (checkpoints from before the record: 'permutation')."""
+  from igpt_jax import checkpoint as checkpoint_lib
+  saved = meta.get("split_rule", "permutation")
+  if saved != rule:
+    raise checkpoint_lib.CheckpointMismatch(
+        f"The checkpoint in {where} held validation out of train by {saved!r}, this version of "
+        f"the data source holds it out by {rule!r} (a folder's: by each file's path, so added "
+        "or unreadable files move only themselves): resuming would train on images it "
+        "validated on before. Start a new --workdir, or finish this run with the version that "
+        "began it.")
+
+
 def check_checkpoint(meta: dict, cfg, centers, where, palette_file) -> None:
   """What every stage that reads a checkpoint checks first: the model shape and the palette."""
   check_same_model(meta, cfg, where)
@@ -209,6 +223,8 @@ def check_same_model(meta: dict, cfg, where) -> None:
   shape_keys = ("num_layers", "d_model", "num_heads", "mlp_ratio", "vocab_size", "seq_len",
                 "objective", "use_bias")
   diff = {k: (saved.get(k), getattr(cfg, k)) for k in shape_keys if saved.get(k) != getattr(cfg, k)}
+  if cfg.num_classes and saved.get("class_bias", True) != cfg.class_bias:  # old heads: a bias
+    diff["finetune.head_bias"] = (saved.get("class_bias", True), cfg.class_bias)
   if diff:
     raise checkpoint_lib.CheckpointMismatch(
         f"The checkpoint in {where} is a different model: "

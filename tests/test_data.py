@@ -112,6 +112,63 @@ def test_folder_split_is_a_stable_hash(tmp_path):
   assert tests[0] == tests[1]
 
 
+def test_validation_held_out_of_a_folder_moves_only_the_files_that_change(tmp_path):
+  """Validation membership is a hash of each file's path, for the folder and for the set
+  prepared from it (the same images): a file that becomes unreadable, or a new one, changes
+  its own membership and no other (a permutation of n moved about half of them)."""
+  from igpt_jax.stages import prepare as prepare_stage
+  photos = tmp_path / "photos"
+  for name in ("a", "b"):
+    (photos / name).mkdir(parents=True)
+    for i in range(100):
+      Image.fromarray(np.full((12, 12, 3), (i, 100 * (name == "b"), 7), np.uint8)).save(
+          photos / name / f"{i}.png")
+  config = config_lib.base_config()
+  config.data.source, config.data.path, config.data.resolution = "folder", str(photos), 8
+  config.data.validation_fraction = 0.2
+
+  def held_out(config):
+    val = sources.load(config, "validation", log=lambda *_: None)
+    images = np.asarray(val.images[np.arange(len(val))])  # a prepared set's rows, read
+    return {tuple(px) for px in images[:, 0, 0].tolist()}  # each image's own colour
+
+  before = held_out(config)
+  assert 10 <= len(before) <= 50 and sources.split_rule(config) == "keyed"
+  (photos / "a" / "3.png").write_bytes(b"not a png")  # one file lost
+  Image.fromarray(np.full((12, 12, 3), (200, 0, 7), np.uint8)).save(photos / "a" / "new.png")
+  after = held_out(config)
+  assert len(before ^ after) <= 3, (before ^ after)  # at most the lost, the new (and its twin)
+  assert before - after <= {(3, 0, 7)} and after - before <= {(200, 0, 7)}
+  # The prepared set holds out the same files (it stores their paths as keys).
+  prepared = config.copy_and_resolve_references()
+  prepared.data.prepared = str(tmp_path / "prepared")
+  prepare_stage.run(prepared, str(tmp_path / "run"), log=lambda *_: None)
+  prepared.data.source = "prepared"
+  assert sources.split_rule(prepared) == "keyed" and held_out(prepared) == after
+
+
+def test_an_imagenet_sized_folder_holds_out_the_papers_four_percent(tmp_path, monkeypatch):
+  for i in range(30):
+    Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+  config = config_lib.base_config()
+  config.data.source, config.data.path, config.data.resolution = "folder", str(tmp_path), 8
+  assert sources.validation_fraction(config) == 0.1
+  monkeypatch.setattr(folder_source, "IMAGENET_SIZED", 20)  # 1,000,000 in life
+  assert sources.validation_fraction(config) == 0.04
+
+
+def test_a_run_is_not_resumed_under_another_hold_out(tmp_path):
+  """A checkpoint saved before folders held out by path (no split_rule in its meta) is not
+  resumed by a folder run: it would train on images it validated on."""
+  from igpt_jax import checkpoint as checkpoint_lib
+  from igpt_jax import workdir as workdir_lib
+  workdir_lib.check_split_rule({"split_rule": "keyed"}, "keyed", "w")
+  workdir_lib.check_split_rule({}, "permutation", "w")  # arrays: as before
+  with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                     match="held validation out of train by 'permutation', this version"):
+    workdir_lib.check_split_rule({}, "keyed", "w")
+
+
 def test_iterator_started_at_step_s_continues_exactly():
   data = small_set()
   kw = dict(batch_size=8, seed=3, augment="crop")

@@ -47,6 +47,7 @@ def run_of(stage="pretrain", causal=True, **train):
   return types.SimpleNamespace(stage=stage, tcfg=tcfg, config=config,
                                cfg=types.SimpleNamespace(causal=causal), ckpt=Recorder(),
                                data=types.SimpleNamespace(class_names=["a", "b"]),
+                               input_view={"resolution": 8}, split_rule="permutation",
                                trainer=types.SimpleNamespace(train_cfg=tcfg, stage=stage),
                                centers=np.zeros((4, 3), np.float32), log=lambda *_: None)
 

@@ -629,7 +629,8 @@ def test_pretraining_memory_does_not_grow_with_the_data_set(tmp_path):
     test = [prepared.write_shard(directory, "test", 0, np.zeros((20, 64, 64, 1), np.uint8),
                                  np.zeros(20))]
     record = prepared.settings(source="synthetic", side=64, channels=1, full_size=False,
-                               shard_size=5_000, split_seed=0)
+                               shard_size=5_000, split_seed=0,
+                               split_rule=sources.SPLIT_RULES["permutation"])
     prepared.write_manifest(directory, settings_record=record, class_names=[str(i) for i in range(10)],
                             splits={"train": shards, "test": test})
     proc = subprocess.run([sys.executable, "-c", PRETRAIN_RSS, str(directory),

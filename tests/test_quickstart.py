@@ -60,3 +60,61 @@ def test_own_images_from_a_folder_to_a_report_and_a_hugging_face_model(tmp_path)
   assert hf_config["id2label"] == {"0": "astronaut", "1": "chelsea", "2": "coffee"}
   card = (run / "hf" / "README.md").read_text()
   assert f"| data | folder `{photos}` |" in card  # not the default TFDS name
+
+
+def photos_of_any_shape(root, split, per_class, seed):
+  """Crops of 24..64 x 24..64 pixels (most not square) of three photographs, as
+  root/<split>/<class>/*.png: the centre square, short-side resize and evaluation crop matter."""
+  rng = np.random.default_rng(seed)
+  for name in ("astronaut", "chelsea", "coffee"):
+    photo = getattr(skimage_data, name)()
+    (root / split / name).mkdir(parents=True)
+    for i in range(per_class[name] if isinstance(per_class, dict) else per_class):
+      h, w = rng.integers(24, 65, 2)
+      y, x = rng.integers(0, photo.shape[0] - h), rng.integers(0, photo.shape[1] - w)
+      Image.fromarray(photo[y:y + h, x:x + w]).save(root / split / name / f"{i}.png")
+
+
+def test_the_exported_classifier_predicts_what_evaluate_predicts_from_raw_photos(tmp_path):
+  """Fine-tuned on a folder laid out by split, exported: transformers' classifier, fed the raw
+  test files through the exported image processor, predicts the class `evaluate` predicts for
+  at least 99% of 256 test images (the head has no bias; the processor crops and resizes as
+  training did). The stock processor, which squashes the whole image, is shown to differ."""
+  import torch
+  import transformers
+
+  from igpt_jax.data.sources import folder
+
+  photos, run = tmp_path / "photos", tmp_path / "run"
+  photos_of_any_shape(photos, "train", 40, seed=0)
+  photos_of_any_shape(photos, "test", {"astronaut": 86, "chelsea": 85, "coffee": 85}, seed=1)
+  common = [f"--workdir={run}", *TINY, "--config.finetune.steps=6"]
+  igpt("--config=folder", f"--config.data.path={photos}", "--config.stage=pretrain", *common)
+  igpt(f"--workdir={run}", "--config.stage=finetune")
+  evaluated = igpt(f"--workdir={run}", "--config.stage=evaluate")
+  ours = np.load(evaluated["classifier_predictions"])
+  assert len(ours["predictions"]) == 256
+  assert np.bincount(ours["predictions"]).max() < 200  # not one class for all: agreement tells
+  exported = igpt(f"--workdir={run}", "--config.stage=export")
+  assert not (run / "hf" / "model.safetensors").read_bytes().count(b"score.bias")
+
+  files, labels, _ = folder.folder_files(str(photos), "test")  # evaluate's order
+  np.testing.assert_array_equal(labels, ours["labels"])
+  raw = [np.asarray(Image.open(f).convert("RGB")) for f in files]  # uint8, as on disk
+  processor = transformers.AutoImageProcessor.from_pretrained(exported["path"],
+                                                              trust_remote_code=True)
+  classifier = transformers.ImageGPTForImageClassification.from_pretrained(exported["path"])
+
+  def predict(ids):
+    ids = torch.as_tensor(ids)
+    shifted = torch.cat([torch.full_like(ids[:, :1], 16), ids[:, :-1]], 1)  # [sos] + x[:-1]
+    with torch.no_grad():
+      return classifier.eval()(shifted).logits.argmax(-1).numpy()
+
+  theirs = predict(processor(raw, return_tensors="np")["input_ids"])
+  agree = np.mean(theirs == ours["predictions"])
+  assert agree >= 0.99, agree
+  assert evaluated["classifier_test_accuracy"] == np.mean(ours["predictions"] == labels)
+  stock = transformers.ImageGPTImageProcessor.from_pretrained(exported["path"])
+  squashed = stock(raw, return_tensors="np", input_data_format="channels_last")["input_ids"]
+  assert np.mean(squashed != processor(raw, return_tensors="np")["input_ids"]) > 0.05

@@ -130,9 +130,8 @@ def test_export_loads_in_transformers_with_the_same_logits(hf_run, tmp_path):
   with torch.no_grad():  # the class head reads what the release's does: the shifted inputs
     hf_class = classifier(torch.as_tensor(shifted)).logits.numpy()
   from safetensors.numpy import load_file
-  bias = load_file(os.path.join(out["path"], "model.safetensors"))["score.bias"]
-  assert np.abs(bias).max() > 1e-3  # the probe's head has one: the check below sees it
-  np.testing.assert_allclose(hf_class + bias, class_logits, atol=1e-4)
+  assert "score.bias" not in load_file(os.path.join(out["path"], "model.safetensors"))
+  np.testing.assert_allclose(hf_class, class_logits, atol=1e-4)  # no bias: the same logits
 
   processor = transformers.ImageGPTImageProcessor.from_pretrained(out["path"])
   centers = palette_lib.Palette.load(workdir / "palette.npz").centers
@@ -182,3 +181,57 @@ def test_a_config_that_disagrees_with_the_weights_is_one_sentence(tmp_path):
   config = config_for(str(tmp_path / "nothing"), data, N_VOCAB, "probe")
   with pytest.raises(UserError, match="neither a Hugging Face ImageGPT folder"):
     run(config, tmp_path / "run")
+
+
+def test_a_head_with_a_bias_is_exported_with_it_and_said():
+  """finetune.head_bias=True: transformers' score has no bias, so the bias (with the LP-FT shift
+  folded in) goes to score.bias for the user to add; without one, nothing is written."""
+  from igpt_jax.stages import export
+  rng = np.random.default_rng(0)
+  arrays = {"class_head": rng.normal(size=(3, 8)), "class_shift": rng.normal(size=8),
+            "class_scale": rng.uniform(0.5, 2, 8), "class_bias": rng.normal(size=3)}
+  pooled = rng.normal(size=(5, 8))
+  ours = ((pooled - arrays["class_shift"]) * arrays["class_scale"]) @ arrays["class_head"].T
+  weight, bias = export.classifier_weights(arrays)
+  np.testing.assert_allclose(pooled @ weight.T + bias, ours + arrays["class_bias"], rtol=1e-5)
+  del arrays["class_bias"]
+  arrays["class_shift"] = np.zeros(8)  # a bias-free head's probe does not centre
+  weight, bias = export.classifier_weights(arrays)
+  assert bias is None
+  np.testing.assert_allclose(pooled @ weight.T, pooled * arrays["class_scale"] @ arrays[
+      "class_head"].T, rtol=1e-5)
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch):
+  """export.push_to_hub: the calls huggingface_hub gets (a private repo created if missing, the
+  whole folder in one commit), and the Hub's errors as one line."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  from igpt_jax.stages import export
+  calls = []
+
+  class Commit:
+    commit_url = "https://huggingface.co/me/igpt/commit/abc"
+
+  class FakeApi:
+    def create_repo(self, *args, **kwargs):
+      calls.append(("create_repo", args, kwargs))
+
+    def upload_folder(self, **kwargs):
+      calls.append(("upload_folder", (), kwargs))
+      if kwargs["repo_id"] == "me/denied":
+        raise RuntimeError("401 Client Error: Unauthorized for url\nmore detail")
+      return Commit()
+
+  monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+  logged = []
+  url = export.push_to_hub(tmp_path, "me/igpt", False, "igpt_jax export", logged.append)
+  assert url == Commit.commit_url and Commit.commit_url in logged[-1]
+  assert calls == [
+      ("create_repo", ("me/igpt",), {"repo_type": "model", "private": True, "exist_ok": True}),
+      ("upload_folder", (), {"repo_id": "me/igpt", "repo_type": "model",
+                             "folder_path": str(tmp_path), "commit_message": "igpt_jax export"})]
+  with pytest.raises(UserError, match=r"^Uploading .* to the Hub repo me/denied failed: 401 "
+                     r"Client Error: Unauthorized for url \(a token"):
+    export.push_to_hub(tmp_path, "me/denied", True, "m", logged.append)
+  with pytest.raises(UserError, match="give a Hub repo as 'user/name'"):
+    export.push_to_hub(tmp_path, "igpt", True, "m", logged.append)

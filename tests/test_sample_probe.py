@@ -128,3 +128,24 @@ def test_completions_are_drawn_from_every_class():
   assert sorted(set(labels[sample.across_classes(labels, 3)])) == [0, 1, 2]
   assert sample.across_classes(np.full(5, -1), 3).tolist() == [0, 1, 2]  # unlabelled: in order
   assert len(sample.across_classes(labels, 50)) == 10
+
+
+def test_a_bias_free_head_fit_is_linear_on_unit_scaled_features():
+  """fit_classifier(intercept=False), the fine-tuning head of finetune.head_bias=False: logits
+  are x / std @ w alone (no mean, no bias) -- what transformers' classifier computes -- and on
+  features far from zero (mean 30 std, as early pooled features are) it gets within 2 points
+  of the fit with an intercept."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 24))
+
+  def split(n):
+    y = rng.integers(0, 4, n)
+    return (30.0 + centres[y] * 0.6 + rng.normal(size=(n, 24))).astype(np.float32), y
+
+  train, val = split(800), split(800)
+  with_bias = logreg.fit_classifier(train, val, 4, (1e-3,), steps=50)
+  free = logreg.fit_classifier(train, val, 4, (1e-3,), steps=50, intercept=False)
+  assert not free["b"].any() and not free["mean"].any()
+  accuracy = np.mean(np.argmax(val[0] / free["std"] @ free["w"], -1) == val[1])
+  assert accuracy == pytest.approx(free["val_accuracy"])
+  assert accuracy > with_bias["val_accuracy"] - 0.02, (accuracy, with_bias["val_accuracy"])

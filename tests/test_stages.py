@@ -196,6 +196,7 @@ def test_finetuning_from_the_probes_head_starts_at_the_probes_accuracy_and_keeps
   config.probe.layers = "all"
   config.finetune.steps, config.finetune.warmup_steps, config.finetune.eval_every = 30, 3, 30
   config.finetune.eval_batches, config.train.batch_size = 0, 64  # the demo's batch
+  config.finetune.head_bias = True  # the probe stage's fit has an intercept: the same model
   ft = loop.finetune(config, workdir, log=QUIET)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "finetune", "metrics.jsonl"))]
   start = rows[0]

@@ -38,3 +38,21 @@ def test_palette_round_trip_through_epath(tmp_path):
   np.testing.assert_array_equal(loaded.centers, centers)
   assert (loaded.dataset, loaded.seed) == ("x", 3)
   assert os.listdir(tmp_path / "p") == ["palette.npz"]
+
+
+def test_a_finetune_checkpoint_with_another_head_bias_is_refused_by_name():
+  """Resuming a head saved with a bias under finetune.head_bias=False (the default since the
+  head became the release's) must name the field, not fail in Orbax's tree matching."""
+  import dataclasses
+
+  import pytest
+
+  from igpt_jax import checkpoint as checkpoint_lib
+  from igpt_jax import model as model_lib
+  cfg = model_lib.ModelConfig(num_classes=3, class_bias=False)
+  saved = dataclasses.asdict(cfg)
+  workdir_lib.check_same_model({"model": saved}, cfg, "w")  # the same head: fine
+  del saved["class_bias"]  # a checkpoint from before the field: its head had a bias
+  with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                     match="finetune.head_bias saved True vs configured False"):
+    workdir_lib.check_same_model({"model": saved}, cfg, "w")

@@ -8,6 +8,7 @@ Layout of a prepared directory (local or gs://):
                                 sha256) and the files it skipped; written last
   <split>-00000.images          uint8 rows [count, side, side, channels], C order, no header
   <split>-00000.labels          int32 little-endian [count] (-1 where unlabelled)
+  <split>-00000.keys            the examples' names, one a line (folders: the hold-out keys)
   <split>-00000.done.json       written last for each shard: what makes `prepare` resumable
 
 Why raw fixed-size rows and not ArrayRecord or TFRecord: every example has the same byte size,
@@ -36,8 +37,10 @@ FORMAT = "igpt_jax.prepared/2"
 # What a set is made with, and what a run or a resumed `prepare` must match.
 SETTINGS = ("format", "source", "side", "channels", "full_size", "shard_size", "split_seed",
             "split_rule")
-SPLIT_RULE = ("validation: holdout(n, fraction, split_seed) of train; folder test: "
-              "sha256(f'{split_seed}:{relpath}') < 0.1")
+# How validation is held out of train: a source's SPLIT_RULES entry (data/sources/base.py),
+# recorded in the settings. Sets whose examples have names (folders) store them as
+# <split>-00000.keys and hold out by them; a set prepared before that holds out by its manifest's
+# rule, unchanged.
 
 
 def _path(directory):
@@ -52,9 +55,10 @@ def shard_name(split: str, index: int) -> str:
 # -- writing ----------------------------------------------------------------------------------
 
 def write_shard(directory, split: str, index: int, images: np.ndarray, labels: np.ndarray,
-                skipped: list[str] = (), source_count: int | None = None) -> dict:
-  """Writes one shard, images and labels first and its .done.json last, each atomically: a
-  shard without .done.json is rewritten by the next `prepare`."""
+                skipped: list[str] = (), source_count: int | None = None,
+                keys: list[str] | None = None) -> dict:
+  """Writes one shard, images, labels (and keys) first and its .done.json last, each
+  atomically: a shard without .done.json is rewritten by the next `prepare`."""
   from igpt_jax import workdir as workdir_lib
   images = np.ascontiguousarray(images, np.uint8)
   labels = np.ascontiguousarray(labels, "<i4")
@@ -66,6 +70,12 @@ def write_shard(directory, split: str, index: int, images: np.ndarray, labels: n
   digest.update(labels.tobytes())
   workdir_lib.write_bytes(root / f"{name}.images", images.tobytes())
   workdir_lib.write_bytes(root / f"{name}.labels", labels.tobytes())
+  if keys is not None:
+    if len(keys) != len(labels) or any("\n" in k for k in keys):
+      raise ValueError(f"Shard {name} needs one key a line per example, got {len(keys)}.")
+    blob = "\n".join(keys).encode()
+    digest.update(blob)
+    workdir_lib.write_bytes(root / f"{name}.keys", blob)
   done = {"name": name, "count": int(len(images)), "sha256": digest.hexdigest(),
           "skipped": list(skipped),
           "source_count": int(len(images) + len(skipped) if source_count is None else source_count)}
@@ -100,10 +110,15 @@ def shard_size_problem(root, name: str, count: int, row_shape) -> str | None:
 
 
 def settings(*, source: str, side: int, channels: int, full_size: bool, shard_size: int,
-             split_seed: int) -> dict:
+             split_seed: int, split_rule: str | None = None) -> dict:
+  """What a set is made with; `split_rule` a SPLIT_RULES text (default: by count, for sets
+  whose examples have no names)."""
+  if split_rule is None:
+    from igpt_jax.data.sources.base import SPLIT_RULES
+    split_rule = SPLIT_RULES["permutation"]
   return {"format": FORMAT, "source": source, "side": int(side), "channels": int(channels),
           "full_size": bool(full_size), "shard_size": int(shard_size),
-          "split_seed": int(split_seed), "split_rule": SPLIT_RULE}
+          "split_seed": int(split_seed), "split_rule": split_rule}
 
 
 def existing_settings(directory) -> dict | None:
@@ -121,7 +136,8 @@ def existing_settings(directory) -> dict | None:
 
 def _is_ours(name: str) -> bool:
   bare = name.removeprefix(".").removesuffix(".tmp")
-  return bare in (MANIFEST, SETTINGS_FILE) or bare.endswith((".images", ".labels", ".done.json"))
+  return bare in (MANIFEST, SETTINGS_FILE) or bare.endswith((".images", ".labels", ".keys",
+                                                             ".done.json"))
 
 
 def clear(directory) -> int:
@@ -293,6 +309,19 @@ class ShardedRows:
     return out[0] if scalar else out
 
 
+def read_keys(directory, shards: list[dict]) -> np.ndarray | None:
+  """The examples' names in order, or None when the shards have none."""
+  root = _path(directory)
+  parts = []
+  for s in shards:
+    path = root / f"{s['name']}.keys"
+    if not path.exists():
+      return None
+    text = path.read_text()
+    parts += text.split("\n") if text else []
+  return np.asarray(parts)
+
+
 def read_labels(directory, shards: list[dict]) -> np.ndarray:
   root = _path(directory)
   parts = [np.frombuffer((root / f"{s['name']}.labels").read_bytes(), "<i4") for s in shards]
@@ -310,6 +339,8 @@ def verify(directory, splits=None) -> list[str]:
     for s in info["shards"]:
       digest = hashlib.sha256((root / f"{s['name']}.images").read_bytes())
       digest.update((root / f"{s['name']}.labels").read_bytes())
+      if (root / f"{s['name']}.keys").exists():
+        digest.update((root / f"{s['name']}.keys").read_bytes())
       if digest.hexdigest() != s["sha256"]:
         bad.append(s["name"])
   return bad

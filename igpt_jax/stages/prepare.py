@@ -39,9 +39,11 @@ def run(config, workdir=None, log=print) -> dict:
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
     layout = sources.source_of(config, log).layout(pool)
     source, side, splits = layout.description, layout.side, layout.splits
+    keyed = all(part.keys is not None for part in splits.values())
     record = prepared.settings(source=source, side=side, channels=d.channels,
                                full_size=layout.full_size, shard_size=d.shard_size,
-                               split_seed=sources.SPLIT_SEED)
+                               split_seed=sources.SPLIT_SEED, split_rule=sources.SPLIT_RULES[
+                                   "keyed" if keyed else "permutation"])
     _claim_directory(d.prepared, record, d.overwrite, log)
     log(f"Preparing {source} into {d.prepared}: splits "
         + ", ".join(f"{k} ({v.count} examples)" for k, v in splits.items())
@@ -99,7 +101,11 @@ def _prepare_split(directory, split: str, part: StoredSplit, shard_size: int, ro
       images, labels, skipped = part.read(lo, hi)
       for f in skipped:
         log(f"warning: skipping unreadable image {f}")  # a file, or a TFDS example
-      done = prepared.write_shard(directory, split, j, images, labels, skipped, hi - lo)
+      keys = None
+      if part.keys is not None:  # the kept examples' names: the hold-out hashes them
+        lost = set(skipped)
+        keys = [k for n, k in zip(part.names[lo:hi], part.keys[lo:hi]) if n not in lost]
+      done = prepared.write_shard(directory, split, j, images, labels, skipped, hi - lo, keys)
       written += hi - lo
       rate = written / max(time.perf_counter() - begin, 1e-9)
       remaining = part.count - min((j + 1) * shard_size, part.count)

@@ -11,17 +11,19 @@ with validation held out of train (base.py says how).
 
 from __future__ import annotations
 
-from igpt_jax.data.sources.base import (ROLES, SPLIT_SEED, DataError, ImageSet, Source,
-                                        from_arrays, holdout, storage_side, to_channels)
+from igpt_jax.data.sources.base import (ROLES, SPLIT_RULES, SPLIT_SEED, DataError, ImageSet,
+                                        Source, from_arrays, holdout, holdout_keyed,
+                                        storage_side, to_channels)
 from igpt_jax.data.sources.fashion_mnist import FashionMnist, fashion_mnist_dir
 from igpt_jax.data.sources.folder import Folder
 from igpt_jax.data.sources.npz import Numpy
 from igpt_jax.data.sources.prepared import Prepared
 from igpt_jax.data.sources.tfds import Tfds
 
-__all__ = ["DataError", "ImageSet", "ROLES", "SOURCES", "SPLIT_SEED", "Source", "check_fits_config",
-           "describe", "fashion_mnist_dir", "from_arrays", "holdout", "load", "load_split",
-           "source_of", "split_seed", "storage_side", "to_channels", "validation_fraction"]
+__all__ = ["DataError", "ImageSet", "ROLES", "SOURCES", "SPLIT_RULES", "SPLIT_SEED", "Source",
+           "check_fits_config", "describe", "fashion_mnist_dir", "from_arrays", "holdout",
+           "holdout_keyed", "load", "load_split", "source_of", "split_rule", "split_seed",
+           "storage_side", "to_channels", "validation_fraction"]
 
 SOURCES = {source.name: source for source in (Prepared, FashionMnist, Tfds, Folder, Numpy)}
 
@@ -44,6 +46,11 @@ def validation_fraction(config, source: Source | None = None) -> float:
   """data.validation_fraction, or the paper's per data set (4% of ImageNet, 10% otherwise)."""
   fraction = config.data.validation_fraction
   return fraction if fraction >= 0 else (source or source_of(config)).validation_fraction()
+
+
+def split_rule(config) -> str:
+  """How the configured source holds validation out of train (a SPLIT_RULES name)."""
+  return source_of(config).split_rule()
 
 
 def split_seed(config) -> int:
@@ -80,7 +87,10 @@ def _load_role(config, role: str, log) -> ImageSet:
   data = source.load_split("train")
   if fraction == 0:
     return data
-  train_idx, val_idx = holdout(len(data), fraction, source.split_seed())
+  if source.split_rule() == "keyed":
+    train_idx, val_idx = holdout_keyed(data.keys, fraction, source.split_seed())
+  else:
+    train_idx, val_idx = holdout(len(data), fraction, source.split_seed())
   if role == "validation":
     return data.subset(val_idx, f"{data.name}[validation {fraction:g}]")
   return data.subset(train_idx, f"{data.name}[without validation]")

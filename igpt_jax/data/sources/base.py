@@ -34,6 +34,12 @@ class ImageSet:
   name: str
   skipped_files: list[str] = dataclasses.field(default_factory=list)
   full_size: bool = False  # decoded from full-size images (the paper's crops apply)
+  # The side files were decoded to (short side resized, centre square); 0: arrays stored as
+  # given. An export's image processor does the same to a user's image.
+  decoded_side: int = 0
+  # Each example's name where it has one (a folder's file path under its split folder): the
+  # validation hold-out then hashes it, so adding or losing a file moves only that file.
+  keys: np.ndarray | None = None
 
   def __len__(self):
     return self.images.shape[0]
@@ -43,7 +49,8 @@ class ImageSet:
     indices = np.asarray(indices, np.int64)
     images = (self.images[indices] if type(self.images) is np.ndarray
               else IndexedRows(self.images, indices))
-    return dataclasses.replace(self, images=images, labels=self.labels[indices], name=name)
+    return dataclasses.replace(self, images=images, labels=self.labels[indices], name=name,
+                               keys=None if self.keys is None else self.keys[indices])
 
   @property
   def num_classes(self) -> int:
@@ -77,9 +84,13 @@ class IndexedRows:
 @dataclasses.dataclass
 class StoredSplit:
   """A split as `prepare` stores it: its source examples' count, and random access to them:
-  read(lo, hi) -> (uint8 images, int32 labels, names of the examples that did not decode)."""
+  read(lo, hi) -> (uint8 images, int32 labels, names of the examples that did not decode);
+  where examples have names (`names`, as `read` reports them) and hold-out keys (`keys`), both
+  in source order."""
   count: int
   read: Callable
+  names: list[str] | None = None
+  keys: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -118,6 +129,10 @@ class Source:
   def split_seed(self) -> int:
     return SPLIT_SEED
 
+  def split_rule(self) -> str:
+    """SPLIT_RULES' name of how this source holds validation out (keyed: by example names)."""
+    return "permutation"
+
   def load_split(self, split: str) -> ImageSet:
     """A whole stored split: 'pretrain' (only where `has_pretrain_split`), 'train' or 'test'."""
     raise NotImplementedError
@@ -155,9 +170,32 @@ class Source:
     return f"{cls.name} `{data['path']}`" if data.get("path") else cls.name
 
 
+# How validation is held out of train, recorded in checkpoints (and a prepared set's manifest):
+# a run resumed under another rule would train on what it validated on.
+SPLIT_RULES = {
+    "permutation": ("validation: holdout(n, fraction, split_seed) of train; folder test: "
+                    "sha256(f'{split_seed}:{relpath}') < 0.1"),
+    "keyed": ("validation: sha256(f'{split_seed}:validation:{key}') < fraction of train, key = "
+              "the file's path under its split folder; folder test: "
+              "sha256(f'{split_seed}:{relpath}') < 0.1"),
+}
+
+
+def holdout_keyed(keys: np.ndarray, fraction: float,
+                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+  """(train, validation) indices by a hash of each example's key: membership is the key's
+  alone (about `fraction` of them), so one more or one fewer file changes one membership."""
+  import hashlib
+  held = np.asarray([int.from_bytes(hashlib.sha256(f"{seed}:validation:{k}".encode())
+                                    .digest()[:8], "big") / 2**64 < fraction for k in keys],
+                    bool)
+  return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def holdout(n: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
   """(train, validation) indices of a train split of n examples: a seeded choice of
-  round(fraction * n) for validation, both sorted. Deterministic for (n, fraction, seed)."""
+  round(fraction * n) for validation, both sorted. Deterministic for (n, fraction, seed); for
+  data sets of a fixed size (a key-less ImageSet)."""
   order = np.random.default_rng([seed, 0x5A11D]).permutation(n)
   k = int(round(fraction * n))
   return np.sort(order[k:]), np.sort(order[:k])

@@ -19,8 +19,24 @@ from igpt_jax.data.sources.base import (SPLIT_SEED, DataError, ImageSet, Layout,
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+# A folder this big is ImageNet-sized: the paper's 4% of train is held out for validation
+# (ImageNet's 1.28M images give ~51k), not the 10% of smaller sets.
+IMAGENET_SIZED = 1_000_000
+
+
 class Folder(Source):
   name = "folder"
+
+  def split_rule(self) -> str:
+    return "keyed"  # by each file's path: files come and go
+
+  def validation_fraction(self) -> float:
+    return 0.04 if self._train_files() >= IMAGENET_SIZED else 0.1
+
+  def _train_files(self) -> int:
+    if not hasattr(self, "_train_count"):
+      self._train_count = len(folder_files(self.d.path, "train")[0])
+    return self._train_count
 
   def load_split(self, split: str) -> ImageSet:
     d = self.d
@@ -42,7 +58,8 @@ class Folder(Source):
         return images, labels[lo:hi][keep], [files[lo + i] for i, a in enumerate(decoded)
                                              if a is None]
 
-      splits[split] = StoredSplit(len(files), read)
+      splits[split] = StoredSplit(len(files), read, files,
+                                  split_keys(d.path, "test" if split == "test" else "train", files))
     return Layout(f"folder:{d.path}", side, side == storage_side(d.resolution), class_names,
                   splits)
 
@@ -142,6 +159,14 @@ def folder_files(root: str, role: str, seed: int = SPLIT_SEED, eval_fraction: fl
   return [f for f, _ in chosen], np.asarray([c for _, c in chosen], np.int32), class_names
 
 
+def split_keys(root: str, role: str, files: list[str]) -> list[str]:
+  """The files' hold-out keys: each one's path under the folder (under its split folder for a
+  folder laid out by split), with '/' on every system."""
+  layout = split_layout(root)
+  base = (layout["test"] if role == "test" else layout["train"]) if layout else root
+  return [os.path.relpath(f, base).replace(os.sep, "/") for f in files]
+
+
 def all_folder_files(root: str) -> list[str]:
   """Every image file of a folder, all splits."""
   return _image_files(_existing(root))
@@ -209,6 +234,8 @@ def load_folder(root: str, role: str, channels: int, resolution: int, seed: int 
   if side < storage_side(resolution):
     log(f"{root!r}: images stored at {side}x{side}, the smallest image's side (twice the input "
         f"side, {storage_side(resolution)}, would enlarge it); data.augment=auto crops none.")
+  keys = np.asarray(split_keys(root, role, [files[i] for i in keep]))
   return ImageSet(np.stack([decoded[i] for i in keep]), labels[keep], class_names,
                   f"folder:{root}:{role}", skipped,
-                  full_size=side == storage_side(resolution))
+                  full_size=side == storage_side(resolution), decoded_side=side, keys=keys)
+

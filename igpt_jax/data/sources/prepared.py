@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 
 from igpt_jax.data import prepared
-from igpt_jax.data.sources import tfds
-from igpt_jax.data.sources.base import SPLIT_SEED, DataError, ImageSet, Source, storage_side
+from igpt_jax.data.sources import folder, tfds
+from igpt_jax.data.sources.base import (SPLIT_RULES, SPLIT_SEED, DataError, ImageSet, Source,
+                                        storage_side)
 
 
 class Prepared(Source):
@@ -28,10 +29,17 @@ class Prepared(Source):
 
   def validation_fraction(self) -> float:
     name = self.manifest["source"].removeprefix("tfds:")
-    return 0.04 if name in tfds.IMAGENET_NAMES else 0.1
+    imagenet_sized = (self.manifest["source"].startswith("folder:") and
+                      self.manifest["splits"].get("train", {}).get("count", 0)
+                      >= folder.IMAGENET_SIZED)
+    return 0.04 if name in tfds.IMAGENET_NAMES or imagenet_sized else 0.1
 
   def split_seed(self) -> int:
     return int(self.manifest.get("split_seed", SPLIT_SEED))
+
+  def split_rule(self) -> str:
+    """The manifest's: a set prepared before keys were stored keeps holding out by count."""
+    return "keyed" if self.manifest.get("split_rule") == SPLIT_RULES["keyed"] else "permutation"
 
   def load_split(self, split: str) -> ImageSet:
     self.manifest  # a missing data.prepared, said in one line
@@ -72,4 +80,7 @@ def load_prepared(directory: str, split: str, verify: bool = False) -> ImageSet:
   rows = prepared.ShardedRows(directory, info["shards"], (side, side, channels))
   return ImageSet(rows, prepared.read_labels(directory, info["shards"]),
                   manifest["class_names"], f"prepared:{directory}:{split}",
-                  skipped_files=info["skipped"], full_size=manifest["full_size"])
+                  skipped_files=info["skipped"], full_size=manifest["full_size"],
+                  decoded_side=side if manifest["full_size"] or str(
+                      manifest["source"]).startswith("folder:") else 0,
+                  keys=prepared.read_keys(directory, info["shards"]))

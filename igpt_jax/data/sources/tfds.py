@@ -163,4 +163,4 @@ def load_tfds(name: str, role: str, channels: int, resolution: int, data_dir: st
   if not len(images):
     raise DataError(f"TFDS split {name}:{split} is empty.")
   return ImageSet(images, labels, class_names, f"tfds:{name}:{split}", skipped,
-                  full_size=full_size)
+                  full_size=full_size, decoded_side=images.shape[1] if full_size else 0)
