@@ -386,10 +386,11 @@ def say_cost(t: Target, pending: list, config, log) -> None:
   at_peak = (f"; at least {flops / (chip.peak_flops * len(devices)) / 3600:.2g} h of forward "
              f"passes at the {len(devices)} devices' peak" if chip else "")
   directory = t.out_dir / "features"
-  log(f"probe: extracting {images:,} images ({len(t.layers)} layers of {t.cfg.d_model} "
-      f"features; {', '.join(sorted({tag for tag, _, _ in pending}))}): "
-      f"{needed / 1e9:.3g} GB in {directory}, {flops:.3g} FLOPs{at_peak}. Progress below "
-      "says the measured rate.")
+  stores = sorted({name for _, _, names in pending for name in names})
+  size = f"{needed / 1e9:.3g} GB" if needed >= 1e8 else f"{needed / 1e6:.3g} MB"
+  log(f"probe: extracting {images:,} image passes ({len(t.layers)} layer(s) of {t.cfg.d_model} "
+      f"features; stores {', '.join(stores)}): {size} in {directory}, {flops:.3g} FLOPs of "
+      f"forward passes{at_peak}. Progress below says the measured rate.")
   features_lib.check_room(directory, needed)
 
 

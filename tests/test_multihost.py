@@ -137,7 +137,7 @@ def test_streamed_probe_on_two_processes_writes_each_row_once(two_process_data_r
   assert code == 0, out[-3000:]
   meta = json.load(open(workdir / "probe" / "features" / "pretrained-train" / "meta.json"))
   assert sorted(meta["ranges"]) == ["0", "128"]  # batch 256: rows 0-127 and 128-255
-  labels = [np.load(workdir / "probe" / "features" / "pretrained-train" / name)["y"]
+  labels = [np.load(workdir / "probe" / "features" / "pretrained-train" / f"{name}.labels.npy")
             for written in meta["ranges"].values() for name in written["chunks"]]
   assert sum(int((y >= 0).sum()) for y in labels) == 2000  # every example once, padding marked
   code, one = single(4, *args, f"--workdir={single_dir}")
@@ -413,7 +413,7 @@ def test_ctrl_c_or_sigterm_to_one_process_stops_evaluate_and_probe_on_both(
            "--config.probe.solver=lbfgs", "--config.probe.steps=20"]
   chunks = workdir / "probe" / "features" / "pretrained-train"
   code, out, took = signal_one_of_two([*probe, f"--workdir={workdir}"], signal.SIGTERM,
-                                      lambda _: any(chunks.glob("r*-c00000.npz")))
+                                      lambda _: any(chunks.glob("r*-c00000.labels.npy")))
   assert code == 75 and took < 30, (code, took, out[-3000:])
   assert "[0] probe: stopped" in out and "[1] probe: stopped" in out
   stopped = out

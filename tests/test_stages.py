@@ -180,7 +180,8 @@ def test_probe_chooses_its_layers_on_a_subsample_and_leaves_out_a_baseline(pretr
                      "meta.json").read_text())["num_examples"] == 120
   assert "not run (probe.baselines)" in (workdir / "probe" / "results.md").read_text()
   said = [line for line in logged if line.startswith("probe: extracting")]
-  assert len(said) == 2 and " GB in " in said[1] and "pixels, pretrained" in said[1]
+  assert len(said) == 2 and "stores pixels, pretrained)" in said[1] and " MB in " in said[1]
+  assert "stores pretrained)" in said[0]  # the subsample: no baselines
 
 
 def test_finetuning_from_the_probes_head_starts_at_the_probes_accuracy_and_keeps_it(
