@@ -216,6 +216,21 @@ class Trainer:
     with sharding_lib.activation_sharding(self.mesh, self.rules):
       return self.jit_step().lower(self.abstract_state, self.abstract_batch()).compile()
 
+  def _on_mesh(self, fn):
+    """`fn` jitted, called with this trainer's activation sharding rules in scope."""
+    jitted = jax.jit(fn)
+
+    def call(*args):
+      with sharding_lib.activation_sharding(self.mesh, self.rules):
+        return jitted(*args)
+    return call
+
+  def _evaluation_mask(self, tokens):
+    """A BERT model's inputs at evaluation: masked as in pretraining, one fixed mask (AR: None)."""
+    if self.cfg.causal:
+      return None
+    return objectives.bert_mask(jax.random.key(self.config.seed + 1), tokens.shape)
+
   @functools.cached_property
   def eval_fn(self):
     """Sums over a padded batch (mask weights examples): NLL, tokens, and for a class head
@@ -225,8 +240,7 @@ class Trainer:
 
     def eval_batch(params, tokens, labels, mask):
       model = nnx.merge(self.graphdef, params)
-      bert = None if self.cfg.causal else objectives.bert_mask(
-          jax.random.key(self.config.seed + 1), tokens.shape)
+      bert = self._evaluation_mask(tokens)
       out = {}
       if self.cfg.num_classes:
         logits, class_logits = model.logits_and_class_logits(tokens, bert)
@@ -241,12 +255,7 @@ class Trainer:
       out["nll"], out["tokens"] = jnp.sum(nll * weights), jnp.sum(weights)
       return out
 
-    jitted = jax.jit(eval_batch)
-
-    def call(*args):
-      with sharding_lib.activation_sharding(self.mesh, self.rules):
-        return jitted(*args)
-    return call
+    return self._on_mesh(eval_batch)
 
   @functools.cached_property
   def predict_fn(self):
@@ -255,35 +264,23 @@ class Trainer:
 
     def predict(params, tokens):
       model = nnx.merge(self.graphdef, params)
-      bert = None if self.cfg.causal else objectives.bert_mask(
-          jax.random.key(self.config.seed + 1), tokens.shape)
+      bert = self._evaluation_mask(tokens)
       class_logits = model.logits_and_class_logits(tokens, bert)[1]
       if bert is not None and masks:
         class_logits = ensembled_class_logits(model, tokens, self.config.seed + 1, masks)
       return jnp.argmax(class_logits, -1).astype(jnp.int32)
 
-    jitted = jax.jit(predict)
-
-    def call(*args):
-      with sharding_lib.activation_sharding(self.mesh, self.rules):
-        return jitted(*args)
-    return call
+    return self._on_mesh(predict)
 
   @functools.cached_property
   def pooled_fn(self):
     """params, tokens -> [B, d_model]: what the class head reads (head.py fits a probe on it),
     with the inputs eval_fn gives it (a BERT model's masked as in evaluation)."""
     def pooled(params, tokens):
-      bert = None if self.cfg.causal else objectives.bert_mask(
-          jax.random.key(self.config.seed + 1), tokens.shape)
+      bert = self._evaluation_mask(tokens)
       return nnx.merge(self.graphdef, params).pooled(tokens, bert)
 
-    jitted = jax.jit(pooled)
-
-    def call(*args):
-      with sharding_lib.activation_sharding(self.mesh, self.rules):
-        return jitted(*args)
-    return call
+    return self._on_mesh(pooled)
 
 
 def memory_report(compiled) -> dict:
