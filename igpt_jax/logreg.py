@@ -135,11 +135,14 @@ def fit_classifier(train, val, num_classes: int, l2_grid, steps: int = 200,
   alone, b = 0 and mean = 0 (centring would be a bias), x only scaled by 1/std."""
   (xt, yt), (xv, yv) = train, val
   mean, std = xt.mean(0), xt.std(0) + 1e-6
-  precondition = np.eye(xt.shape[1], dtype=np.float32)
+  precondition = None  # with an intercept the standardised features are well conditioned
   if not intercept:
     mean = np.zeros_like(mean)
     precondition = _mean_preconditioner(xt / std)
-  norm = lambda x: jnp.asarray(((x - mean) / std) @ precondition)  # noqa: E731
+
+  def norm(x):
+    x = (x - mean) / std
+    return jnp.asarray(x if precondition is None else x @ precondition)
   onehot = jax.nn.one_hot(yt, num_classes)
 
   def fit_and_score(l2):
@@ -150,7 +153,8 @@ def fit_classifier(train, val, num_classes: int, l2_grid, steps: int = 200,
   best = {"p": p, "l2": l2, "val_accuracy": val_acc, "l2_tried": tried, "l2_at_edge": at_edge,
           "train_accuracy": _accuracy(p, norm(xt), yt)}
   p = best.pop("p")
-  return {"w": precondition @ np.asarray(p["w"], np.float32), "b": np.asarray(p["b"], np.float32),
+  w = np.asarray(p["w"], np.float32)
+  return {"w": w if precondition is None else precondition @ w, "b": np.asarray(p["b"], np.float32),
           "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), **best}
 
 
@@ -303,17 +307,19 @@ def _streamed_pass(train, val, test, num_classes: int, l2_grid, *, mesh, rules,
     g = sharding_lib.global_batch({"x": x, "y": y}, mesh, rules, batch_size)
     return g["x"], g["y"]
 
-  one_at_a_time = mesh.devices.flat[0].platform == "cpu"
+  from igpt_jax import evaluation
+  one_at_a_time = evaluation.one_in_flight(mesh)
   rng = np.random.default_rng(seed)
   for epoch in range(epochs):
     distributed.PREEMPTION.check("probe")  # every process, each epoch
     for x, y in _batches(train, rows, lo, view, rng, shuffle=True, mix=mix):
       params, opt_state = step(params, opt_state, *to_global(x, y))
-      # On CPU, one step in flight: queued ones deadlock XLA's CPU collectives (a later
-      # step's all-reduce holds the thread pool that an earlier one's last device needs, until
-      # the 40 s rendezvous timeout aborts the process; seen with 4 and 8 simulated devices on
-      # 2 cores; across processes, gloo hung after a few hundred). Accelerators keep async
-      # dispatch: the host reads the next chunk while the device steps.
+      # On a CPU mesh of several devices (evaluation.one_in_flight), one step in flight: queued
+      # ones deadlock XLA's CPU collectives (a later step's all-reduce holds the thread pool
+      # that an earlier one's last device needs, until the 40 s rendezvous timeout aborts the
+      # process; seen with 4 and 8 simulated devices on 2 cores; across processes, gloo hung
+      # after a few hundred). Accelerators keep async dispatch: the host reads the next chunk
+      # while the device steps.
       if one_at_a_time:
         jax.block_until_ready(params)
     if log:

@@ -8,8 +8,8 @@ workdir's own results (data, steps, bits/dim, probe and fine-tune accuracy, comm
 
 The classifier predicts what ours predicts when the head has no bias (finetune.head_bias=False,
 the default, as OpenAI's release): transformers' `score` has none. A head with a bias is still
-written (the bias as `score.bias`, which transformers does not read); export warns and the
-model card says by how much the logits then differ. The image processor is ours
+written (the bias as `score.bias`, which transformers does not read); export warns with the
+bias's spread, and the model card tells the user to add it. The image processor is ours
 (hf_processor.py, copied into the folder): the centre square, the evaluation crop and the area
 resize the model saw, so raw photos tokenize as in igpt_jax. `export.push_to_hub=REPO` uploads
 the folder with huggingface_hub.
@@ -97,8 +97,6 @@ def push_to_hub(folder, repo: str, public: bool, message: str, log) -> str:
     commit = api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(folder),
                                commit_message=message)
   except Exception as e:  # noqa: BLE001 - the Hub's errors (auth, network, names) are the user's
-    if isinstance(e, UserError):
-      raise
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise UserError(f"Uploading {folder} to the Hub repo {repo} failed: {first} (a token: "
                     "HF_TOKEN or `hf auth login`).") from e

@@ -181,14 +181,18 @@ SPLIT_RULES = {
 }
 
 
+def hashed_below(text: str, fraction: float) -> bool:
+  """Whether sha256(text), read as a number in [0, 1), is below `fraction`: a membership that
+  depends on the text alone (a folder's test files, keyed validation)."""
+  import hashlib
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
 def holdout_keyed(keys: np.ndarray, fraction: float,
                   seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
   """(train, validation) indices by a hash of each example's key: membership is the key's
   alone (about `fraction` of them), so one more or one fewer file changes one membership."""
-  import hashlib
-  held = np.asarray([int.from_bytes(hashlib.sha256(f"{seed}:validation:{k}".encode())
-                                    .digest()[:8], "big") / 2**64 < fraction for k in keys],
-                    bool)
+  held = np.asarray([hashed_below(f"{seed}:validation:{k}", fraction) for k in keys], bool)
   return np.flatnonzero(~held), np.flatnonzero(held)
 
 

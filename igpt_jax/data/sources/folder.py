@@ -7,14 +7,13 @@ the smallest image's own short side, so that nothing is enlarged."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from concurrent import futures
 
 import numpy as np
 
 from igpt_jax.data.sources.base import (SPLIT_SEED, DataError, ImageSet, Layout, Source,
-                                        StoredSplit, storage_side)
+                                        StoredSplit, hashed_below, storage_side)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -31,12 +30,11 @@ class Folder(Source):
     return "keyed"  # by each file's path: files come and go
 
   def validation_fraction(self) -> float:
-    return 0.04 if self._train_files() >= IMAGENET_SIZED else 0.1
+    return 0.04 if self._train_files >= IMAGENET_SIZED else 0.1
 
+  @functools.cached_property
   def _train_files(self) -> int:
-    if not hasattr(self, "_train_count"):
-      self._train_count = len(folder_files(self.d.path, "train")[0])
-    return self._train_count
+    return len(folder_files(self.d.path, "train")[0])
 
   def load_split(self, split: str) -> ImageSet:
     d = self.d
@@ -89,8 +87,7 @@ def centre_square(im, side: int) -> np.ndarray:
 
 
 def _in_eval_split(relpath: str, seed: int, eval_fraction: float) -> bool:
-  digest = hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
-  return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
+  return hashed_below(f"{seed}:{relpath}", eval_fraction)
 
 
 # Folders a data set laid out by split uses (ImageNet's train/ and val/): its test split is
